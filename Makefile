@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine with Python >= 3.11 and make:
+#   make demo   synthetic slides -> tile pairs -> short distillation -> timm export -> slide embeddings (CPU)
+#   make test   the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[test,tpu-aot]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m xmag_jax.demo --out $(DEMO)
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: $(STAMP)
+	@rc=0; $(PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache
