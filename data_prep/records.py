@@ -1,0 +1,124 @@
+"""The tile-pair record: one 5x tile and the 20x region of exactly the same level-0 field.
+
+Records are serialized as `tf.train.Example` protos through TFDS's own serializer, which uses the
+protobuf classes bundled with `tensorflow_datasets` (no TensorFlow needed). So the same bytes decode with
+`decode_pair` here, with `tfds.data_source(...)`/`tfds.builder_from_directory(DIR)` (images decoded to
+uint8 arrays), or with TensorFlow's own `tf.io.parse_single_example` if a user has it.
+
+Shards live as `DIR/xmag_pairs-{split}.array_record-{i:05d}-of-{n:05d}` next to TFDS's
+`dataset_info.json` and `features.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Any
+
+import numpy as np
+from tensorflow_datasets.core import example_parser, example_serializer
+from tensorflow_datasets.core import features as tfds_features
+
+DATASET_NAME = "xmag_pairs"
+FILE_FORMAT = "array_record"
+TILE_5X_PX = 224
+REGION_20X_PX = 896
+
+FIELDS = ("image_5x", "image_20x", "slide_id", "x", "y", "mpp_5x", "mpp_20x", "tissue_fraction")
+
+
+@functools.cache
+def features() -> tfds_features.FeaturesDict:
+    """The TFDS feature description of one pair record.
+
+    image_5x: JPEG, [224, 224, 3] uint8 at ~2.0 µm/px; image_20x: JPEG, [896, 896, 3] uint8 at ~0.5 µm/px
+    covering the same level-0 field; x, y: level-0 top-left px; mpp_5x, mpp_20x: µm/px of the two images;
+    tissue_fraction: fraction of the 5x tile covered by the tissue mask, in [0, 1].
+    """
+    return tfds_features.FeaturesDict({
+        "image_5x": tfds_features.Image(shape=(TILE_5X_PX, TILE_5X_PX, 3), encoding_format="jpeg"),
+        "image_20x": tfds_features.Image(shape=(REGION_20X_PX, REGION_20X_PX, 3), encoding_format="jpeg"),
+        "slide_id": tfds_features.Text(),
+        "x": tfds_features.Scalar(np.int64, doc="level-0 top-left x, px"),
+        "y": tfds_features.Scalar(np.int64, doc="level-0 top-left y, px"),
+        "mpp_5x": tfds_features.Scalar(np.float32, doc="µm/px of image_5x"),
+        "mpp_20x": tfds_features.Scalar(np.float32, doc="µm/px of image_20x"),
+        "tissue_fraction": tfds_features.Scalar(np.float32, doc="tissue fraction of the field, 0..1"),
+    })
+
+
+@functools.cache
+def _serializer() -> example_serializer.ExampleSerializer:
+    return example_serializer.ExampleSerializer(features().get_serialized_info())
+
+
+@functools.cache
+def _parser() -> example_parser.ExampleParserNp:
+    return example_parser.ExampleParserNp(features().get_serialized_info())
+
+
+def _check_jpeg(name: str, data: Any) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)) or bytes(data[:3]) != b"\xff\xd8\xff":
+        raise ValueError(f"pair field {name!r}: expected JPEG bytes, got {type(data).__name__}")
+    return bytes(data)
+
+
+def encode_pair(pair: dict[str, Any]) -> bytes:
+    """Serialize one pair (a dict with exactly `FIELDS`; images as JPEG bytes) to a tf.Example proto."""
+    missing = [k for k in FIELDS if k not in pair]
+    extra = [k for k in pair if k not in FIELDS]
+    if missing or extra:
+        raise ValueError(f"pair record: missing fields {missing}, unexpected fields {extra}; expected {FIELDS}")
+    example = {
+        "image_5x": _check_jpeg("image_5x", pair["image_5x"]),
+        "image_20x": _check_jpeg("image_20x", pair["image_20x"]),
+        "slide_id": str(pair["slide_id"]),
+        "x": int(pair["x"]),
+        "y": int(pair["y"]),
+        "mpp_5x": float(pair["mpp_5x"]),
+        "mpp_20x": float(pair["mpp_20x"]),
+        "tissue_fraction": float(pair["tissue_fraction"]),
+    }
+    return _serializer().serialize_example(features().encode_example(example))
+
+
+def decode_pair(data: bytes) -> dict[str, Any]:
+    """Parse bytes written by `encode_pair` back to the dict (images stay JPEG bytes; no image decode)."""
+    raw = _parser().parse_example(data)
+    return {
+        "image_5x": bytes(raw["image_5x"]),
+        "image_20x": bytes(raw["image_20x"]),
+        "slide_id": bytes(raw["slide_id"]).decode("utf-8"),
+        "x": int(raw["x"]),
+        "y": int(raw["y"]),
+        "mpp_5x": float(raw["mpp_5x"]),
+        "mpp_20x": float(raw["mpp_20x"]),
+        "tissue_fraction": float(raw["tissue_fraction"]),
+    }
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """TFDS file name of one shard, e.g. `xmag_pairs-train.array_record-00000-of-00004`."""
+    return f"{DATASET_NAME}-{split}.{FILE_FORMAT}-{index:05d}-of-{num_shards:05d}"
+
+
+def shard_paths(dataset_dir: str | os.PathLike, split: str) -> list[str]:
+    """The complete shards of `split` in `dataset_dir`, sorted; temp files and partial sets never count.
+
+    Raises FileNotFoundError if the split has no shards, ValueError if the set is incomplete
+    (a shard `i-of-N` is missing or shards disagree on N).
+    """
+    dataset_dir = os.fspath(dataset_dir)
+    pattern = re.compile(rf"^{re.escape(DATASET_NAME)}-{re.escape(split)}\.{FILE_FORMAT}-(\d{{5}})-of-(\d{{5}})$")
+    found: dict[int, set[int]] = {}
+    for name in os.listdir(dataset_dir):
+        m = pattern.match(name)
+        if m:
+            found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    if not found:
+        raise FileNotFoundError(f"{dataset_dir}: no shards for split {split!r} (expected {shard_name(split, 0, 1)}...)")
+    if len(found) > 1 or set(range(next(iter(found)))) != next(iter(found.values())):
+        raise ValueError(f"{dataset_dir}: incomplete shard set for split {split!r}: {sorted(found.items())}")
+    num = next(iter(found))
+    return [os.path.join(dataset_dir, shard_name(split, i, num)) for i in range(num)]
