@@ -1,0 +1,1 @@
+"""XMAG distillation: losses, projectors, train state, optimizer and the sharded train step."""
