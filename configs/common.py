@@ -1,0 +1,101 @@
+"""The distillation config schema: every key a config may have, with defaults (big_vision style).
+
+`base_config()` is the single source of the schema: `xmag_jax.distill.config_validation` rejects a config
+that has a key not in it or lacks one of its keys, naming the key. The per-run files (`debug.py`,
+`uni2h_vits14.py`, ...) start from it and override values, never add keys.
+
+Units: batch sizes in tile pairs (one 5x tile + its 16 20x tiles), steps in optimizer updates,
+learning rates per update, `peak_tflops_per_device` in dense bf16 TFLOP/s.
+"""
+
+import ml_collections
+
+# Tile pairs in the XMAG training set (arXiv 2509.23097: 3.49 M 5x images from public cohorts).
+XMAG_NUM_PAIRS = 3_490_000
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys with the values shared by the real-size configs."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 40
+    c.batch_size = 8  # global, in tile pairs; must divide by the mesh's data-parallel size (data * fsdp)
+
+    # Frozen 20x teacher: a registry name plus an Orbax checkpoint from `xmag_jax.convert import`.
+    # An empty checkpoint means random init, accepted only with allow_random_teacher (debug/tests).
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.name = "vit_test_teacher"
+    c.teacher.checkpoint = ""
+    c.teacher.allow_random_teacher = False
+    c.teacher.dtype = "bfloat16"
+    c.teacher.sharding = "replicate"  # or "fsdp" when the teacher does not fit replicated
+
+    # 5x student, trained from scratch.
+    c.student = ml_collections.ConfigDict()
+    c.student.name = "vit_small_patch14_xmag"
+    c.student.dtype = "bfloat16"  # compute dtype; parameters stay float32
+    c.student.remat = False
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""
+    c.data.split = "train"
+    c.data.worker_count = 8  # Grain multiprocess workers per host; 0 = in-process
+    c.data.prefetch_buffer = 2
+    c.data.max_bad_record_fraction = 0.01
+    c.data.augment = ml_collections.ConfigDict()
+    c.data.augment.d4 = True
+    c.data.augment.color = True
+    c.data.augment.hed = True
+    c.data.augment.student_only = False
+
+    # XMAG dual-level loss: global representation + local spatial token mapping (tile and token level).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.global_weight = 1.0
+    c.loss.global_smooth_l1_weight = 0.0
+    c.loss.tile_weight = 1.0
+    c.loss.token_weight = 1.0
+    c.loss.projector_hidden = 2048
+    c.loss.mode = "dual"  # "dual" | "global_only" | "local_only"
+
+    # AdamW with linear warmup then cosine decay to lr * min_lr_ratio.
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.min_lr_ratio = 0.01
+    c.optim.warmup_steps = 2000
+    c.optim.weight_decay = 0.05
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.clip_norm = 1.0
+    c.optim.grad_accum = 1
+    c.optim.ema_decay = 0.0  # 0 disables the EMA student
+
+    # Mesh axes; -1 takes the remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+
+    c.log_every = 50  # steps between progress lines / TensorBoard points; JSONL gets every step
+    c.log_record_index = False  # write each step's record indices (process 0's) into the JSONL
+    c.peak_tflops_per_device = 197.0  # for MFU: dense bf16 peak of one chip (TPU v5e: 197)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 1000  # steps; the last step is always saved
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    return c
+
+
+def real_size_config(*, teacher: str, teacher_checkpoint: str, epochs: int = 10) -> ml_collections.ConfigDict:
+    """A real-size run: `teacher` (registry name, bf16, converted Orbax checkpoint) into a ViT-S/14 student.
+
+    Global batch 1024 pairs; `epochs` passes over the 3.49 M XMAG pairs.
+    """
+    c = base_config()
+    c.teacher.name = teacher
+    c.teacher.checkpoint = teacher_checkpoint
+    c.batch_size = 1024
+    c.total_steps = epochs * XMAG_NUM_PAIRS // c.batch_size
+    c.optim.warmup_steps = c.total_steps // 20
+    c.data.dir = "gs://YOUR_BUCKET/xmag_pairs"
+    c.checkpoint.every = 1000
+    return c

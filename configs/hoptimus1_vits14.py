@@ -1,0 +1,26 @@
+"""H-optimus-1 (ViT-g/14, 1.13 B params, bf16) at 20x distilled into a ViT-S/14 student at 5x, XMAG-size run.
+
+The teacher is FSDP-sharded (2.3 GB of bf16 weights per replica otherwise) over an `fsdp` axis of 4.
+Teacher weights: `python -m xmag_jax.convert import`, then pass the Orbax directory as
+`--config.teacher.checkpoint`. On a TPU v5p-128 pod slice (64 chips, 16 hosts), from every host:
+
+    gcloud compute tpus tpu-vm ssh xmag-v5p-128 --zone=us-east5-a --worker=all --command="\
+      cd xmag_jax && .venv/bin/python -m xmag_jax.train --distributed \
+        --config configs/hoptimus1_vits14.py --workdir gs://BUCKET/xmag/hoptimus1_vits14 \
+        --config.data.dir=gs://BUCKET/xmag_pairs --config.teacher.checkpoint=gs://BUCKET/teachers/h_optimus_1"
+
+A restarted command with the same workdir resumes from the latest checkpoint.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = common.real_size_config(teacher="h_optimus_1", teacher_checkpoint="gs://BUCKET/teachers/h_optimus_1")
+    c.teacher.sharding = "fsdp"
+    c.mesh.fsdp = 4
+    c.peak_tflops_per_device = 459.0  # TPU v5p bf16
+    return c

@@ -1,0 +1,25 @@
+"""Virchow2 (ViT-H/14, 632 M params, bf16) at 20x distilled into a ViT-S/14 student at 5x, XMAG-size run.
+
+The teacher embedding is Virchow2's own: concat(CLS, mean of patch tokens) = 2560-d, so the global and
+tile projectors map the student to 2560-d. Teacher weights: `python -m xmag_jax.convert import`, then pass
+the Orbax directory as `--config.teacher.checkpoint`. On a TPU v5e-64 pod slice, from every host:
+
+    gcloud compute tpus tpu-vm ssh xmag-v5e-64 --zone=us-west4-a --worker=all --command="\
+      cd xmag_jax && .venv/bin/python -m xmag_jax.train --distributed \
+        --config configs/virchow2_vits14.py --workdir gs://BUCKET/xmag/virchow2_vits14 \
+        --config.data.dir=gs://BUCKET/xmag_pairs --config.teacher.checkpoint=gs://BUCKET/teachers/virchow2"
+
+A restarted command with the same workdir resumes from the latest checkpoint.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = common.real_size_config(teacher="virchow2", teacher_checkpoint="gs://BUCKET/teachers/virchow2")
+    c.teacher.sharding = "replicate"
+    c.peak_tflops_per_device = 197.0  # TPU v5e bf16
+    return c

@@ -1,0 +1,87 @@
+"""The configs follow the schema of configs/common.py, and bad values fail before compile naming the key."""
+
+import importlib
+
+import jax
+import pytest
+
+from configs import common
+from xmag_jax.distill import config_validation as cv
+
+REAL_CONFIGS = ("uni2h_vits14", "virchow2_vits14", "hoptimus1_vits14")
+
+
+@pytest.mark.parametrize("name", ("debug",) + REAL_CONFIGS)
+def test_configs_follow_the_schema(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    cv.check_schema(config)
+    cv.check_values(config)
+
+
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_real_configs_are_real_size(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.batch_size >= 256
+    assert config.total_steps * config.batch_size >= common.XMAG_NUM_PAIRS
+    assert config.teacher.dtype == "bfloat16"
+    assert config.teacher.checkpoint and not config.teacher.allow_random_teacher
+    assert "python -m xmag_jax.train" in importlib.import_module(f"configs.{name}").__doc__
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    config = importlib.import_module("configs.debug").get_config()
+    config.optim.weight_decy = 0.1
+    with pytest.raises(cv.ConfigError, match=r"'optim.weight_decy' is not a known key.*'optim.weight_decay'"):
+        cv.check_schema(config)
+
+
+def test_missing_key_is_named():
+    config = importlib.import_module("configs.debug").get_config()
+    del config.checkpoint["keep"]
+    with pytest.raises(cv.ConfigError, match=r"'checkpoint.keep' is missing"):
+        cv.check_schema(config)
+
+
+@pytest.mark.parametrize("key, value, pattern", [
+    ("total_steps", 0, "total_steps: must be > 0"),
+    ("loss.mode", "both", "loss.mode: must be one of"),
+    ("teacher.sharding", "tp", "teacher.sharding: must be one of"),
+    ("checkpoint.keep", 0, "checkpoint.keep: must be >= 1"),
+])
+def test_bad_values_are_named(key, value, pattern):
+    config = importlib.import_module("configs.debug").get_config()
+    group, _, leaf = key.rpartition(".")
+    (config[group] if group else config)[leaf] = value
+    with pytest.raises(cv.ConfigError, match=pattern):
+        cv.check_values(config)
+
+
+def test_missing_teacher_checkpoint_is_named(tmp_path):
+    config = importlib.import_module("configs.uni2h_vits14").get_config()
+    config.teacher.checkpoint = str(tmp_path / "no_such_teacher")
+    with pytest.raises(cv.ConfigError, match="teacher.checkpoint: .*no_such_teacher.* does not exist"):
+        cv.check_files(config)
+    config.teacher.checkpoint = ""
+    with pytest.raises(cv.ConfigError, match="teacher.checkpoint: is empty"):
+        cv.check_files(config)
+
+
+def test_missing_shards_are_named(tmp_path):
+    config = importlib.import_module("configs.debug").get_config()
+    config.data.dir = str(tmp_path)
+    with pytest.raises(cv.ConfigError, match="data.dir: .* has no shards for split 'train'"):
+        cv.check_files(config)
+
+
+def test_batch_must_divide_by_data_parallel_size():
+    config = importlib.import_module("configs.debug").get_config()
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
+    config.batch_size = 12
+    with pytest.raises(cv.ConfigError, match="batch_size: 12 pairs does not divide by data-parallel size 8"):
+        cv.check_against_mesh(config, mesh)
+    config.batch_size = 16
+    config.optim.grad_accum = 4
+    with pytest.raises(cv.ConfigError, match="optim.grad_accum 4 = 32"):
+        cv.check_against_mesh(config, mesh)
+    config.optim.grad_accum = 2
+    cv.check_against_mesh(config, mesh)
