@@ -1,0 +1,57 @@
+"""JSONL/TensorBoard writer, resume truncation, throughput/MFU arithmetic, the NaN check."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from xmag_jax.distill import metrics
+
+
+def test_jsonl_and_tensorboard(tmp_path):
+    writer = metrics.MetricWriter(tmp_path)
+    writer.write(1, {"loss": 2.0, "lr": 1e-4}, record_index=np.array([3, 1, 2]), tensorboard=True)
+    writer.write(2, {"loss": 1.5, "lr": 2e-4})
+    writer.close()
+    lines = metrics.read_metrics(tmp_path)
+    assert lines == [{"step": 1, "loss": 2.0, "lr": 1e-4, "record_index": [3, 1, 2]},
+                     {"step": 2, "loss": 1.5, "lr": 2e-4}]
+    events = list((tmp_path / metrics.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_resume_drops_steps_after_the_checkpoint_and_cut_lines(tmp_path):
+    writer = metrics.MetricWriter(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    with (tmp_path / metrics.METRICS_FILE).open("a") as f:
+        f.write('{"step": 6, "lo')  # a line cut by kill -9
+    writer = metrics.MetricWriter(tmp_path, tensorboard=False)
+    writer.resume_at(3)
+    writer.write(4, {"loss": 40.0})
+    writer.close()
+    assert [(m["step"], m["loss"]) for m in metrics.read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_throughput_and_mfu():
+    meter = metrics.Throughput(batch_size=64, flops_per_step=4e12, peak_tflops_per_device=2.0, device_count=4)
+    rates = meter.rates(0.5)
+    assert rates["pairs_per_s"] == 128.0
+    assert rates["model_tflops_per_s"] == 8.0
+    assert rates["mfu"] == 1.0
+    assert meter.tick() == {}
+    assert set(meter.tick()) == {"step_time_s", "pairs_per_s", "model_tflops_per_s", "mfu"}
+
+
+def test_non_finite_metrics_name_the_step():
+    metrics.check_finite(3, {"loss": 1.0, "grad_norm": 0.5})
+    with pytest.raises(metrics.NonFiniteLossError, match=r"at step 12: grad_norm=inf, loss=nan"):
+        metrics.check_finite(12, {"loss": math.nan, "grad_norm": math.inf, "lr": 1.0})
+
+
+def test_progress_line():
+    line = metrics.progress_line(5, 40, {"loss": 0.123456, "pairs_per_s": 10.0, "mfu": 0.25})
+    assert line == "step 5/40 | loss 0.1235 | 10.0 pairs/s | MFU 25.0%"
+    json.dumps(line)

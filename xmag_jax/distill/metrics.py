@@ -1,0 +1,159 @@
+"""Training observability: per-step JSONL + TensorBoard on process 0, a progress line, throughput and MFU.
+
+Units: `step_time_s` in seconds per optimizer update (wall clock between two finished steps, input
+pipeline included), `pairs_per_s` in tile pairs per second over all devices, `model_tflops_per_s` in
+model TFLOP/s over all devices (the step's model FLOPs, not XLA's executed FLOPs), `mfu` as a fraction of
+`peak_tflops_per_device * device_count`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or norm became NaN/Inf; the state of that step is never checkpointed."""
+
+
+def check_finite(step: int, metrics: Mapping[str, float]) -> None:
+    """Raise `NonFiniteLossError` naming `step` and the offending metrics if any value is NaN or Inf."""
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        raise NonFiniteLossError(f"non-finite training metrics at step {step}: {shown}")
+
+
+def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Device scalars -> Python floats (blocks until the step that produced them has finished)."""
+    return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+class Throughput:
+    """Step time, pairs/s, model TFLOP/s and MFU from the wall time between finished steps."""
+
+    def __init__(self, *, batch_size: int, flops_per_step: float, peak_tflops_per_device: float,
+                 device_count: int):
+        self.batch_size = batch_size
+        self.flops_per_step = flops_per_step
+        self.peak_tflops = peak_tflops_per_device * device_count
+        self._last: float | None = None
+
+    def reset(self) -> None:
+        """Forget the last time stamp (after a pause such as a checkpoint save or the first compile)."""
+        self._last = None
+
+    def tick(self) -> dict[str, float]:
+        """Call once per finished step; returns {} for the first step after a reset."""
+        now = time.perf_counter()
+        last, self._last = self._last, now
+        if last is None:
+            return {}
+        return self.rates(now - last)
+
+    def rates(self, step_time_s: float) -> dict[str, float]:
+        tflops = self.flops_per_step / step_time_s / 1e12
+        return {
+            "step_time_s": step_time_s,
+            "pairs_per_s": self.batch_size / step_time_s,
+            "model_tflops_per_s": tflops,
+            "mfu": tflops / self.peak_tflops,
+        }
+
+
+def progress_line(step: int, total_steps: int, metrics: Mapping[str, float]) -> str:
+    """`step 120/400 | loss 0.4123 | loss_global 0.1 ... | 1234.0 pairs/s | MFU 35.2%`."""
+    parts = [f"step {step}/{total_steps}"]
+    for key, value in metrics.items():
+        if key == "mfu":
+            parts.append(f"MFU {100 * value:.1f}%")
+        elif key == "step_time_s":
+            parts.append(f"{value:.3f} s/step")
+        elif key == "pairs_per_s":
+            parts.append(f"{value:.1f} pairs/s")
+        elif key == "model_tflops_per_s":
+            parts.append(f"{value:.3g} TFLOP/s")
+        else:
+            parts.append(f"{key} {value:.4g}")
+    return " | ".join(parts)
+
+
+class MetricWriter:
+    """Appends one JSON line per step to `workdir/metrics.jsonl` and scalars to TensorBoard (process 0 only).
+
+    Each line: `{"step": int, <metric>: float, ..., "record_index": [int, ...]?}`.
+    """
+
+    def __init__(self, workdir: epath.PathLike, *, tensorboard: bool = True):
+        self.active = jax.process_index() == 0
+        self.path = epath.Path(workdir) / METRICS_FILE
+        self._file = None
+        self._tb = None
+        if not self.active:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+
+            self._tb = SummaryWriter(logdir=str(epath.Path(workdir) / TENSORBOARD_DIR))
+
+    def resume_at(self, step: int) -> None:
+        """Drop lines of steps after `step` (written by a run killed after its last checkpoint)."""
+        if not self.active or not self.path.exists():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        kept = []
+        for ln in lines:
+            try:
+                if json.loads(ln)["step"] <= step:
+                    kept.append(ln)
+            except (json.JSONDecodeError, KeyError):
+                break  # a line cut by the kill: everything after it is from the lost steps
+        tmp = self.path.parent / (self.path.name + ".tmp")
+        tmp.write_text("".join(f"{ln}\n" for ln in kept))
+        tmp.replace(self.path)
+
+    def write(self, step: int, metrics: Mapping[str, float], *, record_index: np.ndarray | None = None,
+              tensorboard: bool = False) -> None:
+        if not self.active:
+            return
+        entry: dict[str, Any] = {"step": step, **metrics}
+        if record_index is not None:
+            entry["record_index"] = [int(i) for i in np.asarray(record_index).reshape(-1)]
+        if self._file is None:
+            self._file = self.path.open("a")
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+        if tensorboard and self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, global_step=step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(workdir: epath.PathLike) -> list[dict[str, Any]]:
+    """The JSONL lines of a run, in order."""
+    path = epath.Path(workdir) / METRICS_FILE
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def log_progress(step: int, total_steps: int, metrics: Mapping[str, float]) -> None:
+    if jax.process_index() == 0:
+        logging.info("%s", progress_line(step, total_steps, metrics))
