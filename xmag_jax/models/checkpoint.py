@@ -1,0 +1,104 @@
+"""Model checkpoints: an Orbax checkpoint of the parameters plus the architecture as JSON.
+
+Layout of `path/`: `params/` (Orbax StandardCheckpointer, the `nnx.Param` state as a nested dict keyed
+like timm: `blocks/0/attn/qkv/kernel`, ...) and `arch.json` (`{"name": ..., "vit": ViTConfig fields}`),
+so non-registry overrides such as a reduced depth round-trip. The directory is written under a temporary
+name and renamed, so a present `path/arch.json` means a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from xmag_jax.models.registry import Arch, get_arch
+from xmag_jax.models.vit import ViTConfig, VisionTransformer
+
+ARCH_FILE = "arch.json"
+PARAMS_DIR = "params"
+
+
+def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str, *, overwrite: bool = False) -> Path:
+    """Write `model`'s parameters and architecture to the directory `path` (created; must not exist
+    unless `overwrite`). Returns the absolute path."""
+    path = Path(path).absolute()
+    get_arch(arch_name)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"checkpoint directory {path} already exists")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, params)
+        (tmp / ARCH_FILE).write_text(json.dumps({"name": arch_name, "vit": model.cfg.to_dict()}, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def read_arch(path: str | os.PathLike, **vit_overrides: Any) -> Arch:
+    """The architecture stored in checkpoint `path` (registry entry + saved ViTConfig + overrides)."""
+    path = Path(path)
+    arch_file = path / ARCH_FILE
+    if not path.is_dir():
+        raise FileNotFoundError(f"model checkpoint {path} does not exist (expected a directory from save_model)")
+    if not arch_file.is_file() or not (path / PARAMS_DIR).is_dir():
+        raise ValueError(f"{path} is not a complete model checkpoint: expected {ARCH_FILE} and {PARAMS_DIR}/")
+    try:
+        meta = json.loads(arch_file.read_text())
+        vit = ViTConfig(**{**meta["vit"], **vit_overrides})
+        arch = get_arch(meta["name"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{arch_file}: unreadable architecture ({type(e).__name__}: {e})") from e
+    return dataclasses.replace(arch, vit=vit)
+
+
+def load_params(path: str | os.PathLike, abstract_state: nnx.State) -> nnx.State:
+    """Restore the parameters of checkpoint `path` onto `abstract_state` (an `nnx.State` of Params whose
+    values are `jax.ShapeDtypeStruct`s, with `.sharding` set for a sharded restore, else on the default
+    device). Arrays are restored in the abstract dtypes. Returns the filled state."""
+    params_dir = Path(path).absolute() / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"model checkpoint parameters {params_dir} do not exist")
+    target = nnx.to_pure_dict(abstract_state)
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            restore_target = jax.tree.map(
+                lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=_sharding_of(t)), target)
+            restored = ckptr.restore(params_dir, restore_target)
+        except Exception as e:  # orbax raises many types for mismatched or corrupt trees
+            raise ValueError(f"cannot restore parameters from {params_dir}: {type(e).__name__}: {e}") from e
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    return abstract_state
+
+
+def load_model(path: str | os.PathLike, *, dtype: str | None = None,
+               param_dtype: str | None = None) -> tuple[VisionTransformer, Arch]:
+    """Rebuild the model saved at `path` on the default device; `dtype`/`param_dtype` override the
+    saved compute/parameter dtypes. Returns `(model, arch)`."""
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    arch = read_arch(path, **overrides)
+    abstract = nnx.eval_shape(lambda: VisionTransformer(arch.vit, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    params = load_params(path, params)
+    return nnx.merge(graphdef, params, rest), arch
+
+
+def _sharding_of(t: Any) -> jax.sharding.Sharding:
+    sharding = getattr(t, "sharding", None)
+    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
