@@ -1,0 +1,128 @@
+"""Feature fidelity: how well a linear map of the student's 5x features predicts the teacher's 20x ones.
+
+    python -m xmag_jax.eval fidelity --arrays fidelity.npz
+    python -m xmag_jax.eval fidelity --pairs demo_out/pairs --split test \
+        --student-checkpoint ckpt/student --teacher vit_test_teacher --teacher-weights teacher.safetensors
+
+Targets, both as in the distillation losses (`xmag_jax.distill.losses`):
+- global: the teacher's mean embedding over the 16 20x tiles of a field `[N, Et]`, from the student's
+  5x embedding `[N, Es]`;
+- tile: the teacher's embedding of 20x tile k `[N·16, Et]`, from the student's tokens average-pooled to
+  4x4 (block k) `[N·16, Ds]`.
+A standardised ridge regression (alpha by internal CV) is fitted on k-1 folds of held-out pairs and scored
+on the last: R² (variance-weighted over output dims) and the mean cosine similarity between predicted and
+true teacher features; the cosine of the training-mean predictor is the baseline. Folds keep slides (or
+at least the 16 tiles of a field) together.
+
+Arrays npz: `student [N, Es]`, `teacher_tiles [N, 16, Et]`, optional `student_tiles [N, 16, Ds]` and
+`groups [N]` (slide ids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+from sklearn import linear_model, metrics, model_selection, pipeline, preprocessing
+
+ALPHAS = np.logspace(-3, 4, 15)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of `[N, D]` arrays -> `[N]`."""
+    num = (a * b).sum(axis=1)
+    return num / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def linear_fidelity(x: np.ndarray, y: np.ndarray, *, groups: np.ndarray | None = None, n_folds: int = 5,
+                    seed: int = 0) -> dict:
+    """Cross-validated ridge `x [N, Dx] -> y [N, Dy]`: held-out R², mean cosine, and the mean-predictor cosine."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"expected x [N, Dx] and y [N, Dy] with one N, got {x.shape} and {y.shape}")
+    if groups is not None and len(np.unique(groups)) >= 2:
+        cv = model_selection.GroupKFold(min(n_folds, len(np.unique(groups))))
+        folds = list(cv.split(x, y, groups))
+    else:
+        if len(x) < 4:
+            raise ValueError(f"need at least 4 samples for cross-validated fidelity, got {len(x)}")
+        folds = list(model_selection.KFold(min(n_folds, len(x) // 2), shuffle=True, random_state=seed).split(x))
+    pred, base = np.zeros_like(y), np.zeros_like(y)
+    for train, test in folds:
+        reg = pipeline.make_pipeline(preprocessing.StandardScaler(), linear_model.RidgeCV(alphas=ALPHAS))
+        pred[test] = reg.fit(x[train], y[train]).predict(x[test])
+        base[test] = y[train].mean(axis=0)
+    return {
+        "n": int(len(x)),
+        "folds": len(folds),
+        "r2": float(metrics.r2_score(y, pred, multioutput="variance_weighted")),
+        "cosine": float(cosine(pred, y).mean()),
+        "cosine_mean_baseline": float(cosine(base, y).mean()),
+    }
+
+
+def fidelity(student: np.ndarray, teacher_tiles: np.ndarray, *, student_tiles: np.ndarray | None = None,
+             groups: np.ndarray | None = None, n_folds: int = 5, seed: int = 0) -> dict:
+    """Global (and, given `student_tiles [N, 16, Ds]`, tile-level) fidelity of `teacher_tiles [N, 16, Et]`."""
+    if teacher_tiles.ndim != 3 or len(teacher_tiles) != len(student):
+        raise ValueError(f"teacher_tiles must be [N, 16, Et] with N={len(student)}, got {teacher_tiles.shape}")
+    out = {"global": linear_fidelity(student, teacher_tiles.mean(axis=1), groups=groups, n_folds=n_folds, seed=seed)}
+    if student_tiles is not None:
+        if student_tiles.shape[:2] != teacher_tiles.shape[:2]:
+            raise ValueError(f"student_tiles {student_tiles.shape} and teacher_tiles {teacher_tiles.shape} disagree on [N, 16]")
+        k = teacher_tiles.shape[1]
+        field = np.repeat(np.arange(len(student)) if groups is None else np.asarray(groups), k)
+        out["tile"] = linear_fidelity(student_tiles.reshape(-1, student_tiles.shape[-1]),
+                                      teacher_tiles.reshape(-1, teacher_tiles.shape[-1]),
+                                      groups=field, n_folds=n_folds, seed=seed)
+    return out
+
+
+def load_arrays(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """`student`, `teacher_tiles` and optional `student_tiles`, `groups` from an npz (named errors)."""
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in ("student", "teacher_tiles") if k not in z]
+        if missing:
+            raise KeyError(f"{path}: missing array(s) {missing}; has {list(z.keys())}")
+        return {k: z[k] for k in ("student", "teacher_tiles", "student_tiles", "groups") if k in z}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m xmag_jax.eval fidelity", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--arrays", help="npz with student [N, Es], teacher_tiles [N, 16, Et], ...")
+    src.add_argument("--pairs", help="directory of tile-pair ArrayRecord shards (data_prep)")
+    p.add_argument("--split", default="test", help="shard split of --pairs (held-out pairs)")
+    p.add_argument("--max-pairs", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=16, help="pairs per forward batch")
+    p.add_argument("--student-checkpoint", help="student model checkpoint (models.checkpoint)")
+    p.add_argument("--student-timm-dir", help="student as a timm local dir (config.json + model.safetensors)")
+    p.add_argument("--teacher-checkpoint", help="teacher model checkpoint (models.checkpoint)")
+    p.add_argument("--teacher-timm-dir", help="teacher as a timm local dir")
+    p.add_argument("--teacher", help="teacher registry name (with --teacher-weights, or random init with --random-teacher)")
+    p.add_argument("--teacher-weights", help="teacher weights file for --teacher")
+    p.add_argument("--random-teacher", action="store_true", help="allow a random-init teacher (debug only)")
+    p.add_argument("--save-arrays", help="also save the computed arrays to this npz")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+
+    if args.arrays:
+        arrays = load_arrays(args.arrays)
+    else:
+        from xmag_jax.eval import pair_features
+
+        arrays = pair_features.from_args(args)
+        if args.save_arrays:
+            np.savez(args.save_arrays, **arrays)
+    result = fidelity(arrays["student"], arrays["teacher_tiles"], student_tiles=arrays.get("student_tiles"),
+                      groups=arrays.get("groups"), n_folds=args.folds, seed=args.seed)
+    for level, r in result.items():
+        print(f"{level:6s} n={r['n']:6d}  R² {r['r2']:.3f}  cosine {r['cosine']:.3f}  "
+              f"(mean-predictor cosine {r['cosine_mean_baseline']:.3f}, {r['folds']} folds)")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0

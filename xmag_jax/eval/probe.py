@@ -1,0 +1,166 @@
+"""Linear probe (logistic regression) and kNN on tile features, cross-validated with slides kept whole.
+
+    python -m xmag_jax.eval probe --labels labels.csv --features distilled=emb/student --features random=emb/random
+    python -m xmag_jax.eval probe --npz tiles.npz        # features [N, D], labels [N], optional groups [N]
+
+Each tile takes its slide's label. Folds are stratified by label and grouped by slide (no slide has tiles
+on both sides of a split); out-of-fold predictions are pooled and scored with balanced accuracy and
+macro AUC, with slide-level bootstrap confidence intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+from sklearn import model_selection, neighbors, pipeline, preprocessing
+from sklearn.linear_model import LogisticRegression
+
+from xmag_jax.eval import features as feats
+from xmag_jax.eval import metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class TileSet:
+    """Tile features `x [N, D]` float32, labels `y int [N]`, slide of each tile `groups [N]` (or None)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray | None
+    classes: list[str]
+
+
+def tiles_from_h5(
+    directory: str | pathlib.Path,
+    labels: dict[str, str],
+    *,
+    max_tiles_per_slide: int | None = None,
+    skip_unlabelled: bool = False,
+    seed: int = 0,
+) -> TileSet:
+    """All tiles of the labelled slides in `directory` (at most `max_tiles_per_slide` each, sampled)."""
+    rng = np.random.default_rng(seed)
+    xs, ys, gs = [], [], []
+    for bag, label in feats.load_labelled_bags(directory, labels, skip_unlabelled=skip_unlabelled):
+        x = bag.features
+        if max_tiles_per_slide and len(x) > max_tiles_per_slide:
+            x = x[np.sort(rng.choice(len(x), max_tiles_per_slide, replace=False))]
+        xs.append(x)
+        ys += [label] * len(x)
+        gs += [bag.slide_id] * len(x)
+    y, classes = feats.encode_labels(ys)
+    return TileSet(np.concatenate(xs), y, np.array(gs), classes)
+
+
+def tiles_from_npz(path: str | pathlib.Path) -> TileSet:
+    """Arrays `features [N, D]`, `labels [N]` (int or str) and optional `groups [N]` from an npz."""
+    with np.load(path, allow_pickle=False) as z:
+        for key in ("features", "labels"):
+            if key not in z:
+                raise KeyError(f"{path}: no array {key!r} (arrays: {list(z.keys())})")
+        x, labels = z["features"].astype(np.float32), z["labels"]
+        groups = z["groups"] if "groups" in z else None
+    if x.ndim != 2 or len(labels) != len(x) or (groups is not None and len(groups) != len(x)):
+        raise ValueError(f"{path}: expected features [N, D], labels [N], groups [N]; got {x.shape}, {labels.shape}")
+    y, classes = feats.encode_labels([str(l) for l in labels])
+    return TileSet(x, y, groups, classes)
+
+
+def make_classifiers(*, c: float = 1.0, knn_k: int = 20, seed: int = 0) -> dict:
+    """The probes: standardised L2-regularised logistic regression, and cosine kNN (k neighbours)."""
+    return {
+        "linear": pipeline.make_pipeline(
+            preprocessing.StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed)
+        ),
+        "knn": pipeline.make_pipeline(preprocessing.Normalizer(), neighbors.KNeighborsClassifier(n_neighbors=knn_k)),
+    }
+
+
+def splits(tiles: TileSet, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified folds grouped by slide; `n_folds` shrinks to the fewest slides any class has."""
+    n_classes = len(tiles.classes)
+    if n_classes < 2:
+        raise ValueError(f"need at least two classes, got {tiles.classes}")
+    if tiles.groups is None:
+        per_class = np.bincount(tiles.y, minlength=n_classes).min()
+        k = min(n_folds, int(per_class))
+        if k < 2:
+            raise ValueError(f"need at least 2 samples per class for cross-validation, got {per_class}")
+        cv = model_selection.StratifiedKFold(k, shuffle=True, random_state=seed)
+        return list(cv.split(tiles.x, tiles.y))
+    slide_ids, first = np.unique(tiles.groups, return_index=True)
+    per_class = np.bincount(tiles.y[first], minlength=n_classes).min()
+    k = min(n_folds, int(per_class))
+    if k < 2:
+        raise ValueError(f"need at least 2 slides per class for slide-level folds, got {per_class} ({len(slide_ids)} slides)")
+    cv = model_selection.StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    return list(cv.split(tiles.x, tiles.y, tiles.groups))
+
+
+def run_probe(
+    tiles: TileSet, *, n_folds: int = 5, c: float = 1.0, knn_k: int = 20, n_bootstrap: int = 1000, seed: int = 0
+) -> dict:
+    """Out-of-fold probabilities for each probe, scored: `{..., 'linear'|'knn': {metric: Estimate}}`."""
+    folds = splits(tiles, n_folds, seed)
+    n_classes = len(tiles.classes)
+    summary: dict = {
+        "n_tiles": int(len(tiles.y)),
+        "n_slides": int(len(np.unique(tiles.groups))) if tiles.groups is not None else None,
+        "feature_dim": int(tiles.x.shape[1]),
+        "classes": tiles.classes,
+        "folds": len(folds),
+    }
+    for name in make_classifiers():
+        proba = np.zeros((len(tiles.y), n_classes), np.float64)
+        for train, test in folds:
+            k = min(knn_k, len(train))
+            clf = make_classifiers(c=c, knn_k=k, seed=seed)[name].fit(tiles.x[train], tiles.y[train])
+            proba[np.ix_(test, clf.classes_)] = clf.predict_proba(tiles.x[test])
+        scores = metrics.bootstrap(tiles.y, proba, groups=tiles.groups, n_resamples=n_bootstrap, seed=seed)
+        summary[name] = scores
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m xmag_jax.eval probe", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--features", action="append", metavar="[NAME=]DIR", help="directory of slide h5 files (repeatable)")
+    src.add_argument("--npz", help="npz with features [N, D], labels [N], optional groups [N]")
+    p.add_argument("--labels", help="CSV with slide_id,label (required with --features)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--C", dest="c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    p.add_argument("--knn-k", type=int, default=20)
+    p.add_argument("--max-tiles-per-slide", type=int, default=None)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--skip-unlabelled", action="store_true", help="drop feature files without a label instead of failing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+
+    if args.npz:
+        sets = {pathlib.Path(args.npz).stem: tiles_from_npz(args.npz)}
+    else:
+        if not args.labels:
+            p.error("--labels is required with --features")
+        labels = feats.read_labels(args.labels)
+        sets = {}
+        for spec in args.features:
+            name, _, directory = spec.rpartition("=")
+            sets[name or pathlib.Path(directory).name] = tiles_from_h5(
+                directory, labels, max_tiles_per_slide=args.max_tiles_per_slide,
+                skip_unlabelled=args.skip_unlabelled, seed=args.seed,
+            )
+    results = {}
+    for name, tiles in sets.items():
+        r = run_probe(tiles, n_folds=args.folds, c=args.c, knn_k=args.knn_k, n_bootstrap=args.bootstrap, seed=args.seed)
+        results[name] = r
+        print(f"{name}: {r['n_tiles']} tiles, {r['n_slides']} slides, D={r['feature_dim']}, {r['folds']} folds")
+        for method in ("linear", "knn"):
+            m = r[method]
+            print(f"  {method:6s} balanced_acc {m['balanced_accuracy']}  auc {m['auc']}")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(results, indent=2, default=metrics.Estimate.as_dict))
+    return 0
