@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # 5x student, trained from scratch.
     c.student = ml_collections.ConfigDict()
-    c.student.name = "vit_small_patch14_xmag"
+    c.student.name = "vit_s14"  # ViT-S/14, 224 px -> 16x16 tokens
     c.student.dtype = "bfloat16"  # compute dtype; parameters stay float32
     c.student.remat = False
 

@@ -20,6 +20,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from xmag_jax.data import iterator_restore_args, iterator_save_args
+
 STATE, DATA, META = "state", "data", "meta"
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -71,7 +73,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(**{
                 STATE: ocp.args.StandardSave(state),
-                DATA: grain.checkpoint.CheckpointSave(data_iterator),
+                DATA: iterator_save_args(data_iterator),
                 META: ocp.args.JsonSave({**metadata, "step": step, "saved_unix_time": time.time()}),
             }),
             force=force,
@@ -89,7 +91,7 @@ class Checkpointer:
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**{
                     STATE: ocp.args.StandardRestore(abstract_state),
-                    DATA: grain.checkpoint.CheckpointRestore(data_iterator),
+                    DATA: iterator_restore_args(data_iterator),
                     META: ocp.args.JsonRestore(),
                 }))
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one

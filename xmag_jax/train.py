@@ -1,0 +1,155 @@
+r"""Distill a 20x teacher into a 5x student: `python -m xmag_jax.train --config configs/NAME.py --workdir DIR`.
+
+    python -m xmag_jax.train --config configs/debug.py --workdir /tmp/xmag_debug \
+        --config.data.dir=demo_out/pairs --config.total_steps=20
+
+`--config.KEY=VALUE` overrides any config value; `configs/NAME.py:ARG` passes ARG to `get_config`.
+`--workdir` is a local path or gs://; it holds `checkpoints/`, `metrics.jsonl` and `tensorboard/`, and a
+run started again with the same workdir resumes from its newest readable checkpoint.
+
+Multi-host: pass `--coordinator_address host:port --num_processes N --process_id I` on every host, or
+`--distributed` on Cloud TPU (auto-detected cluster). Each process reads its own slice of the data;
+batches become global arrays sharded over the mesh.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from xmag_jax import data, sharding
+from xmag_jax.distill import config_validation, step as step_lib
+from xmag_jax.distill.checkpointing import Checkpointer
+from xmag_jax.distill.metrics import MetricWriter, NonFiniteLossError, Throughput, check_finite, log_progress, to_floats
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, metrics, TensorBoard.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with cluster auto-detection.")
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
+                           auto: bool) -> None:
+    """Join the multi-host job before anything touches the devices (no-op for a single process)."""
+    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+    if all(given):
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif auto:
+        jax.distributed.initialize()
+
+
+class _PendingMetrics:
+    """Metrics of the last dispatched step, read one step late so the host never waits on the device."""
+
+    def __init__(self, config: ml_collections.ConfigDict, writer: MetricWriter, throughput: Throughput):
+        self.config, self.writer, self.throughput = config, writer, throughput
+        self._pending: tuple[int, dict[str, Any], np.ndarray] | None = None
+
+    def push(self, step: int, metrics: dict[str, Any], record_index: np.ndarray) -> None:
+        self.flush()
+        self._pending = (step, metrics, record_index)
+
+    def flush(self) -> None:
+        """Wait for the pending step, stop on NaN/Inf, write its metrics."""
+        if self._pending is None:
+            return
+        step, metrics, record_index = self._pending
+        self._pending = None
+        values = to_floats(metrics)
+        check_finite(step, values)
+        values.update(self.throughput.tick())
+        logged = step % self.config.log_every == 0 or step == self.config.total_steps
+        self.writer.write(step, values, tensorboard=logged,
+                          record_index=record_index if self.config.log_record_index else None)
+        if logged:
+            log_progress(step, self.config.total_steps, values)
+
+
+def _metadata(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "mesh": dict(mesh.shape),
+        "process_count": jax.process_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+    }
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """Run (or resume) the distillation in `workdir`; returns the final train state."""
+    config_validation.check_config(config)
+    mesh = sharding.make_mesh(config.mesh)
+    config_validation.check_against_mesh(config, mesh)
+    step_lib.validate(config)
+
+    trainer = step_lib.make_trainer(config, mesh)
+    iterator = data.make_iterator(config.data, seed=config.seed, batch_size=config.batch_size // jax.process_count())
+    checkpointer = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                async_save=config.checkpoint.async_save)
+    writer = MetricWriter(workdir)
+
+    restored = checkpointer.restore_latest(trainer.abstract_state(), iterator)
+    if restored is None:
+        state, start = trainer.init_state(jax.random.key(config.seed)), 0
+        logging.info("starting from scratch in %s", workdir)
+    else:
+        state, start = restored.state, restored.step
+        writer.resume_at(start)
+        logging.info("resumed from checkpoint step %d in %s", start, workdir)
+    teacher = trainer.teacher_state()
+
+    throughput = Throughput(batch_size=config.batch_size, flops_per_step=trainer.flops_per_step().total,
+                            peak_tflops_per_device=config.peak_tflops_per_device, device_count=jax.device_count())
+    pending = _PendingMetrics(config, writer, throughput)
+    metadata = _metadata(config, mesh)
+    try:
+        for step in range(start + 1, config.total_steps + 1):
+            batch = next(iterator)
+            record_index = batch.pop("record_index")
+            state, metrics = trainer.step(state, teacher, data.global_batch(batch, trainer.batch_shardings))
+            pending.push(step, metrics, record_index)
+            final = step == config.total_steps
+            if final or step % config.checkpoint.every == 0:
+                pending.flush()  # never checkpoint a state whose step went NaN
+                checkpointer.save(step, state, iterator, metadata, force=final)
+                throughput.reset()
+        pending.flush()
+    except NonFiniteLossError as error:
+        checkpointer.wait()
+        good = checkpointer.all_steps()
+        raise NonFiniteLossError(f"{error}; stopped without saving it, the last good checkpoint is step "
+                                 f"{good[-1] if good else None} in {checkpointer.directory}") from error
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    return state
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+    epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (config_validation.ConfigError, NonFiniteLossError) as error:
+        logging.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
