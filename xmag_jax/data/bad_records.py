@@ -113,8 +113,8 @@ class BadRecordBudgetIterator(grain.DatasetIterator):
         self._last_bad_index = -1
 
     def __next__(self) -> dict[str, np.ndarray]:
-        # np.array copies Grain's shared-memory arrays (from worker processes) into plain process memory.
-        batch = {key: np.array(value) for key, value in next(self._parent).items()}
+        # Batches from worker processes arrive as Grain shared-memory arrays: copied into plain numpy arrays.
+        batch = {k: v if type(v) is np.ndarray else np.array(v) for k, v in next(self._parent).items()}
         skipped = batch.pop(BAD_SKIPPED)
         last_index = batch.pop(BAD_LAST_INDEX)
         new_bad = int(np.sum(skipped))

@@ -12,7 +12,8 @@ Each batch is a dict of numpy arrays:
 Everything random is a function of `seed` and the element's position, so the same seed gives the same
 batches, and `get_state()`/`set_state()` of the iterator resume exactly. The processes of a job take
 interleaved, disjoint slices of each shuffled epoch; together they read every record once per epoch.
-A resume must use the same `worker_count` (Grain slices the stream over its workers before batching).
+A resume must use the same `worker_count` (Grain slices the stream over its workers before batching; with
+a finite `num_epochs` each worker also drops its own last partial batch).
 """
 
 from __future__ import annotations
