@@ -130,9 +130,9 @@ def apply_d4(image: np.ndarray, d4: int) -> np.ndarray:
 
 
 def apply_photometric(image: np.ndarray, d: AugmentDraw) -> np.ndarray:
-    """HED then colour jitter of a uint8 `[H, W, 3]` image → a new contiguous uint8 `[H, W, 3]` image."""
+    """HED then colour jitter of a uint8 `[H, W, 3]` image → uint8 `[H, W, 3]` (the input itself if neither)."""
     if d.hed is None and d.color is None:
-        return np.ascontiguousarray(image)
+        return image
     if d.hed is not None:
         log_rgb = np.maximum(image, 1).astype(np.float32)
         np.log(log_rgb, out=log_rgb)
@@ -141,22 +141,27 @@ def apply_photometric(image: np.ndarray, d: AugmentDraw) -> np.ndarray:
         np.exp(rgb, out=rgb)
     else:
         rgb = image.astype(np.float32)
+    offset = 0.5  # rounds to nearest in the final cast, which truncates
     if d.color is not None:
         grey_mean = float(np.mean(rgb @ LUMA.astype(np.float32)))
         rgb = rgb @ (d.contrast * d.color)
         # Saturation and hue map grey to itself, so the contrast pivot passes through them unchanged.
-        rgb += (1.0 - d.contrast) * d.brightness * grey_mean
-    np.clip(rgb, 0.0, 255.0, out=rgb)
-    rgb += 0.5
+        offset += (1.0 - d.contrast) * d.brightness * grey_mean
+    rgb += offset
+    np.clip(rgb, 0.0, 255.5, out=rgb)
     return rgb.astype(np.uint8)
 
 
 def augment_pair(
     image_5x: np.ndarray, image_20x: np.ndarray, options: AugmentOptions, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One draw applied to both images (uint8 `[224, 224, 3]` and `[896, 896, 3]`), see the module doc."""
+    """One draw applied to both images (uint8 `[224, 224, 3]` and `[896, 896, 3]`), see the module doc.
+
+    Returns the 5x image contiguous and the 20x region as a possibly strided view (`cut_tiles` copies it).
+    Photometric jitter runs before D4: it is per pixel, and runs faster on the decoder's contiguous arrays.
+    """
     d = draw(options, rng)
-    student = apply_photometric(apply_d4(image_5x, d.d4), d)
+    student = np.ascontiguousarray(apply_d4(apply_photometric(image_5x, d), d.d4))
     teacher_draw = dataclasses.replace(d, color=None, hed=None, hed_bias=None) if options.student_only else d
-    teacher = apply_photometric(apply_d4(image_20x, d.d4), teacher_draw)
+    teacher = apply_d4(apply_photometric(image_20x, teacher_draw), d.d4)
     return student, teacher
