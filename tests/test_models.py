@@ -60,7 +60,7 @@ def test_logical_axis_names(teacher):
     assert tuple(blk["mlp"]["fc2"]["kernel"].get_value()) == ("mlp", "embed")
     assert tuple(blk["ls1"]["gamma"].get_value()) == ("embed",)
     assert tuple(specs["pos_embed"].get_value()) == (None, None, "embed")
-    assert tuple(specs["patch_embed"]["kernel"].get_value()) == (None, None, None, "embed")
+    assert tuple(specs["patch_embed"]["proj"]["kernel"].get_value()) == (None, None, None, "embed")
 
 
 def test_unknown_model_lists_known_names():

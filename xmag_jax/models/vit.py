@@ -191,16 +191,27 @@ def _apply_block(block: Block, x: jax.Array) -> jax.Array:
 _apply_block_remat = nnx.remat(_apply_block)
 
 
+class PatchEmbed(nnx.Module):
+    """Non-overlapping p x p px patches -> D channels: `[B, H, W, 3]` -> `[B, H/p, W/p, D]`."""
+
+    def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+        p = cfg.patch_size
+        self.proj = nnx.Conv(
+            3, cfg.embed_dim, kernel_size=(p, p), strides=(p, p), padding="VALID", dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, kernel_init=_param(nnx.initializers.lecun_normal(), None, None, None, "embed"),
+            bias_init=_param(_zeros, "embed"), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj(x)
+
+
 class VisionTransformer(nnx.Module):
     """`model(x)` with x `[B, H, W, 3]` normalised float; H, W multiples of patch_size (px) -> `ViTOutput`."""
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        d, p = cfg.embed_dim, cfg.patch_size
-        self.patch_embed = nnx.Conv(
-            3, d, kernel_size=(p, p), strides=(p, p), padding="VALID", dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype, kernel_init=_param(nnx.initializers.lecun_normal(), None, None, None, "embed"),
-            bias_init=_param(_zeros, "embed"), rngs=rngs)
+        d = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg, rngs)
         token_init = _param(nnx.initializers.normal(1e-6), None, None, "embed")
         self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, d), cfg.param_dtype)) if cfg.class_token else None
         self.reg_token = (nnx.Param(token_init(rngs.params(), (1, cfg.reg_tokens, d), cfg.param_dtype))

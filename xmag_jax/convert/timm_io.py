@@ -1,0 +1,120 @@
+"""timm <-> Flax conversion: import downloaded timm weights into a model checkpoint, export one to timm.
+
+Import reads `model.safetensors`, or `pytorch_model.bin` through `torch.load(weights_only=True)` (torch
+is imported only for .bin). Export writes `config.json` + `model.safetensors` that
+`timm.create_model("local-dir:DIR", pretrained=True)` loads without xmag_jax installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from xmag_jax.convert.mapping import from_timm, to_timm
+from xmag_jax.models.checkpoint import load_model, save_model
+from xmag_jax.models.registry import Arch, get_arch, timm_model_args
+from xmag_jax.models.vit import VisionTransformer
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Tensors of a `.safetensors` or PyTorch `.bin`/`.pth` file as numpy arrays (bfloat16 as ml_dtypes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="flax") as f:
+                return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if path.suffix in (".bin", ".pth", ".pt"):
+        import torch
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses pickled code; corrupt zips raise RuntimeError
+            raise ValueError(f"{path}: not loadable with torch.load(weights_only=True) ({type(e).__name__}: {e})") from e
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ValueError(f"{path}: expected a flat state dict of tensors, got {type(obj).__name__}")
+        return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in obj.items()}
+    raise ValueError(f"weights file {path}: expected a .safetensors or PyTorch .bin/.pth file")
+
+
+def import_timm(name: str, weights: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+                **vit_overrides: Any) -> tuple[VisionTransformer, Path]:
+    """Convert timm weights for registry entry `name` (ViTConfig fields overridable, e.g. depth=2) into
+    an Orbax model checkpoint at `out`. Returns the model and the checkpoint path."""
+    arch = get_arch(name, **vit_overrides)
+    state_dict = read_state_dict(weights)
+    abstract = nnx.eval_shape(lambda: VisionTransformer(arch.vit, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    target = nnx.to_pure_dict(params)
+    converted = from_timm(state_dict, target, source=str(weights))
+    converted = jax.tree.map(lambda x, t: jnp.asarray(np.asarray(x, np.float32), t.dtype), converted, target)
+    nnx.replace_by_pure_dict(params, converted)
+    model = nnx.merge(graphdef, params, rest)
+    return model, save_model(out, model, name, overwrite=overwrite)
+
+
+def timm_config(arch: Arch) -> dict[str, Any]:
+    """timm hub-style `config.json` for `arch` (num_classes 0: the model returns features)."""
+    cfg = arch.vit
+    size = [3, cfg.img_size, cfg.img_size]
+    return {
+        "architecture": arch.timm_arch,
+        "num_classes": 0,
+        "num_features": cfg.embed_dim,
+        "global_pool": cfg.global_pool,
+        "model_args": timm_model_args(cfg),
+        "pretrained_cfg": {
+            "tag": f"xmag_jax.{arch.name}",
+            "input_size": size,
+            "fixed_input_size": not cfg.dynamic_img_size,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": list(arch.mean),
+            "std": list(arch.std),
+            "num_classes": 0,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+        "xmag_jax": {"arch": arch.name, "embedding": arch.embedding, "embed_dim": arch.embed_dim},
+    }
+
+
+def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write `out/config.json` + `out/model.safetensors` (float32) for the model checkpoint; the directory
+    is written under a temporary name and renamed. Returns the absolute output path."""
+    from safetensors.numpy import save_file
+
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"export directory {out} already exists")
+    model, arch = load_model(checkpoint)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    state_dict = to_timm(params)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(timm_config(arch), indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
