@@ -61,6 +61,13 @@ class LossWeights:
     def use_global(self) -> bool:
         return self.global_cos > 0 or self.global_smooth_l1 > 0
 
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """Keys of `xmag_losses(...)` under these weights, 'total' last."""
+        names = [("global", self.global_cos), ("global_smooth_l1", self.global_smooth_l1),
+                 ("tile", self.tile), ("token", self.token)]
+        return tuple(n for n, w in names if w > 0) + ("total",)
+
 
 def cosine_distance(pred: jax.Array, target: jax.Array) -> jax.Array:
     """Mean of `1 - cos(pred, target)` over all leading axes; inputs `[..., D]`, computed in float32."""

@@ -1,0 +1,154 @@
+"""The distillation step: frozen teacher, loss-mode switches, EMA, gradient accumulation, config errors.
+
+Tiles are 56 px here instead of 224 px (the models take dynamic sizes): a 4x4 student grid and 4x4 teacher
+grids, the same geometry at 1/16 of the compute.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import debug
+from xmag_jax import sharding
+from xmag_jax.distill import flops, step
+from xmag_jax.distill.config_validation import ConfigError
+from xmag_jax.models import registry
+
+PX = 56
+
+
+def small_config(**overrides):
+    c = debug.get_config()
+    c.batch_size = 8
+    c.total_steps = 10
+    c.optim.warmup_steps = 1
+    c.optim.lr = 3e-3
+    c.loss.projector_hidden = 32
+    c.mesh.data, c.mesh.fsdp = -1, 2
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def make_batch(b: int, seed: int = 0, px: int = PX) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return dict(image_5x=rng.integers(0, 256, (b, px, px, 3), dtype=np.uint8),
+                tiles_20x=rng.integers(0, 256, (b, 16, px, px, 3), dtype=np.uint8),
+                record_index=np.arange(b, dtype=np.int64))
+
+
+def to_numpy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run():
+    """Two EMA-enabled steps on 8 devices (data=4, fsdp=2), keeping the states around them."""
+    config = small_config(**{"optim.ema_decay": 0.5})
+    trainer = step.make_trainer(config, sharding.make_mesh(config.mesh))
+    state = trainer.init_state(jax.random.key(0))
+    teacher = trainer.teacher_state()
+    teacher_before = to_numpy(teacher)
+    states, metrics = [to_numpy(state)], []
+    for i in range(2):
+        state, m = trainer.step(state, teacher, make_batch(8, seed=i))
+        states.append(to_numpy(state))
+        metrics.append({k: float(v) for k, v in m.items()})
+    return trainer, teacher, teacher_before, states, metrics
+
+
+def test_step_metrics_and_shardings(fsdp_run):
+    trainer, teacher, _, states, metrics = fsdp_run
+    assert set(metrics[0]) == {"loss/global", "loss/tile", "loss/token", "loss/total", "grad_norm",
+                               "param_norm", "lr"}
+    assert all(np.isfinite(v) for m in metrics for v in m.values())
+    for m in metrics:
+        np.testing.assert_allclose(m["loss/total"], m["loss/global"] + m["loss/tile"] + m["loss/token"], rtol=1e-5)
+    assert metrics[0]["lr"] == 0.0 and metrics[1]["lr"] == pytest.approx(3e-3)
+    assert [int(s.step) for s in states] == [0, 1, 2]
+    qkv = trainer.state_shardings.params["student"]["blocks"][0]["attn"]["qkv"]["kernel"].get_value()
+    assert qkv.spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert all(s.spec == jax.sharding.PartitionSpec() or set(s.spec) == {None}
+               for s in jax.tree.leaves(trainer.teacher_shardings))
+    assert trainer.batch_shardings["tiles_20x"].spec[0] == ("data", "fsdp")
+
+
+def test_teacher_is_frozen_and_only_student_and_projectors_train(fsdp_run):
+    _, teacher, teacher_before, states, _ = fsdp_run
+    jax.tree.map(np.testing.assert_array_equal, to_numpy(teacher), teacher_before)
+    assert all(x.dtype == np.dtype("bfloat16") for x in jax.tree.leaves(teacher_before))
+    assert set(states[0].params.keys()) == {"student", "global_proj", "tile_proj", "token_proj"}
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), states[1].params, states[2].params)
+    assert all(jax.tree.leaves(changed))  # every trainable leaf moved at the first non-zero learning rate
+
+
+def test_ema_follows_the_student(fsdp_run):
+    _, _, _, states, _ = fsdp_run
+    expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, states[1].ema, states[2].params["student"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), states[2].ema, expected)
+
+
+@pytest.mark.parametrize("mode, terms, projectors", [
+    ("global_only", {"global"}, {"global_proj"}),
+    ("local_only", {"tile", "token"}, {"tile_proj", "token_proj"}),
+])
+def test_loss_modes_switch_terms_and_projectors(mode, terms, projectors):
+    config = small_config(**{"loss.mode": mode})
+    trainer = step.make_trainer(config, sharding.make_mesh(config.mesh))
+    assert set(trainer.abstract_state().params.keys()) == {"student"} | projectors
+    batch = {k: v for k, v in trainer.abstract_batch().items()}
+    _, metrics = jax.eval_shape(trainer._step, trainer.abstract_state(), trainer.abstract_teacher_state(), batch)
+    assert {k.removeprefix("loss/") for k in metrics if k.startswith("loss/")} == terms | {"total"}
+
+
+def test_grad_accumulation_matches_the_full_batch():
+    """2 micro-batches of 4 pairs ≈ one batch of 8 (and the student remat option changes no number).
+
+    Parameters are compared to 1e-4 absolute: a first AdamW update moves each by ~lr = 3e-3.
+    """
+    devices = jax.devices()[:2]
+    batch = make_batch(8, seed=3)
+    results = []
+    for accum, remat in ((1, False), (2, True)):
+        config = small_config(**{"optim.grad_accum": accum, "student.remat": remat, "optim.warmup_steps": 0})
+        trainer = step.make_trainer(config, sharding.make_mesh(config.mesh, devices))
+        state, metrics = trainer.step(trainer.init_state(jax.random.key(1)), trainer.teacher_state(), batch)
+        results.append((to_numpy(state.params), {k: float(v) for k, v in metrics.items()}))
+    (p1, m1), (p2, m2) = results
+    for k in m1:
+        np.testing.assert_allclose(m1[k], m2[k], rtol=2e-4, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), p1, p2)
+
+
+def test_grid_mismatch_is_a_config_error_before_compile():
+    # UNI's 16 px patches give a 14x14 grid on 224 px tiles: not 4x4 blocks.
+    with pytest.raises(ConfigError, match="student.name: uni's 14x14 token grid"):
+        step.make_trainer(small_config(**{"student.name": "uni"}), sharding.make_mesh(small_config().mesh))
+    # A UNI teacher's 56x56 field mosaic does not pool onto vit_test's 16x16 grid.
+    with pytest.raises(ConfigError, match="teacher.name: uni's field mosaic of 56x56"):
+        step.validate(small_config(**{"teacher.name": "uni"}))
+    # ... but without the token-level term it is fine.
+    step.validate(small_config(**{"teacher.name": "uni", "loss.mode": "global_only"}))
+    with pytest.raises(ConfigError, match="batch_size: 6 pairs"):
+        step.make_trainer(small_config(batch_size=6), sharding.make_mesh(small_config().mesh))
+
+
+def test_flops_formula_counts_the_model_matmuls():
+    """The per-layer matmul count equals the parameter count of the model's block kernels (UNI2-h)."""
+    arch = registry.get_arch("uni2_h")
+    cfg = arch.vit
+    model = jax.eval_shape(lambda: registry.create_model("uni2_h", rngs=__import__("flax").nnx.Rngs(0)))
+    block = model.blocks[0]
+    kernels = sum(np.prod(m.kernel.shape) for m in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))
+    tokens = cfg.grid_size**2 + cfg.num_prefix_tokens
+    patch = 2 * cfg.grid_size**2 * np.prod(model.patch_embed.kernel.shape)
+    expected = patch + 2 * tokens * cfg.depth * kernels + 4 * tokens**2 * cfg.embed_dim * cfg.depth
+    assert flops.vit_forward_flops(cfg) == pytest.approx(expected)
+    assert 0.36e12 < flops.vit_forward_flops(cfg) < 0.40e12  # ≈ 0.68 B params x 2 x 265 tokens + attention
+    f = flops.step_flops(small_config(batch_size=4))
+    assert f.teacher_forward == pytest.approx(4 * 16 * flops.vit_forward_flops(registry.get_arch("vit_test_teacher").vit))
+    assert f.total > f.teacher_forward + f.student_forward_backward

@@ -1,0 +1,26 @@
+"""The train state: a pytree of arrays, checkpointed as a whole and sharded leaf by leaf."""
+
+from __future__ import annotations
+
+import jax
+import optax
+from flax import nnx, struct
+
+
+@struct.dataclass
+class TrainState:
+    """step: int32 scalar, optimizer steps taken (one step = one global batch);
+    params: `nnx.State` of the trainable `DistillModel` (`student`, `global_proj`, `tile_proj`, `token_proj`);
+    opt_state: optax state over `params`;
+    ema: `nnx.State` of the student's parameters averaged with `optim.ema_decay`, or None when disabled.
+    """
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    ema: nnx.State | None = None
+
+    @property
+    def student_params(self) -> nnx.State:
+        """The student's parameters (`nnx.update(student, ...)`-able): the EMA ones when enabled."""
+        return self.ema if self.ema is not None else self.params["student"]

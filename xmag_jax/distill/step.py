@@ -1,0 +1,266 @@
+"""The distillation train step: one `jax.jit` with explicit in/out shardings over a ('data', 'fsdp') mesh.
+
+    trainer = make_trainer(config, mesh)
+    state = trainer.init_state(jax.random.key(config.seed))
+    teacher = trainer.teacher_state()
+    state, metrics = trainer.step(state, teacher, batch)   # batch: numpy or global jax arrays
+
+One step = one global batch of `config.batch_size` pairs, split into `optim.grad_accum` micro-batches
+(a `lax.scan`) whose gradients are averaged before one AdamW update. Inputs are uint8; each architecture's
+own normalisation runs on device. The teacher (frozen, `teacher.dtype`) runs under `stop_gradient` and is
+never differentiated; gradients flow to the student and the projectors only. The state is donated.
+
+Metrics (float32 scalars): `loss/<term>` for each active term and `loss/total`, `grad_norm` (before
+clipping), `param_norm` (after the update), `lr` (the rate this update used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from xmag_jax import sharding
+from xmag_jax.distill import flops, losses
+from xmag_jax.distill.config_validation import ConfigError
+from xmag_jax.distill.optim import learning_rate_schedule, make_optimizer
+from xmag_jax.distill.projectors import DistillModel
+from xmag_jax.distill.state import TrainState
+from xmag_jax.models import registry
+
+TILE_PX = 224  # both magnifications' tiles are 224 px (5x: ~2.0 µm/px, 20x: ~0.5 µm/px)
+STEP_BATCH_KEYS = ("image_5x", "tiles_20x")
+
+
+def _archs(config) -> tuple[registry.Arch, registry.Arch]:
+    student = registry.get_arch(config.student.name, dtype=config.student.dtype, remat=bool(config.student.remat))
+    teacher = registry.get_arch(config.teacher.name, dtype=config.teacher.dtype, param_dtype=config.teacher.dtype)
+    return student, teacher
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Model-geometry checks from the registry architectures, raised before anything is compiled.
+
+    The student's G x G token grid must split into 4x4 field blocks (G % 4 == 0), and the teacher field
+    mosaic (4·Gt per side) must average-pool onto it ((4·Gt) % G == 0), both for 224 px tiles.
+    """
+    for key in ("student.name", "teacher.name"):
+        name = config.student.name if key == "student.name" else config.teacher.name
+        if name not in registry.ARCHS:
+            raise ConfigError(f"{key}: unknown model {name!r}; known models: {', '.join(sorted(registry.ARCHS))}")
+    student, teacher = _archs(config)
+    weights = losses.LossWeights.from_config(config.loss)
+    for key, arch in (("student.name", student), ("teacher.name", teacher)):
+        if TILE_PX % arch.vit.patch_size:
+            raise ConfigError(f"{key}: {arch.name} patch size {arch.vit.patch_size} px does not divide "
+                              f"the {TILE_PX} px tiles")
+        if TILE_PX != arch.vit.img_size and not arch.vit.dynamic_img_size:
+            raise ConfigError(f"{key}: {arch.name} takes {arch.vit.img_size} px images, tiles are {TILE_PX} px")
+    g = TILE_PX // student.vit.patch_size
+    gt = TILE_PX // teacher.vit.patch_size
+    if weights.tile > 0 and g % losses.FIELD_SIDE:
+        raise ConfigError(f"student.name: {student.name}'s {g}x{g} token grid does not split into "
+                          f"{losses.FIELD_SIDE}x{losses.FIELD_SIDE} blocks for the tile-level loss")
+    if weights.token > 0 and (losses.FIELD_SIDE * gt) % g:
+        raise ConfigError(f"teacher.name: {teacher.name}'s field mosaic of {losses.FIELD_SIDE * gt}x"
+                          f"{losses.FIELD_SIDE * gt} tokens does not average-pool onto the student grid {g}x{g} "
+                          f"({student.name}) for the token-level loss")
+    if config.optim.warmup_steps >= config.total_steps:
+        raise ConfigError(f"optim.warmup_steps: {config.optim.warmup_steps} must be < total_steps "
+                          f"{config.total_steps}")
+    if not 0.0 <= config.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")
+    if config.loss.projector_hidden < 1:
+        raise ConfigError(f"loss.projector_hidden: must be >= 1, got {config.loss.projector_hidden}")
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything the train loop and the AOT compiler need about the step; build with `make_trainer`.
+
+    `state_shardings` / `teacher_shardings` / `batch_shardings` mirror `abstract_state()`,
+    `abstract_teacher_state()` and the batch dict (`image_5x [B, 224, 224, 3]`, `tiles_20x
+    [B, 16, 224, 224, 3]` uint8, `record_index [B]` int64 — the last one is not used by the step).
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    student_arch: registry.Arch
+    teacher_arch: registry.Arch
+    weights: losses.LossWeights
+    graphdef: Any
+    teacher_graphdef: Any
+    state_shardings: Any
+    teacher_shardings: Any
+    batch_shardings: dict[str, NamedSharding]
+    _abstract_state: Any
+    _abstract_teacher: Any
+    _init: Any
+    _init_teacher: Any
+    _step: Any
+
+    def abstract_state(self) -> TrainState:
+        """`TrainState` of `jax.ShapeDtypeStruct`s carrying `state_shardings` (no arrays allocated)."""
+        return sharding.with_shardings(self._abstract_state, self.state_shardings)
+
+    def abstract_teacher_state(self) -> nnx.State:
+        """Teacher parameters as sharded `jax.ShapeDtypeStruct`s in `teacher.dtype` (a restore target)."""
+        return sharding.with_shardings(self._abstract_teacher, self.teacher_shardings)
+
+    def abstract_batch(self, global_batch: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        b = int(self.config.batch_size if global_batch is None else global_batch)
+        shapes = {"image_5x": (b, TILE_PX, TILE_PX, 3),
+                  "tiles_20x": (b, losses.FIELD_TILES, TILE_PX, TILE_PX, 3)}
+        return {k: jax.ShapeDtypeStruct(s, jnp.uint8, sharding=self.batch_shardings[k]) for k, s in shapes.items()}
+
+    def init_state(self, rng: jax.Array) -> TrainState:
+        """Fresh student + projectors + optimizer state, created directly in their shardings."""
+        return self._init(rng)
+
+    def teacher_state(self) -> nnx.State:
+        """The frozen teacher's parameters on `teacher_shardings`: restored from `teacher.checkpoint`, or a
+        seeded random init when the checkpoint is empty and `teacher.allow_random_teacher` is set."""
+        path = self.config.teacher.checkpoint
+        if path:
+            from xmag_jax.models import checkpoint as model_checkpoint
+
+            return model_checkpoint.load_params(path, self.abstract_teacher_state())
+        if not self.config.teacher.allow_random_teacher:
+            raise ConfigError("teacher.checkpoint: empty, and teacher.allow_random_teacher is False")
+        return self._init_teacher(jax.random.key(int(self.config.seed) + 1))
+
+    def step(self, state: TrainState, teacher: nnx.State, batch: dict[str, Any]) -> tuple[TrainState, dict]:
+        """One optimizer step on a global batch; `state` is donated (do not reuse it)."""
+        return self._step(state, teacher, {k: batch[k] for k in STEP_BATCH_KEYS})
+
+    def lower(self, global_batch: int | None = None) -> jax.stages.Lowered:
+        """The step lowered on abstract inputs (for `.compile()`, cost and memory analysis; no arrays)."""
+        return self._step.lower(self.abstract_state(), self.abstract_teacher_state(),
+                                self.abstract_batch(global_batch))
+
+    def flops_per_step(self, global_batch: int | None = None) -> flops.StepFlops:
+        return flops.step_flops(self.config, global_batch)
+
+
+def _state_from_model(model: DistillModel, tx: optax.GradientTransformation, ema: bool) -> TrainState:
+    params = nnx.state(model, nnx.Param)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema=jax.tree.map(jnp.copy, params["student"]) if ema else None)
+
+
+def _split_microbatches(x: jax.Array, accum: int) -> jax.Array:
+    """`[B, ...]` -> `[accum, B / accum, ...]`; micro-batch a takes rows a, a + accum, ... so that every
+    device's batch shard holds its own share of each micro-batch (no data movement)."""
+    b = x.shape[0]
+    x = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+    return x
+
+
+def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
+    """Builds the step for `config` on `mesh`. Runs `validate(config)`; allocates nothing on devices."""
+    validate(config)
+    student_arch, teacher_arch = _archs(config)
+    weights = losses.LossWeights.from_config(config.loss)
+    accum = int(config.optim.grad_accum)
+    dp = sharding.data_parallel_size(mesh)
+    if config.batch_size % (dp * accum):
+        raise ConfigError(f"batch_size: {config.batch_size} pairs does not divide by data-parallel size {dp} "
+                          f"x optim.grad_accum {accum}")
+    tx = make_optimizer(config.optim, int(config.total_steps))
+    schedule = learning_rate_schedule(config.optim, int(config.total_steps))
+    ema_decay = float(config.optim.ema_decay)
+
+    def build_model(rng: jax.Array) -> DistillModel:
+        rngs = nnx.Rngs(rng)
+        student = registry.create_model(config.student.name, rngs=rngs, dtype=config.student.dtype,
+                                        remat=bool(config.student.remat))
+        return DistillModel(student, student_embed_dim=student_arch.vit.embed_dim,
+                            teacher_embed_dim=teacher_arch.embed_dim, teacher_token_dim=teacher_arch.vit.embed_dim,
+                            hidden=int(config.loss.projector_hidden), weights=weights, rngs=rngs)
+
+    def build_teacher(rng: jax.Array):
+        return registry.create_model(config.teacher.name, rngs=nnx.Rngs(rng), dtype=config.teacher.dtype,
+                                     param_dtype=config.teacher.dtype)
+
+    def init(rng: jax.Array) -> TrainState:
+        return _state_from_model(build_model(rng), tx, ema_decay > 0)
+
+    def init_teacher(rng: jax.Array) -> nnx.State:
+        return nnx.state(build_teacher(rng), nnx.Param)
+
+    key = jax.random.key(0)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(key)), nnx.Param)
+    teacher_graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_teacher(key)), nnx.Param)
+    abstract_state = jax.eval_shape(init, key)
+    abstract_teacher = jax.eval_shape(init_teacher, key)
+    state_shardings = sharding.tree_shardings(abstract_state, mesh, sharding.FSDP_RULES)
+    teacher_shardings = sharding.tree_shardings(abstract_teacher, mesh, sharding.rules_for(config.teacher.sharding))
+    batch_shardings = {
+        "image_5x": sharding.batch_sharding(mesh, 4),
+        "tiles_20x": sharding.batch_sharding(mesh, 5),
+        "record_index": sharding.batch_sharding(mesh, 1),
+    }
+    step_batch_shardings = {k: batch_shardings[k] for k in STEP_BATCH_KEYS}
+    micro_shardings = {k: sharding.batch_sharding(mesh, len(s.spec) + 1, leading=1)
+                       for k, s in step_batch_shardings.items()}
+
+    def teacher_targets(teacher_params: nnx.State, tiles: jax.Array, grid: int) -> losses.Targets:
+        b = tiles.shape[0]
+        teacher = nnx.merge(teacher_graphdef, teacher_params)
+        out = teacher(registry.normalize(teacher_arch, tiles.reshape(b * losses.FIELD_TILES, *tiles.shape[2:])))
+        emb = registry.embed(teacher_arch, out).reshape(b, losses.FIELD_TILES, -1)
+        patches = None
+        if weights.token > 0:
+            patches = out.patches.reshape(b, losses.FIELD_TILES, *out.patches.shape[1:])
+        return losses.teacher_targets(emb, patches, grid)
+
+    def loss_fn(params: nnx.State, images: jax.Array, targets: losses.Targets):
+        model = nnx.merge(graphdef, params)
+        terms = losses.xmag_losses(model(registry.normalize(student_arch, images)), targets, weights)
+        return terms["total"], terms
+
+    def train_step(state: TrainState, teacher_params: nnx.State, batch: dict[str, jax.Array]):
+        micro = {k: jax.lax.with_sharding_constraint(_split_microbatches(v, accum), micro_shardings[k])
+                 for k, v in batch.items()}
+
+        def accumulate(carry, mb):
+            grad_sum, term_sum = carry
+            grid = mb["image_5x"].shape[1] // student_arch.vit.patch_size
+            targets = teacher_targets(teacher_params, mb["tiles_20x"], grid)
+            (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb["image_5x"], targets)
+            grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
+            return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, term_sum, terms)), None
+
+        zero_terms = {name: jnp.zeros((), jnp.float32) for name in weights.term_names}
+        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+        (grad_sum, term_sum), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), micro)
+        grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            ema = optax.incremental_update(params["student"], ema, step_size=1.0 - ema_decay)
+        metrics = {f"loss/{name}": value / accum for name, value in term_sum.items()}
+        metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                       lr=jnp.asarray(schedule(state.step), jnp.float32))
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        return new_state, metrics
+
+    replicated = sharding.replicated(mesh)
+    step = jax.jit(train_step, in_shardings=(state_shardings, teacher_shardings, step_batch_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    return Trainer(
+        config=config, mesh=mesh, student_arch=student_arch, teacher_arch=teacher_arch, weights=weights,
+        graphdef=graphdef, teacher_graphdef=teacher_graphdef, state_shardings=state_shardings,
+        teacher_shardings=teacher_shardings, batch_shardings=batch_shardings,
+        _abstract_state=abstract_state, _abstract_teacher=abstract_teacher,
+        _init=jax.jit(init, out_shardings=state_shardings),
+        _init_teacher=jax.jit(init_teacher, out_shardings=teacher_shardings),
+        _step=step,
+    )
