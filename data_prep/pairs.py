@@ -1,0 +1,181 @@
+"""One slide -> its tile pairs: a per-slide ArrayRecord shard + a done marker, both written atomically.
+
+Work layout under `work_dir`: `{slide_id}.array_record` (the pairs), `{slide_id}.done.json` (written last:
+the slide is complete iff it exists and its fingerprint matches), `{slide_id}.failed.json` (error kind +
+message), overlays under `overlay_dir/{slide_id}.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import traceback
+import uuid
+from typing import Any
+
+import numpy as np
+import simplejpeg
+from array_record.python import array_record_module
+from tqdm import tqdm
+
+from data_prep import inputs, records, slide_reader, tissue
+
+
+@dataclasses.dataclass(frozen=True)
+class PairConfig:
+    """Targets in µm/px; `mpp_tolerance`: relative slack before a slide counts as too coarse for 20x."""
+
+    mpp_5x: float = 2.0
+    mpp_20x: float = 0.5
+    mpp_tolerance: float = 0.1
+    min_tissue: float = 0.25
+    jpeg_quality: int = 90
+    resample: str = "area"
+    mask: tissue.MaskParams = tissue.MaskParams()
+    thumb_mpp: float = tissue.THUMBNAIL_MPP
+    progress: bool = True
+
+    def fingerprint(self, spec: inputs.SlideSpec) -> str:
+        """Changes when anything that shapes this slide's pairs changes (options, slide file, coords file)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
+        stats = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in (spec.path, spec.coords) if p and os.path.exists(p)]
+        return hashlib.sha256(json.dumps([fields, dataclasses.asdict(spec), stats], sort_keys=True, default=str)
+                              .encode()).hexdigest()[:16]
+
+
+def shard_path(work_dir: str, slide_id: str) -> str:
+    return os.path.join(work_dir, f"{slide_id}.array_record")
+
+
+def done_path(work_dir: str, slide_id: str) -> str:
+    return os.path.join(work_dir, f"{slide_id}.done.json")
+
+
+def failed_path(work_dir: str, slide_id: str) -> str:
+    return os.path.join(work_dir, f"{slide_id}.failed.json")
+
+
+def temp_name(path: str) -> str:
+    """A unique sibling name no reader takes for the final file."""
+    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = temp_name(path)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_done(work_dir: str, spec: inputs.SlideSpec, config: PairConfig) -> dict | None:
+    """The done marker of `spec` if it is complete for `config`, else None."""
+    try:
+        with open(done_path(work_dir, spec.slide_id)) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if done.get("fingerprint") != config.fingerprint(spec) or not os.path.isfile(shard_path(work_dir, spec.slide_id)):
+        return None
+    return done
+
+
+def field_size_level0(slide: slide_reader.Slide, config: PairConfig) -> int:
+    """Level-0 px side of a 5x tile's field; raises ResolutionError if the scan is too coarse for 20x."""
+    if slide.mpp > config.mpp_20x * (1 + config.mpp_tolerance):
+        raise slide_reader.ResolutionError(
+            f"{slide.path}: scanned at {slide.mpp:g} µm/px, coarser than the 20x target {config.mpp_20x:g} µm/px "
+            f"(+{config.mpp_tolerance:.0%} tolerance): its 20x regions would be upsampled")
+    return int(round(records.TILE_5X_PX * config.mpp_5x / slide.mpp))
+
+
+def plan_tiles(slide: slide_reader.Slide, spec: inputs.SlideSpec, config: PairConfig, overlay_dir: str | None
+               ) -> tuple[tissue.TileGrid, str]:
+    """The 5x fields to pair and how they were chosen ('tissue mask' or 'coords h5'); writes the overlay PNG."""
+    field = field_size_level0(slide, config)
+    thumb, downsample = slide_reader.read_level_image(slide, config.thumb_mpp)
+    if spec.coords:
+        patches = inputs.read_patch_coords(spec.coords)
+        mask = np.zeros(thumb.shape[:2], bool)
+        for x, y in np.rint(patches.coords / downsample).astype(int):
+            side = max(int(round(patches.patch_size_level0 / downsample)), 1)
+            mask[max(y, 0):y + side, max(x, 0):x + side] = True
+        if abs(patches.patch_size_level0 - field) <= 0.01 * field:
+            width, height = slide.dimensions
+            inside = patches.coords[(patches.coords >= 0).all(1) & (patches.coords[:, 0] + field <= width)
+                                    & (patches.coords[:, 1] + field <= height)]
+            grid = tissue.TileGrid(inside, tissue.tissue_fractions(mask, downsample, inside, field), field)
+        else:
+            grid = tissue.tile_grid(slide.dimensions, field, mask, downsample, config.min_tissue)
+        source = "coords h5"
+    else:
+        mask = tissue.tissue_mask(thumb, downsample * slide.mpp, config.mask)
+        grid = tissue.tile_grid(slide.dimensions, field, mask, downsample, config.min_tissue)
+        source = "tissue mask"
+    if overlay_dir:
+        os.makedirs(overlay_dir, exist_ok=True)
+        tissue.write_overlay(os.path.join(overlay_dir, f"{slide.slide_id}.png"), thumb, mask, grid, downsample)
+    return grid, source
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """RGB uint8 [H, W, 3] -> baseline JPEG (4:2:0)."""
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB",
+                                  colorsubsampling="420")
+
+
+def pair_record(slide: slide_reader.Slide, x: int, y: int, field: int, fraction: float, config: PairConfig) -> bytes:
+    """The encoded record of the field at level-0 (x, y): 5x tile [224, 224, 3] + 20x region [896, 896, 3]."""
+    image_5x = slide_reader.read_field(slide, x, y, field, records.TILE_5X_PX, config.resample)
+    image_20x = slide_reader.read_field(slide, x, y, field, records.REGION_20X_PX, config.resample)
+    return records.encode_pair({
+        "image_5x": encode_jpeg(image_5x, config.jpeg_quality),
+        "image_20x": encode_jpeg(image_20x, config.jpeg_quality),
+        "slide_id": slide.slide_id, "x": x, "y": y,
+        "mpp_5x": field * slide.mpp / records.TILE_5X_PX,
+        "mpp_20x": field * slide.mpp / records.REGION_20X_PX,
+        "tissue_fraction": fraction,
+    })
+
+
+def process_slide(spec: inputs.SlideSpec, config: PairConfig, work_dir: str, overlay_dir: str | None) -> dict:
+    """Tile one slide into `work_dir`; returns its done marker, or its failure record (never raises SlideError)."""
+    start = time.time()
+    os.makedirs(work_dir, exist_ok=True)
+    try:
+        with slide_reader.open_slide(spec.path, spec.mpp, spec.slide_id) as slide:
+            grid, source = plan_tiles(slide, spec, config, overlay_dir)
+            final = shard_path(work_dir, spec.slide_id)
+            tmp = temp_name(final)
+            writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+            try:
+                tiles = zip(grid.coords.tolist(), grid.tissue_fraction.tolist())
+                for (x, y), fraction in tqdm(tiles, total=len(grid.coords), desc=spec.slide_id, unit="pair",
+                                             leave=False, disable=not config.progress, mininterval=1.0):
+                    writer.write(pair_record(slide, x, y, grid.field_level0, fraction, config))
+                writer.close()
+            except BaseException:
+                writer.close()
+                os.remove(tmp)
+                raise
+            os.replace(tmp, final)
+            done = {
+                "slide_id": spec.slide_id, "path": spec.path, "status": "done", "num_pairs": len(grid.coords),
+                "num_bytes": os.path.getsize(final), "mpp_level0": slide.mpp, "mpp_source": slide.mpp_source,
+                "backend": slide.backend, "field_level0": grid.field_level0, "tiles_from": source,
+                "seconds": round(time.time() - start, 3), "fingerprint": config.fingerprint(spec),
+            }
+        write_json_atomic(done_path(work_dir, spec.slide_id), done)
+        if os.path.exists(failed_path(work_dir, spec.slide_id)):
+            os.remove(failed_path(work_dir, spec.slide_id))
+        return done
+    except slide_reader.SlideError as err:
+        failure = {"slide": spec.path, "slide_id": spec.slide_id, "status": "failed",
+                   "error_type": type(err).__name__, "message": str(err)}
+    except Exception as err:  # an unexpected bug or library error: still one slide, still reported
+        failure = {"slide": spec.path, "slide_id": spec.slide_id, "status": "failed",
+                   "error_type": type(err).__name__, "message": f"{err}\n{traceback.format_exc(limit=5)}"}
+    write_json_atomic(failed_path(work_dir, spec.slide_id), failure)
+    return failure

@@ -1,0 +1,216 @@
+"""Whole-slide images -> aligned 5x/20x tile pairs -> ArrayRecord shards with TFDS metadata (Apache Beam).
+
+For every slide: find the tissue, lay a grid of 5x tiles (224 px at --mpp-5x µm/px, i.e. 448 µm at 2.0
+µm/px), keep tiles with enough tissue, and store each with the 20x image of exactly the same field
+(896 px at --mpp-20x µm/px = 4 x 4 tiles of 224 px). Pixel sizes come from the slide file (or the CSV
+`mpp` column), never from the "magnification" label.
+
+Output folder (pass it as the data dir to Grain / tfds.builder_from_directory):
+  xmag_pairs-train.array_record-00000-of-0000N ...   the pairs, TFDS shard names
+  xmag_pairs-val.array_record-00000-of-0000M ...
+  dataset_info.json, features.json                  TFDS metadata (splits, example counts, features)
+  slides.csv                                        slide_id, split, pairs, level-0 µm/px, path
+  summary.json, failures.jsonl                      what happened; one JSON line per failed slide
+  overlays/SLIDE.png                                thumbnail + tissue (green) + kept tiles (blue)
+  work/                                             per-slide shards and done markers (resume state)
+
+A rerun with the same options skips slides already done; a failed slide is retried. Slides that fail
+(not a slide, truncated, no pixel size, unreadable region) are listed in failures.jsonl; the job fails
+when more than --max-failure-fraction of the slides failed.
+
+Any other option is an Apache Beam pipeline option, e.g. `--runner DataflowRunner --project P ...`;
+by default the local DirectRunner uses one process per CPU core (`--direct_num_workers N` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from tqdm import tqdm
+
+from data_prep import assemble, inputs, pairs, tissue
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SlideToPairs(beam.DoFn):
+    """Beam stage: one slide spec in, its done marker or failure record out."""
+
+    def __init__(self, config: pairs.PairConfig, work_dir: str, overlay_dir: str):
+        self._config, self._work_dir, self._overlay_dir = config, work_dir, overlay_dir
+
+    def process(self, spec: inputs.SlideSpec):
+        yield pairs.process_slide(spec, self._config, self._work_dir, self._overlay_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep.tile_pairs", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--slides", required=True, help="folder of slides (.svs .tif .tiff .ndpi .mrxs .scn ...) or a "
+                   "CSV manifest with columns path [, slide_id, mpp, split, coords]")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    g = p.add_argument_group("magnification (pixel sizes in µm/px)")
+    g.add_argument("--mpp-5x", type=float, default=2.0, help="µm/px of the 224 px low-magnification tile (2.0)")
+    g.add_argument("--mpp-20x", type=float, default=0.5, help="µm/px of the 896 px high-magnification region (0.5)")
+    g.add_argument("--mpp-tolerance", type=float, default=0.1, help="a slide scanned up to this fraction coarser "
+                   "than --mpp-20x is still used, slightly upsampled (0.1 = 10%%)")
+    g.add_argument("--resample", choices=("area", "lanczos"), default="area",
+                   help="filter from the pyramid level to the target µm/px (area)")
+    g = p.add_argument_group("tissue")
+    g.add_argument("--min-tissue", type=float, default=0.25, help="keep 5x tiles whose field is at least this "
+                   "fraction tissue (0.25)")
+    g.add_argument("--coords-dir", help="use TRIDENT/CLAM patch-coordinate h5 files (SLIDE.h5 or SLIDE_patches.h5) "
+                   "from this folder instead of tissue detection (also: CSV `coords` column)")
+    g.add_argument("--thumbnail-mpp", type=float, default=tissue.THUMBNAIL_MPP, help="µm/px of the tissue mask (8)")
+    g = p.add_argument_group("records and splits")
+    g.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of both images (90)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="fraction of slides (not tiles) held out as "
+                   "the `val` split when the CSV has no `split` column (0.1)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the slide-level split")
+    g.add_argument("--examples-per-shard", type=int, default=2000, help="pairs per output shard (2000 ≈ 0.4 GB)")
+    g = p.add_argument_group("reliability")
+    g.add_argument("--max-failure-fraction", type=float, default=0.1, help="fail the job when more than this "
+                   "fraction of slides failed (0.1)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    """Beam options as given; without --runner: DirectRunner, one worker process per core."""
+    if not any(a.startswith("--runner") for a in beam_args):
+        beam_args = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", *beam_args]
+        if not any(a.startswith("--direct_num_workers") for a in beam_args):
+            beam_args.append(f"--direct_num_workers={os.cpu_count() or 1}")
+    options = PipelineOptions(beam_args)
+    unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    if unknown:
+        raise inputs.ManifestError(f"unknown option(s) {sorted(unknown)}: neither a tile_pairs option (see --help) "
+                                   f"nor an Apache Beam pipeline option")
+    return options
+
+
+def _watch_progress(work_dir: str, todo: list[inputs.SlideSpec], stop: threading.Event, enabled: bool) -> None:
+    names = {s.slide_id for s in todo}
+    with tqdm(total=len(todo), desc="slides", unit="slide", disable=not enabled) as bar:
+        while True:
+            finished = stop.wait(1.0)
+            done = sum(os.path.exists(pairs.done_path(work_dir, n)) or os.path.exists(pairs.failed_path(work_dir, n))
+                       for n in names)
+            bar.update(done - bar.n)
+            if finished:
+                return
+
+
+def run_pipeline(todo: list[inputs.SlideSpec], config: pairs.PairConfig, work_dir: str, overlay_dir: str,
+                 options: PipelineOptions) -> None:
+    """Tile `todo` slides with Beam, one slide per element."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_progress, args=(work_dir, todo, stop, config.progress), daemon=True)
+    watcher.start()
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            _ = (pipeline | "Slides" >> beam.Create(todo) | "OnePerWorker" >> beam.Reshuffle()
+                 | "TilePairs" >> beam.ParDo(SlideToPairs(config, work_dir, overlay_dir)))
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def _clean_stale_temps(out_dir: str, work_dir: str) -> None:
+    for path in glob.glob(os.path.join(work_dir, "*.tmp-*")) + glob.glob(os.path.join(out_dir, "*.tmp-*")):
+        os.remove(path)
+    for path in glob.glob(os.path.join(out_dir, ".assemble-tmp-*")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = pairs.temp_name(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace, beam_args: list[str]) -> dict:
+    """Tile, assemble and report; returns the summary. Raises SystemExit past --max-failure-fraction."""
+    start = time.time()
+    options = pipeline_options(beam_args)
+    out_dir = os.path.abspath(args.out)
+    work_dir, overlay_dir = os.path.join(out_dir, "work"), os.path.join(out_dir, "overlays")
+    os.makedirs(work_dir, exist_ok=True)
+    _clean_stale_temps(out_dir, work_dir)
+    specs = inputs.list_slides(args.slides, args.coords_dir)
+    config = pairs.PairConfig(mpp_5x=args.mpp_5x, mpp_20x=args.mpp_20x, mpp_tolerance=args.mpp_tolerance,
+                              min_tissue=args.min_tissue, jpeg_quality=args.jpeg_quality, resample=args.resample,
+                              thumb_mpp=args.thumbnail_mpp, progress=not args.no_progress)
+    already = {s.slide_id for s in specs if pairs.read_done(work_dir, s, config)}
+    todo = [s for s in specs if s.slide_id not in already]
+    if todo:
+        run_pipeline(todo, config, work_dir, overlay_dir, options)
+    done = {s.slide_id: pairs.read_done(work_dir, s, config) for s in specs}
+    failures = []
+    for spec in specs:
+        if done[spec.slide_id] is None:
+            try:
+                with open(pairs.failed_path(work_dir, spec.slide_id)) as f:
+                    failures.append(json.load(f))
+            except (OSError, ValueError):
+                failures.append({"slide": spec.path, "slide_id": spec.slide_id, "status": "failed",
+                                 "error_type": "WorkerCrash", "message": "no result: the worker died on this slide"})
+    _write_text_atomic(os.path.join(out_dir, "failures.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
+    splits = inputs.assign_splits(specs, args.val_fraction, args.split_seed)
+    summary = {
+        "slides": len(specs), "skipped_already_done": len(already), "tiled_now": len(todo) - len(failures),
+        "failed": len(failures), "failures_by_type": {}, "pairs": {}, "slides_per_split": {},
+        "slides_without_tissue": sorted(k for k, d in done.items() if d and d["num_pairs"] == 0),
+    }
+    for f in failures:
+        summary["failures_by_type"][f["error_type"]] = summary["failures_by_type"].get(f["error_type"], 0) + 1
+    if failures and len(failures) > args.max_failure_fraction * len(specs):
+        summary["seconds"] = round(time.time() - start, 2)
+        pairs.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+        raise SystemExit(f"FAILED: {len(failures)} of {len(specs)} slides failed "
+                         f"({summary['failures_by_type']}), more than --max-failure-fraction "
+                         f"{args.max_failure_fraction}; see {os.path.join(out_dir, 'failures.jsonl')}. "
+                         f"Fix or remove them and rerun: finished slides are kept.")
+    split_shards: dict[str, list[str]] = {}
+    for spec in specs:
+        if done[spec.slide_id] is not None:
+            split_shards.setdefault(splits[spec.slide_id], []).append(pairs.shard_path(work_dir, spec.slide_id))
+    summary["pairs"] = assemble.assemble(out_dir, split_shards, args.examples_per_shard,
+                                         description="5x/20x tile pairs written by data_prep.tile_pairs")
+    summary["slides_per_split"] = {k: len(v) for k, v in sorted(split_shards.items())}
+    rows = ["slide_id,split,pairs,mpp_level0,path"] + [
+        f"{s.slide_id},{splits[s.slide_id]},{done[s.slide_id]['num_pairs']},{done[s.slide_id]['mpp_level0']},{s.path}"
+        for s in specs if done[s.slide_id] is not None]
+    _write_text_atomic(os.path.join(out_dir, "slides.csv"), "\n".join(rows) + "\n")
+    summary["seconds"] = round(time.time() - start, 2)
+    pairs.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, beam_args = build_parser().parse_known_args(argv)
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)
+    try:
+        summary = run(args, beam_args)
+    except inputs.ManifestError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
+    print(f"dataset: {os.path.abspath(args.out)} (splits {summary['pairs']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
