@@ -1,0 +1,128 @@
+"""Slide embedding: TRIDENT-layout h5 per slide, resume, failure manifest, empty slides, CLI."""
+
+import json
+import pathlib
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from data_prep import inputs, slide_reader, synthetic, tissue
+from xmag_jax import embed
+from xmag_jax.eval import features as feats
+
+MPP = 1.0  # µm/px: a 1 mm synthetic slide gives a 4x4 grid of 224 px tiles
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> pathlib.Path:
+    d = tmp_path_factory.mktemp("slides")
+    synthetic.write_dataset(str(d), 2, size_px=4096, seed=0)  # slide_000.svs (40x), slide_001.tif (20x)
+    (d / "broken.svs").write_bytes((d / "slide_000.svs").read_bytes()[:300_000])  # truncated: tile data missing
+    white = np.full((1024, 1024, 3), 255, np.uint8)
+    tifffile.imwrite(d / "blank.tif", white, tile=(256, 256), photometric="rgb", compression="jpeg",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")  # 0.5 µm/px glass, no tissue
+    return d
+
+
+@pytest.fixture(scope="module")
+def encoder() -> embed.Encoder:
+    return embed.load_encoder(model="vit_test", random_init=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def run(slides, encoder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("emb")
+    specs = inputs.list_slides(str(slides))
+    with pytest.warns(UserWarning) as record:
+        report = embed.embed_slides(specs, encoder, out, embed.Tiling(MPP), batch=8, workers=2, progress=False)
+    return out, report, [str(w.message) for w in record]
+
+
+def test_report_counts_done_empty_failed(run):
+    _, report, messages = run
+    assert sorted(report.done) == ["blank", "slide_000", "slide_001"], (report, messages)
+    assert report.failed == ["broken"] and report.empty == ["blank"], report
+    assert any("blank" in m and "empty h5" in m for m in messages)
+    assert any("broken" in m and "RegionReadError" in m for m in messages)
+
+
+def test_h5_layout_and_coords(run, slides, encoder):
+    out, report, _ = run
+    for slide_id, path in (("slide_000", "slide_000.svs"), ("slide_001", "slide_001.tif")):
+        with h5py.File(out / f"{slide_id}.h5", "r") as f:
+            features, coords = f["features"][...], f["coords"][...]
+            attrs = dict(f["coords"].attrs)
+            assert dict(f.attrs) == attrs
+        assert features.dtype == np.float32 and features.shape == (report.tiles[slide_id], encoder.embed_dim)
+        assert coords.dtype == np.int64 and coords.shape == (len(features), 2) and len(coords) > 4
+        with slide_reader.open_slide(slides / path) as slide:
+            field = round(224 * MPP / slide.mpp)
+            assert attrs["patch_size"] == 224 and attrs["patch_size_level0"] == field
+            assert attrs["mpp"] == MPP and attrs["target_magnification"] == 10.0
+            assert attrs["level0_mpp"] == slide.mpp and attrs["name"] == slide_id
+            assert attrs["encoder"] == encoder.name
+            # the same grid data_prep.tissue gives, and each feature is the forward of the tile at its coords
+            _, mask, ds = tissue.slide_mask(slide)
+            np.testing.assert_array_equal(coords, tissue.tile_grid(slide.dimensions, field, mask, ds, 0.25).coords)
+            assert (coords % field == 0).all() and (coords + field <= np.array(slide.dimensions)).all()
+            picks = [0, len(coords) - 1]
+            tiles = np.stack([slide_reader.read_field(slide, *coords[i], field, 224) for i in picks])
+        batch = np.zeros((8, 224, 224, 3), np.uint8)
+        batch[: len(tiles)] = tiles
+        direct = np.asarray(encoder.forward(batch))[: len(tiles)]
+        np.testing.assert_allclose(features[picks], direct, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_slide_gives_empty_h5(run, encoder):
+    out, _, _ = run
+    with h5py.File(out / "blank.h5", "r") as f:
+        assert f["features"].shape == (0, encoder.embed_dim) and f["coords"].shape == (0, 2)
+
+
+def test_failure_manifest(run):
+    out, _, _ = run
+    entries = [json.loads(line) for line in (out / embed.FAILURES_FILE).read_text().splitlines()]
+    assert [e["slide_id"] for e in entries] == ["broken"]
+    assert entries[0]["error"] == "RegionReadError" and entries[0]["path"].endswith("broken.svs")
+    assert not list(out.glob("*.tmp*")) and not (out / "broken.h5").exists()
+
+
+def test_features_readable_by_eval(run):
+    out, _, _ = run
+    labelled = feats.load_labelled_bags(out, {"slide_000": "a", "slide_001": "b"}, skip_unlabelled=True)
+    assert [b.slide_id for b, _ in labelled] == ["slide_000", "slide_001"]
+
+
+def test_resume_skips_done_slides(run, slides, encoder):
+    out, _, _ = run
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
+    with pytest.warns(UserWarning, match="broken"):
+        again = embed.embed_slides(inputs.list_slides(str(slides)), encoder, out, embed.Tiling(MPP), batch=8,
+                                   progress=False)
+    assert sorted(again.skipped) == ["blank", "slide_000", "slide_001"] and again.done == []
+    assert again.failed == ["broken"]  # failed slides are retried
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")} == before
+    other = embed.load_encoder(model="vit_test", random_init=True, seed=1)
+    with pytest.raises(FileExistsError, match="use another --out"):
+        embed.embed_slides(inputs.list_slides(str(slides)), other, out, embed.Tiling(MPP), progress=False)
+
+
+def test_cli_teacher_from_csv_manifest(slides, tmp_path):
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text(f"path,slide_id\n{slides / 'slide_001.tif'},s1\n")
+    out = tmp_path / "teacher"
+    rc = embed.main(["--slides", str(manifest), "--out", str(out), "--model", "vit_test_teacher", "--random-init",
+                     "--mpp", "2.0", "--batch", "8", "--no-progress"])
+    assert rc == 0
+    with h5py.File(out / "s1.h5", "r") as f:
+        assert f["features"].shape[1] == 96 and f.attrs["target_magnification"] == 5.0
+        assert f.attrs["encoder"] == "vit_test_teacher:random-init-seed0"
+
+
+def test_encoder_source_errors(tmp_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        embed.load_encoder(model="vit_test", checkpoint_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="needs --weights"):
+        embed.load_encoder(model="vit_test")
