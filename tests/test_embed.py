@@ -126,3 +126,30 @@ def test_encoder_source_errors(tmp_path):
         embed.load_encoder(model="vit_test", checkpoint_dir=str(tmp_path))
     with pytest.raises(ValueError, match="needs --weights"):
         embed.load_encoder(model="vit_test")
+
+
+def test_encoder_sources_agree(tmp_path):
+    """A checkpoint, its timm local-dir export and its safetensors under --model give the same features."""
+    from flax import nnx
+
+    from xmag_jax import models
+    from xmag_jax.convert import timm_io
+    from xmag_jax.models import checkpoint
+
+    model = models.create_model("vit_test", rngs=nnx.Rngs(3))
+    checkpoint.save_model(tmp_path / "ckpt", model, "vit_test")
+    timm_io.export_timm(tmp_path / "ckpt", tmp_path / "timm")
+    images = np.random.default_rng(0).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
+    encoders = [embed.load_encoder(checkpoint_dir=str(tmp_path / "ckpt")),
+                embed.load_encoder(timm_dir=str(tmp_path / "timm")),
+                embed.load_encoder(model="vit_test", weights=str(tmp_path / "timm" / "model.safetensors")),
+                embed.load_encoder(model="vit_test", weights=str(tmp_path / "ckpt"))]
+    out = [np.asarray(e.forward(images)) for e in encoders]
+    for o in out[1:]:
+        np.testing.assert_allclose(o, out[0], rtol=1e-5, atol=1e-5)
+    assert encoders[0].name == encoders[3].name and len({e.name for e in encoders}) == 3
+    (tmp_path / "timm" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no 'xmag_jax.arch'"):
+        embed.load_encoder(timm_dir=str(tmp_path / "timm"))
+    with pytest.raises(ValueError, match="holds 'vit_test', not --model 'vit_s14'"):
+        embed.load_encoder(model="vit_s14", weights=str(tmp_path / "ckpt"))

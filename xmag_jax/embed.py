@@ -86,9 +86,10 @@ class Encoder:
 def load_encoder(*, checkpoint_dir: str | None = None, timm_dir: str | None = None, model: str | None = None,
                  weights: str | None = None, random_init: bool = False, seed: int = 0,
                  dtype: str | None = None, **vit_overrides) -> Encoder:
-    """An encoder from exactly one source: a model checkpoint (`models.checkpoint`), a timm local dir
-    (`config.json` + `model.safetensors`, via `xmag_jax.convert`), or a registry name with a weights
-    file (a timm safetensors state dict or a model checkpoint dir) or `random_init`."""
+    """An encoder from exactly one source: a model checkpoint dir (`models.checkpoint`), a timm local dir
+    exported by `xmag_jax.convert export` (`config.json` + `model.safetensors`), or a registry name with
+    a weights file (timm `.safetensors`/`.bin` state dict, or a model checkpoint dir) or `random_init`.
+    `dtype` sets the compute dtype (e.g. 'bfloat16'); `vit_overrides` other ViTConfig fields (e.g. depth)."""
     sources = [s for s in (checkpoint_dir, timm_dir, model) if s]
     if len(sources) != 1:
         raise ValueError("give exactly one of --checkpoint, --timm-dir, --model")
@@ -97,9 +98,8 @@ def load_encoder(*, checkpoint_dir: str | None = None, timm_dir: str | None = No
         net, arch = checkpoint.load_model(checkpoint_dir, dtype=dtype)
         return Encoder(f"{arch.name}:{os.path.abspath(checkpoint_dir)}", arch, net)
     if timm_dir:
-        from xmag_jax.convert import timm_io
-
-        net, arch = timm_io.load_timm_dir(timm_dir, **overrides)
+        arch = _arch_of_timm_dir(pathlib.Path(timm_dir), overrides)
+        net = _from_timm_weights(arch, pathlib.Path(timm_dir) / "model.safetensors")
         return Encoder(f"{arch.name}:{os.path.abspath(timm_dir)}", arch, net)
     if weights and random_init:
         raise ValueError("--weights and --random-init exclude each other")
@@ -109,14 +109,34 @@ def load_encoder(*, checkpoint_dir: str | None = None, timm_dir: str | None = No
             if arch.name != model:
                 raise ValueError(f"{weights}: checkpoint holds {arch.name!r}, not --model {model!r}")
         else:
-            from xmag_jax.convert import timm_io
-
-            net, arch = timm_io.load_timm_weights(model, weights, **overrides)
+            arch = models.get_arch(model, **overrides)
+            net = _from_timm_weights(arch, pathlib.Path(weights))
         return Encoder(f"{model}:{os.path.abspath(weights)}", arch, net)
     if not random_init:
         raise ValueError(f"--model {model} needs --weights FILE (or --random-init for a random-init baseline)")
     arch = models.get_arch(model, **overrides)
     return Encoder(f"{model}:random-init-seed{seed}", arch, models.create_model(model, rngs=nnx.Rngs(seed), **overrides))
+
+
+def _from_timm_weights(arch: models.Arch, path: pathlib.Path) -> models.VisionTransformer:
+    from xmag_jax.convert import timm_io
+
+    return timm_io.flax_from_state_dict(arch, timm_io.read_state_dict(path), source=str(path))
+
+
+def _arch_of_timm_dir(directory: pathlib.Path, overrides: dict) -> models.Arch:
+    """The registry entry named in `config.json`'s `xmag_jax.arch`, with the sizes of its `model_args`."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist (expected a timm local dir: config.json + model.safetensors)")
+    config = json.loads(config_file.read_text())
+    name = config.get("xmag_jax", {}).get("arch")
+    if not name:
+        raise ValueError(f"{config_file}: no 'xmag_jax.arch' entry (not written by `xmag_jax.convert export`); "
+                         "use --model NAME --weights DIR/model.safetensors")
+    fields = {f.name for f in dataclasses.fields(models.ViTConfig)}
+    sizes = {k: v for k, v in config.get("model_args", {}).items() if k in fields}
+    return models.get_arch(name, **{**sizes, **overrides})
 
 
 @dataclasses.dataclass(frozen=True)
