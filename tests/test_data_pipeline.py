@@ -177,6 +177,15 @@ def test_too_many_bad_records_is_a_clear_error(corrupt_dir):
         _take(it, 10)
 
 
+def test_a_data_set_without_good_records_fails_instead_of_hanging(tmp_path):
+    write_pair_shards(tmp_path, 6, num_shards=1, corrupt={i: "size" for i in range(6)})
+    it = make_iterator(_data(str(tmp_path), max_bad=0.5), seed=0, batch_size=2, process_index=0, process_count=1,
+                       max_bad_in_a_row=20)
+    with pytest.raises(TooManyBadRecordsError, match=r"20 records in a row failed to decode; the latest: record \d: "
+                       r"field 'image_20x': image is 896x800x3, expected 896x896x3"):
+        next(it)
+
+
 def test_bad_records_tolerated_until_enough_are_seen(corrupt_dir):
     it = make_iterator(_data(corrupt_dir, max_bad=0.05), seed=0, batch_size=3, process_index=0, process_count=1,
                        min_records_checked=10_000)

@@ -4,7 +4,8 @@ Two Grain iterator stages, because the skip must happen before batching (inside 
 while the count must live in the main process, in the checkpointed iterator state:
 
 - `SkipBadRecordsIterDataset` (before `batch`): drops `BadRecord` markers and stamps each good element
-  with `bad_skipped` (markers dropped right before it) and `bad_last_index` (the last one's source index).
+  with `bad_skipped` (markers dropped right before it) and `bad_last_index` (the last one's source index);
+  `max_in_a_row` bad records in a row raise right there (else a data set with no good record never yields).
 - `BadRecordBudgetIterDataset` (on top, after multiprocess prefetch): removes those two fields from the
   batch, sums them into `bad_records` / `records_seen`, and once at least `min_records` records were seen
   raises `TooManyBadRecordsError` when `bad_records > max_fraction * records_seen`.
@@ -35,22 +36,33 @@ class TooManyBadRecordsError(RuntimeError):
 class SkipBadRecordsIterDataset(grain.IterDataset):
     """Drops BadRecord markers; good elements gain `bad_skipped` and `bad_last_index` (int64 scalars)."""
 
+    def __init__(self, parent: grain.IterDataset, *, max_in_a_row: int):
+        super().__init__(parent)
+        self._max_in_a_row = max_in_a_row
+
     def __iter__(self) -> grain.DatasetIterator:
-        return _SkipBadRecordsIterator(self._parent.__iter__())
+        return _SkipBadRecordsIterator(self._parent.__iter__(), self._max_in_a_row)
 
     def __str__(self) -> str:
-        return "SkipBadRecordsIterDataset"
+        return f"SkipBadRecordsIterDataset(max_in_a_row={self._max_in_a_row})"
 
 
 class _SkipBadRecordsIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, max_in_a_row: int):
+        super().__init__(parent)
+        self._max_in_a_row = max_in_a_row
+
     def __next__(self) -> dict[str, Any]:
         skipped, last = 0, -1
         while True:
             element = next(self._parent)
-            if isinstance(element, BadRecord):
-                skipped, last = skipped + 1, element.index
-                continue
-            return {**element, BAD_SKIPPED: np.int64(skipped), BAD_LAST_INDEX: np.int64(last)}
+            if not isinstance(element, BadRecord):
+                return {**element, BAD_SKIPPED: np.int64(skipped), BAD_LAST_INDEX: np.int64(last)}
+            skipped, last = skipped + 1, element.index
+            if skipped >= self._max_in_a_row:
+                raise TooManyBadRecordsError(
+                    f"{skipped} records in a row failed to decode; the latest: {element.reason}"
+                )
 
     # A checkpoint is taken between batches, when no skipped count is pending: the parent's state suffices.
     def get_state(self) -> dict[str, Any]:

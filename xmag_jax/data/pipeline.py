@@ -54,6 +54,7 @@ def build_dataset(
     num_epochs: int | None = None,
     read_threads: int = 2,
     min_records_checked: int = 1000,
+    max_bad_in_a_row: int = 1000,
 ) -> grain.IterDataset:
     """The pipeline for one process, from the config's `data` section (see configs/debug.py).
 
@@ -68,6 +69,8 @@ def build_dataset(
       num_epochs: passes over the data; None repeats forever.
       read_threads: threads decoding in this process (or in each worker).
       min_records_checked: records seen before the bad-record fraction is enforced.
+      max_bad_in_a_row: this many bad records in a row fail at once (a data set without a good record would
+        otherwise never yield a batch).
     """
     unknown = sorted(set(data) - _DATA_KEYS)
     if unknown:
@@ -96,7 +99,7 @@ def build_dataset(
     ds = ds[process_index::process_count].random_map(DecodeAndAugment(options))
     read_ahead = max(1, data["prefetch_buffer"]) * batch_size
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_ahead))
-    it = SkipBadRecordsIterDataset(it).batch(batch_size, drop_remainder=True)
+    it = SkipBadRecordsIterDataset(it, max_in_a_row=max_bad_in_a_row).batch(batch_size, drop_remainder=True)
     if data["worker_count"] > 0:
         if not flags.FLAGS.is_parsed():
             # Grain's worker set-up reads its absl flags; a launcher without absl.app must not fail on that.
