@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import simplejpeg
+from PIL import Image
 from array_record.python import array_record_module
 from tqdm import tqdm
 
@@ -120,16 +121,16 @@ def plan_tiles(slide: slide_reader.Slide, spec: inputs.SlideSpec, config: PairCo
     return grid, source
 
 
-def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
-    """RGB uint8 [H, W, 3] -> baseline JPEG (4:2:0)."""
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB",
-                                  colorsubsampling="420")
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    """RGB or opaque RGBA image -> baseline JPEG (4:2:0)."""
+    colorspace = {"RGB": "RGB", "RGBA": "RGBX"}[image.mode]
+    return simplejpeg.encode_jpeg(np.asarray(image), quality=quality, colorspace=colorspace, colorsubsampling="420")
 
 
 def pair_record(slide: slide_reader.Slide, x: int, y: int, field: int, fraction: float, config: PairConfig) -> bytes:
     """The encoded record of the field at level-0 (x, y): 5x tile [224, 224, 3] + 20x region [896, 896, 3]."""
-    image_5x = slide_reader.read_field(slide, x, y, field, records.TILE_5X_PX, config.resample)
-    image_20x = slide_reader.read_field(slide, x, y, field, records.REGION_20X_PX, config.resample)
+    image_5x = slide_reader.read_field_image(slide, x, y, field, records.TILE_5X_PX, config.resample)
+    image_20x = slide_reader.read_field_image(slide, x, y, field, records.REGION_20X_PX, config.resample)
     return records.encode_pair({
         "image_5x": encode_jpeg(image_5x, config.jpeg_quality),
         "image_20x": encode_jpeg(image_20x, config.jpeg_quality),

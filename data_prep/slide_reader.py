@@ -158,13 +158,15 @@ def _read(slide: Slide, x0: int, y0: int, level: int, size: tuple[int, int]) -> 
                               f"from level-0 ({x0}, {y0}): {type(err).__name__}: {err}") from None
 
 
+def _opaque(region: Image.Image) -> Image.Image:
+    """RGB, or RGBA with every pixel opaque: transparent pixels (outside the scan) become white glass."""
+    if region.mode == "RGBA" and region.getchannel("A").getextrema()[0] < 255:
+        return Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region)
+    return region if region.mode in ("RGB", "RGBA") else region.convert("RGB")
+
+
 def _to_rgb(region: Image.Image) -> Image.Image:
-    """RGB; transparent pixels (outside the scanned area) become white glass."""
-    if region.mode != "RGBA":
-        return region.convert("RGB")
-    if region.getchannel("A").getextrema()[0] < 255:
-        region = Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region)
-    return region.convert("RGB")
+    return _opaque(region).convert("RGB")
 
 
 def _resize(region: Image.Image, span: float, out_px: int, resample: str) -> Image.Image:
@@ -176,21 +178,25 @@ def _resize(region: Image.Image, span: float, out_px: int, resample: str) -> Ima
     return region.resize((out_px, out_px), filt, box=(0, 0, span, span))
 
 
+def read_field_image(slide: Slide, x0: int, y0: int, size_level0: float, out_px: int, resample: str = "area"
+                     ) -> Image.Image:
+    """Like `read_field` but a PIL image, RGB or opaque RGBA (saves a copy when encoding as JPEG)."""
+    level = best_level(slide.level_downsamples, size_level0 / out_px)
+    span = size_level0 / slide.level_downsamples[level]
+    read_px = max(int(math.ceil(span - 1e-6)), 1)
+    region = _read(slide, x0, y0, level, (read_px, read_px))
+    if resample == "lanczos" and read_px != out_px:
+        return _opaque(region).resize((out_px, out_px), Image.LANCZOS, box=(0, 0, span, span))
+    return _opaque(_resize(region, span, out_px, resample))
+
+
 def read_field(slide: Slide, x0: int, y0: int, size_level0: float, out_px: int, resample: str = "area") -> np.ndarray:
     """The square level-0 field [x0, x0 + size_level0) x [y0, ...) as RGB uint8 [out_px, out_px, 3].
 
     Reads the pyramid level with the largest downsample ≤ size_level0 / out_px and resizes the rest of the
     way: `resample` 'area' (box average when shrinking, Lanczos when enlarging) or 'lanczos'.
     """
-    level = best_level(slide.level_downsamples, size_level0 / out_px)
-    span = size_level0 / slide.level_downsamples[level]
-    read_px = max(int(math.ceil(span - 1e-6)), 1)
-    region = _read(slide, x0, y0, level, (read_px, read_px))
-    if resample == "lanczos" and read_px != out_px:
-        region = _to_rgb(region).resize((out_px, out_px), Image.LANCZOS, box=(0, 0, span, span))
-    else:
-        region = _to_rgb(_resize(region, span, out_px, resample))
-    return np.asarray(region)
+    return np.asarray(read_field_image(slide, x0, y0, size_level0, out_px, resample).convert("RGB"))
 
 
 def read_level_image(slide: Slide, target_mpp: float) -> tuple[np.ndarray, float]:
