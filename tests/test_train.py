@@ -28,6 +28,7 @@ def _config(data_dir: Path, **overrides):
     config = debug.get_config()
     config.data.dir = str(data_dir)
     config.total_steps = STEPS
+    config.batch_size = 8
     config.optim.warmup_steps = 2
     config.checkpoint.every = 4
     config.log_every = 4
@@ -76,6 +77,7 @@ def test_restore_onto_one_device(run, tmp_path):
         config = debug.get_config()
         config.data.dir = {str(data_dir)!r}
         config.total_steps = {STEPS}
+        config.batch_size = 8
         config.optim.warmup_steps = 2
         assert jax.device_count() == 1
         trainer = step.make_trainer(config, sharding.make_mesh(config.mesh))

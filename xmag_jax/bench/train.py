@@ -1,0 +1,109 @@
+"""`python -m xmag_jax.bench train --config configs/debug.py [--json] [--steps N] [--config.KEY=VALUE]`.
+
+Times the jitted distillation step alone (the input pipeline has its own benchmark, `bench input`):
+random uint8 batches of the config's global shape are put on the mesh beforehand, the first step
+(compile) is timed separately, then each of `--steps` steps is timed to completion. Reports the median
+step time (s), pairs/s, model TFLOP/s over all devices and MFU against `peak_tflops_per_device`.
+The teacher is the config's (its checkpoint must exist, or use `--config.teacher.checkpoint=
+--config.teacher.allow_random_teacher=True` for a random one).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from xmag_jax import sharding
+from xmag_jax.distill import config_validation, step as step_lib
+from xmag_jax.distill.metrics import Throughput
+
+
+def _flags(argv: list[str]) -> flags.FlagValues:
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).", flag_values=values)
+    flags.DEFINE_integer("steps", 10, "Timed steps after the compile step.", flag_values=values)
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of text.", flag_values=values)
+    values(["bench_train", *argv])
+    if values.config is None:
+        raise flags.IllegalFlagValueError("--config is required")
+    return values
+
+
+def _random_batch(trainer: step_lib.Trainer, rng: np.random.Generator) -> dict[str, jax.Array]:
+    """Global uint8 batch in the step's shardings (each device is given only its own shard)."""
+    batch = {}
+    for key, abstract in trainer.abstract_batch().items():
+        host = rng.integers(0, 256, size=abstract.shape, dtype=np.uint8)
+        batch[key] = jax.make_array_from_callback(abstract.shape, abstract.sharding, lambda index: host[index])
+    return batch
+
+
+def run(config, steps: int) -> dict:
+    config_validation.check_schema(config)
+    config_validation.check_values(config)
+    mesh = sharding.make_mesh(config.mesh)
+    config_validation.check_against_mesh(config, mesh)
+    trainer = step_lib.make_trainer(config, mesh)
+    state = trainer.init_state(jax.random.key(config.seed))
+    teacher = trainer.teacher_state()
+    batch = _random_batch(trainer, np.random.default_rng(config.seed))
+
+    start = time.perf_counter()
+    state, metrics = trainer.step(state, teacher, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = trainer.step(state, teacher, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+
+    flops = trainer.flops_per_step()
+    median = statistics.median(times)
+    rates = Throughput(batch_size=config.batch_size, flops_per_step=flops.total,
+                       peak_tflops_per_device=config.peak_tflops_per_device,
+                       device_count=jax.device_count()).rates(median)
+    return {
+        "benchmark": "train",
+        "teacher": config.teacher.name,
+        "student": config.student.name,
+        "batch_size": config.batch_size,
+        "grad_accum": config.optim.grad_accum,
+        "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "mesh": dict(mesh.shape),
+        "timed_steps": steps,
+        "first_step_s": compile_s,
+        "step_time_s_median": median,
+        "step_time_s_min": min(times),
+        "step_time_s_max": max(times),
+        "pairs_per_s": rates["pairs_per_s"],
+        "model_tflop_per_step": flops.total / 1e12,
+        "model_tflops_per_s": rates["model_tflops_per_s"],
+        "mfu": rates["mfu"],
+        "peak_tflops_per_device": config.peak_tflops_per_device,
+    }
+
+
+def main(argv: list[str]) -> int:
+    values = _flags(argv)
+    result = run(values.config, values.steps)
+    if values.json:
+        print(json.dumps(result))
+    else:
+        print(f"train step ({result['teacher']} -> {result['student']}, batch {result['batch_size']} pairs, "
+              f"{result['devices']} x {result['device_kind']}, mesh {result['mesh']}):")
+        print(f"  first step (compile) {result['first_step_s']:.2f} s; median step {result['step_time_s_median']:.4f} s "
+              f"over {result['timed_steps']} steps (min {result['step_time_s_min']:.4f}, max "
+              f"{result['step_time_s_max']:.4f})")
+        print(f"  {result['pairs_per_s']:.2f} pairs/s, {result['model_tflops_per_s']:.4g} model TFLOP/s "
+              f"({result['model_tflop_per_step']:.4g} TFLOP/step), MFU {100 * result['mfu']:.2f}% of "
+              f"{result['peak_tflops_per_device']} TFLOP/s/device")
+    return 0
