@@ -153,3 +153,21 @@ def test_encoder_sources_agree(tmp_path):
         embed.load_encoder(timm_dir=str(tmp_path / "timm"))
     with pytest.raises(ValueError, match="holds 'vit_test', not --model 'vit_s14'"):
         embed.load_encoder(model="vit_s14", weights=str(tmp_path / "ckpt"))
+
+
+def test_attention_heatmap_over_thumbnail(run):
+    from PIL import Image
+
+    from xmag_jax.eval import heatmap
+
+    out, _, _ = run
+    bag = feats.read_bag(out / "slide_001.h5")
+    attention = np.linspace(0, 1, len(bag.coords))
+    path = heatmap.write_heatmap(bag, attention, out / "maps", max_side=256)
+    image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    thumb, ds = heatmap.thumbnail_of(bag, None, 256)
+    assert image.shape == thumb.shape and max(image.shape[:2]) <= 257
+    side = bag.attrs["patch_size_level0"] / ds
+    centre = lambda xy: tuple(int(v + side / 2) for v in xy[::-1] / ds)  # (row, col) of a tile's centre
+    hot, cold = image[centre(bag.coords[-1])], image[centre(bag.coords[0])]
+    assert hot[0] > hot[2] + 60 and cold[2] > cold[0] + 60  # top attention red, bottom blue

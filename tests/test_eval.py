@@ -18,6 +18,7 @@ def write_bags(directory: pathlib.Path, bags: dict[str, np.ndarray]) -> None:
             f["features"] = x.astype(np.float32)
             f["coords"] = np.stack([np.arange(len(x)) * 224, np.zeros(len(x))], 1).astype(np.int64)
             f.attrs["patch_size"] = 224
+            f.attrs["patch_size_level0"] = 224
 
 
 def write_labels(path: pathlib.Path, labels: dict[str, str]) -> pathlib.Path:
@@ -181,10 +182,11 @@ def test_mil_cli_cross_validates(tmp_path):
     labels = write_labels(tmp_path / "labels.csv", {f"s{i}": str(l) for i, l in enumerate(y)})
     out = tmp_path / "mil.json"
     assert mil.main(["--features", str(tmp_path / "feats"), "--labels", str(labels), "--folds", "3",
-                     "--epochs", "2", "--out", str(out)]) == 0
+                     "--epochs", "2", "--out", str(out), "--heatmap", str(tmp_path / "maps"), "--heatmap-slides", "2"]) == 0
     result = json.loads(out.read_text())
     assert len(result["folds"]) == 3 and sum(f["n_test"] for f in result["folds"]) == 12
     assert set(result["summary"]) == {"auc", "balanced_accuracy"}
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["s0_attention.png", "s1_attention.png"]
 
 
 def test_fidelity_linear_teacher_vs_independent_teacher():

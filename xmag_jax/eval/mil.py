@@ -168,7 +168,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--heatmap", metavar="DIR", help="write attention heatmap PNGs of a few slides here")
     p.add_argument("--heatmap-slides", type=int, default=4, help="how many slides get a heatmap")
-    p.add_argument("--slides", help="slide directory, for heatmap thumbnails (without it: attention on blank)")
+    p.add_argument("--slides", help="slide folder or CSV for heatmap thumbnails (default: the h5's slide_path attr)")
     args = p.parse_args(argv)
 
     labelled = feats.load_labelled_bags(args.features, feats.read_labels(args.labels), skip_unlabelled=args.skip_unlabelled)
@@ -188,6 +188,6 @@ def main(argv: list[str]) -> int:
         from xmag_jax.eval import heatmap
 
         for (bag, _), att in list(zip(labelled, result["attention"]))[: args.heatmap_slides]:
-            path = heatmap.write_heatmap(bag, att, args.heatmap, slides_dir=args.slides)
+            path = heatmap.write_heatmap(bag, att, args.heatmap, slides=args.slides)
             print(f"  heatmap {path}")
     return 0
