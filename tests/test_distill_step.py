@@ -7,6 +7,7 @@ grids, the same geometry at 1/16 of the compute.
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import debug
 from xmag_jax import sharding
@@ -141,11 +142,11 @@ def test_flops_formula_counts_the_model_matmuls():
     """The per-layer matmul count equals the parameter count of the model's block kernels (UNI2-h)."""
     arch = registry.get_arch("uni2_h")
     cfg = arch.vit
-    model = jax.eval_shape(lambda: registry.create_model("uni2_h", rngs=__import__("flax").nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: registry.create_model("uni2_h", rngs=nnx.Rngs(0)))
     block = model.blocks[0]
     kernels = sum(np.prod(m.kernel.shape) for m in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))
     tokens = cfg.grid_size**2 + cfg.num_prefix_tokens
-    patch = 2 * cfg.grid_size**2 * np.prod(model.patch_embed.kernel.shape)
+    patch = 2 * cfg.grid_size**2 * np.prod(model.patch_embed.proj.kernel.shape)
     expected = patch + 2 * tokens * cfg.depth * kernels + 4 * tokens**2 * cfg.embed_dim * cfg.depth
     assert flops.vit_forward_flops(cfg) == pytest.approx(expected)
     assert 0.36e12 < flops.vit_forward_flops(cfg) < 0.40e12  # ≈ 0.68 B params x 2 x 265 tokens + attention
