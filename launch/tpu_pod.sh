@@ -143,9 +143,10 @@ step_install() {
 }
 
 train_command() {
-  local args=(.venv/bin/python -m xmag_jax.train --config "$CONFIG" --workdir "$WORKDIR" "--config.data.dir=$DATA" "${EXTRA[@]}")
-  # Every worker runs the same command; jax.distributed.initialize finds the coordinator from the TPU
-  # metadata. Output goes to a log on each worker (`logs` shows worker 0's) and the workdir.
+  local args=(.venv/bin/python -m xmag_jax.train --distributed --config "$CONFIG" --workdir "$WORKDIR" "--config.data.dir=$DATA" "${EXTRA[@]}")
+  # Every worker runs the same command; --distributed: jax.distributed.initialize() finds the coordinator
+  # and this worker's index from the TPU metadata. Output goes to train.log on each worker (`logs` shows
+  # worker 0's) and metrics to the workdir.
   printf 'cd %s && nohup %s > train.log 2>&1 < /dev/null &' "$REMOTE_DIR" "$(printf '%q ' "${args[@]}" | sed 's/ $//')"
 }
 

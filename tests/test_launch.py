@@ -47,7 +47,7 @@ def test_tpu_pod_all_steps_in_order():
     assert "tar -xzf xmag_jax.tar.gz" in ssh_command(ssh[0])
     assert "pip install" in ssh_command(ssh[1]) and "jax[tpu]" in ssh_command(ssh[1])
     train = shlex.split(ssh_command(ssh[2]).split("nohup", 1)[1].split(">", 1)[0])
-    assert train == [".venv/bin/python", "-m", "xmag_jax.train", "--config", "configs/uni2h_vits14.py",
+    assert train == [".venv/bin/python", "-m", "xmag_jax.train", "--distributed", "--config", "configs/uni2h_vits14.py",
                                       "--workdir", "gs://bkt/runs/uni2h", "--config.data.dir=gs://bkt/pairs",
                                       "--config.total_steps=100"]
     assert len(cmds) == 7
