@@ -153,3 +153,25 @@ def test_flops_formula_counts_the_model_matmuls():
     f = flops.step_flops(small_config(batch_size=4))
     assert f.teacher_forward == pytest.approx(4 * 16 * flops.vit_forward_flops(registry.get_arch("vit_test_teacher").vit))
     assert f.total > f.teacher_forward + f.student_forward_backward
+
+
+def test_teacher_restored_from_checkpoint_onto_fsdp_shardings(tmp_path):
+    from xmag_jax.models import checkpoint as model_checkpoint
+
+    saved = registry.create_model("vit_test_teacher", rngs=nnx.Rngs(7))
+    model_checkpoint.save_model(tmp_path / "teacher", saved, "vit_test_teacher")
+    config = small_config(**{"teacher.checkpoint": str(tmp_path / "teacher"), "teacher.sharding": "fsdp"})
+    trainer = step.make_trainer(config, sharding.make_mesh(config.mesh))
+    teacher = trainer.teacher_state()
+    expected = nnx.state(saved, nnx.Param)
+    jax.tree.map(lambda t, e: np.testing.assert_array_equal(np.asarray(t), np.asarray(e.astype("bfloat16"))),
+                 teacher, expected)
+    jax.tree.map(lambda t, s: t.sharding.is_equivalent_to(s, t.ndim) or pytest.fail(f"{t.sharding} != {s}"),
+                 teacher, trainer.teacher_shardings)
+    fc1 = teacher["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()
+    assert fc1.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+
+    model_checkpoint.save_model(tmp_path / "student", registry.create_model("vit_test", rngs=nnx.Rngs(0)), "vit_test")
+    config.teacher.checkpoint = str(tmp_path / "student")
+    with pytest.raises(ConfigError, match="teacher.checkpoint: .* holds a vit_test whose architecture differs"):
+        step.make_trainer(config, sharding.make_mesh(config.mesh)).teacher_state()

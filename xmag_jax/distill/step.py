@@ -32,6 +32,7 @@ from xmag_jax.distill.config_validation import ConfigError
 from xmag_jax.distill.optim import learning_rate_schedule, make_optimizer
 from xmag_jax.distill.projectors import DistillModel
 from xmag_jax.distill.state import TrainState
+from xmag_jax.models import checkpoint as model_checkpoint
 from xmag_jax.models import registry
 
 TILE_PX = 224  # both magnifications' tiles are 224 px (5x: ~2.0 µm/px, 20x: ~0.5 µm/px)
@@ -128,8 +129,15 @@ class Trainer:
         seeded random init when the checkpoint is empty and `teacher.allow_random_teacher` is set."""
         path = self.config.teacher.checkpoint
         if path:
-            from xmag_jax.models import checkpoint as model_checkpoint
-
+            saved = model_checkpoint.read_arch(path)
+            ignored = dict(dtype=self.teacher_arch.vit.dtype, param_dtype=self.teacher_arch.vit.param_dtype,
+                           remat=self.teacher_arch.vit.remat)
+            if dataclasses.replace(saved.vit, **ignored) != self.teacher_arch.vit:
+                diff = {k: (v, getattr(self.teacher_arch.vit, k)) for k, v in saved.vit.to_dict().items()
+                        if k not in ignored and v != getattr(self.teacher_arch.vit, k)}
+                raise ConfigError(f"teacher.checkpoint: {path} holds a {saved.name} whose architecture differs "
+                                  f"from teacher.name={self.config.teacher.name!r}: {{field: (saved, expected)}} "
+                                  f"= {diff}")
             return model_checkpoint.load_params(path, self.abstract_teacher_state())
         if not self.config.teacher.allow_random_teacher:
             raise ConfigError("teacher.checkpoint: empty, and teacher.allow_random_teacher is False")
