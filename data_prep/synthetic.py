@@ -16,6 +16,7 @@ Colour follows Beer-Lambert with the Ruifrok-Johnston H&E stain vectors: eosin (
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import functools
@@ -183,22 +184,30 @@ def write_slide(path: str, scene: Scene, side_px: int, level0_mpp: float, kind: 
     os.replace(tmp, path)
 
 
-def write_dataset(out: str, n: int, size_px: int = DEFAULT_SIZE_PX, seed: int = 0) -> list[tuple[str, int]]:
-    """N slides (even index: 40x SVS, odd: 20x TIFF; labels 0/1 alternating in pairs) + labels.csv."""
+def _write_one(job: tuple[str, int, int, int]) -> tuple[str, int]:
+    out, i, side_px, seed = job
+    label = (i // 2) % 2
+    scene = make_scene(side_px * 0.25, label, np.random.default_rng([seed, i]))
+    slide_id = f"slide_{i:03d}"
+    if i % 2 == 0:
+        write_slide(os.path.join(out, f"{slide_id}.svs"), scene, side_px, 0.25, "svs")
+    else:
+        write_slide(os.path.join(out, f"{slide_id}.tif"), scene, side_px // 2, 0.5, "tiff")
+    return slide_id, label
+
+
+def write_dataset(out: str, n: int, size_px: int = DEFAULT_SIZE_PX, seed: int = 0, workers: int = 1
+                  ) -> list[tuple[str, int]]:
+    """N slides (even index: 40x SVS, odd: 20x TIFF; labels 0/1 alternating in pairs) + labels.csv,
+    written by `workers` processes."""
     os.makedirs(out, exist_ok=True)
     side_px = max(size_px // (TILE_PX * DOWNSAMPLES[-1]), 1) * TILE_PX * DOWNSAMPLES[-1]
-    rows = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        label = (i // 2) % 2
-        scene = make_scene(side_px * 0.25, label, rng)
-        if i % 2 == 0:
-            slide_id, path = f"slide_{i:03d}", os.path.join(out, f"slide_{i:03d}.svs")
-            write_slide(path, scene, side_px, 0.25, "svs")
-        else:
-            slide_id, path = f"slide_{i:03d}", os.path.join(out, f"slide_{i:03d}.tif")
-            write_slide(path, scene, side_px // 2, 0.5, "tiff")
-        rows.append((slide_id, label))
+    jobs = [(out, i, side_px, seed) for i in range(n)]
+    if workers > 1 and n > 1:
+        with concurrent.futures.ProcessPoolExecutor(min(workers, n)) as pool:
+            rows = list(pool.map(_write_one, jobs))
+    else:
+        rows = [_write_one(job) for job in jobs]
     tmp = os.path.join(out, "labels.csv.tmp")
     with open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([("slide_id", "label"), *rows])
@@ -216,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"{TILE_PX * DOWNSAMPLES[-1]} (default {DEFAULT_SIZE_PX} = "
                              f"{DEFAULT_SIZE_PX * 0.25 / 1000:.2f} mm)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     args = parser.parse_args(argv)
-    rows = write_dataset(args.out, args.n, args.size, args.seed)
+    rows = write_dataset(args.out, args.n, args.size, args.seed, args.workers)
     print(f"wrote {len(rows)} slides and labels.csv to {args.out}")
     return 0
 

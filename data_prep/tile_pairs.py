@@ -91,6 +91,8 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
         beam_args = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", *beam_args]
         if not any(a.startswith("--direct_num_workers") for a in beam_args):
             beam_args.append(f"--direct_num_workers={os.cpu_count() or 1}")
+    if not any(a.startswith("--default_sdk_harness_log_level") for a in beam_args):
+        beam_args = [*beam_args, "--default_sdk_harness_log_level=WARNING"]
     options = PipelineOptions(beam_args)
     unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
     if unknown:
