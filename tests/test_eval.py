@@ -215,3 +215,34 @@ def test_fidelity_cli_arrays(tmp_path):
     np.savez(tmp_path / "b.npz", student=s)
     with pytest.raises(KeyError, match=r"b\.npz: missing array\(s\) \['teacher_tiles'\]"):
         fidelity.load_arrays(tmp_path / "b.npz")
+
+
+def test_fidelity_from_pair_shards(tmp_path):
+    """Student/teacher features of real pair records: shapes, bad records skipped, tiles row-major."""
+    from flax import nnx
+
+    from xmag_jax import embed, models
+    from xmag_jax.data import pairs, synthetic_pairs
+    from xmag_jax.models import checkpoint
+
+    synthetic_pairs.write_pair_shards(tmp_path / "pairs", 6, num_shards=1, split="test", corrupt={3: "jpeg"})
+    checkpoint.save_model(tmp_path / "student", models.create_model("vit_test", rngs=nnx.Rngs(0)), "vit_test")
+    arrays_file = tmp_path / "arrays.npz"
+    rc = fidelity.main(["--pairs", str(tmp_path / "pairs"), "--split", "test", "--batch", "8",
+                        "--student-checkpoint", str(tmp_path / "student"), "--teacher", "vit_test_teacher",
+                        "--random-teacher", "--save-arrays", str(arrays_file), "--out", str(tmp_path / "f.json")])
+    assert rc == 0
+    arrays = fidelity.load_arrays(arrays_file)
+    assert arrays["student"].shape == (5, 64) and arrays["student_tiles"].shape == (5, 16, 64)
+    assert arrays["teacher_tiles"].shape == (5, 16, 96) and len(arrays["groups"]) == 5
+    result = json.loads((tmp_path / "f.json").read_text())
+    assert set(result) == {"global", "tile"} and result["tile"]["n"] == 5 * 16
+    # tile k of the teacher array is the teacher's embedding of the 20x tile at row k // 4, column k % 4
+    import grain
+    from data_prep import records
+
+    source = grain.sources.ArrayRecordDataSource(records.shard_paths(tmp_path / "pairs", "test"))
+    _, region = pairs.decode_images(source[0], 0)
+    teacher = embed.load_encoder(model="vit_test_teacher", random_init=True)
+    direct = np.asarray(teacher.forward(pairs.cut_tiles(region)))
+    np.testing.assert_allclose(arrays["teacher_tiles"][0], direct, rtol=1e-4, atol=1e-4)
