@@ -11,7 +11,7 @@ from xmag_jax.distill import metrics
 
 def test_jsonl_and_tensorboard(tmp_path):
     writer = metrics.MetricWriter(tmp_path)
-    writer.write(1, {"loss": 2.0, "lr": 1e-4}, record_index=np.array([3, 1, 2]), tensorboard=True)
+    writer.write(1, {"loss": 2.0, "lr": 1e-4}, record_index=np.array([3, 1, 2]), log_point=True)
     writer.write(2, {"loss": 1.5, "lr": 2e-4})
     writer.close()
     lines = metrics.read_metrics(tmp_path)
@@ -55,3 +55,21 @@ def test_progress_line():
     line = metrics.progress_line(5, 40, {"loss": 0.123456, "pairs_per_s": 10.0, "mfu": 0.25})
     assert line == "step 5/40 | loss 0.1235 | 10.0 pairs/s | MFU 25.0%"
     json.dumps(line)
+
+
+def test_object_store_mode_rewrites_at_log_points(tmp_path):
+    """gs:// cannot append: lines are kept and the file is replaced at log points and on close."""
+    writer = metrics.MetricWriter(tmp_path, tensorboard=False)
+    writer._remote = True  # what a gs:// workdir sets; the local directory stands in for the bucket
+    writer.write(1, {"loss": 1.0})
+    assert not (tmp_path / metrics.METRICS_FILE).exists()
+    writer.write(2, {"loss": 2.0}, log_point=True)
+    assert [m["step"] for m in metrics.read_metrics(tmp_path)] == [1, 2]
+    writer.write(3, {"loss": 3.0})
+    writer.close()
+    resumed = metrics.MetricWriter(tmp_path, tensorboard=False)
+    resumed._remote = True
+    resumed.resume_at(2)
+    resumed.write(3, {"loss": 30.0})
+    resumed.close()
+    assert [(m["step"], m["loss"]) for m in metrics.read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]

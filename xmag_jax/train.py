@@ -70,7 +70,7 @@ class _PendingMetrics:
         check_finite(step, values)
         values.update(self.throughput.tick())
         logged = step % self.config.log_every == 0 or step == self.config.total_steps
-        self.writer.write(step, values, tensorboard=logged,
+        self.writer.write(step, values, log_point=logged,
                           record_index=record_index if self.config.log_record_index else None)
         if logged:
             log_progress(step, self.config.total_steps, values)

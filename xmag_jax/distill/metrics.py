@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from typing import Any, Mapping
 
@@ -89,14 +90,18 @@ def progress_line(step: int, total_steps: int, metrics: Mapping[str, float]) -> 
 
 
 class MetricWriter:
-    """Appends one JSON line per step to `workdir/metrics.jsonl` and scalars to TensorBoard (process 0 only).
+    """One JSON line per step in `workdir/metrics.jsonl`, TensorBoard scalars at log points (process 0 only).
 
-    Each line: `{"step": int, <metric>: float, ..., "record_index": [int, ...]?}`.
+    Each line: `{"step": int, <metric>: float, ..., "record_index": [int, ...]?}`. Local files are appended
+    and flushed every step; on object stores (gs://), which cannot append, the file is rewritten at each
+    log point and at `close()`.
     """
 
     def __init__(self, workdir: epath.PathLike, *, tensorboard: bool = True):
         self.active = jax.process_index() == 0
         self.path = epath.Path(workdir) / METRICS_FILE
+        self._remote = "://" in os.fspath(workdir)
+        self._lines: list[str] | None = None  # object stores: the whole file, kept to rewrite it
         self._file = None
         self._tb = None
         if not self.active:
@@ -105,41 +110,62 @@ class MetricWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
 
-            self._tb = SummaryWriter(logdir=str(epath.Path(workdir) / TENSORBOARD_DIR))
+            self._tb = SummaryWriter(logdir=os.fspath(epath.Path(workdir) / TENSORBOARD_DIR))
+
+    def _read_lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        return [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+
+    def _replace(self, lines: list[str]) -> None:
+        tmp = self.path.parent / (self.path.name + ".tmp")
+        tmp.write_text("".join(f"{ln}\n" for ln in lines))
+        tmp.replace(self.path)
 
     def resume_at(self, step: int) -> None:
         """Drop lines of steps after `step` (written by a run killed after its last checkpoint)."""
-        if not self.active or not self.path.exists():
+        if not self.active:
             return
-        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
         kept = []
-        for ln in lines:
+        for ln in self._read_lines():
             try:
                 if json.loads(ln)["step"] <= step:
                     kept.append(ln)
             except (json.JSONDecodeError, KeyError):
                 break  # a line cut by the kill: everything after it is from the lost steps
-        tmp = self.path.parent / (self.path.name + ".tmp")
-        tmp.write_text("".join(f"{ln}\n" for ln in kept))
-        tmp.replace(self.path)
+        self._replace(kept)
+        if self._remote:
+            self._lines = kept
 
     def write(self, step: int, metrics: Mapping[str, float], *, record_index: np.ndarray | None = None,
-              tensorboard: bool = False) -> None:
+              log_point: bool = False) -> None:
+        """Record `step`; at a `log_point` also TensorBoard scalars (and the rewrite on object stores)."""
         if not self.active:
             return
         entry: dict[str, Any] = {"step": step, **metrics}
         if record_index is not None:
             entry["record_index"] = [int(i) for i in np.asarray(record_index).reshape(-1)]
-        if self._file is None:
-            self._file = self.path.open("a")
-        self._file.write(json.dumps(entry) + "\n")
-        self._file.flush()
-        if tensorboard and self._tb is not None:
+        line = json.dumps(entry)
+        if self._remote:
+            if self._lines is None:
+                self._lines = self._read_lines()
+            self._lines.append(line)
+            if log_point:
+                self._replace(self._lines)
+        else:
+            if self._file is None:
+                self._file = self.path.open("a")
+            self._file.write(line + "\n")
+            self._file.flush()
+        if log_point and self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, value, global_step=step)
             self._tb.flush()
 
     def close(self) -> None:
+        if self._lines is not None:
+            self._replace(self._lines)
+            self._lines = None
         if self._file is not None:
             self._file.close()
             self._file = None
