@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from data_prep import inputs, slide_reader, synthetic, tissue
-from xmag_jax import embed
+from xmag_jax import embed, encoders
 from xmag_jax.eval import features as feats
 
 MPP = 1.0  # µm/px: a 1 mm synthetic slide gives a 4x4 grid of 224 px tiles
@@ -27,8 +27,8 @@ def slides(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def encoder() -> embed.Encoder:
-    return embed.load_encoder(model="vit_test", random_init=True, seed=0)
+def encoder() -> encoders.Encoder:
+    return encoders.load_encoder(model="vit_test", random_init=True, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_resume_skips_done_slides(run, slides, encoder):
     assert sorted(again.skipped) == ["blank", "slide_000", "slide_001"] and again.done == []
     assert again.failed == ["broken"]  # failed slides are retried
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")} == before
-    other = embed.load_encoder(model="vit_test", random_init=True, seed=1)
+    other = encoders.load_encoder(model="vit_test", random_init=True, seed=1)
     with pytest.raises(FileExistsError, match="use another --out"):
         embed.embed_slides(inputs.list_slides(str(slides)), other, out, embed.Tiling(MPP), progress=False)
 
@@ -123,9 +123,9 @@ def test_cli_teacher_from_csv_manifest(slides, tmp_path):
 
 def test_encoder_source_errors(tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
-        embed.load_encoder(model="vit_test", checkpoint_dir=str(tmp_path))
+        encoders.load_encoder(model="vit_test", checkpoint_dir=str(tmp_path))
     with pytest.raises(ValueError, match="needs --weights"):
-        embed.load_encoder(model="vit_test")
+        encoders.load_encoder(model="vit_test")
 
 
 def test_encoder_sources_agree(tmp_path):
@@ -140,19 +140,19 @@ def test_encoder_sources_agree(tmp_path):
     checkpoint.save_model(tmp_path / "ckpt", model, "vit_test")
     timm_io.export_timm(tmp_path / "ckpt", tmp_path / "timm")
     images = np.random.default_rng(0).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
-    encoders = [embed.load_encoder(checkpoint_dir=str(tmp_path / "ckpt")),
-                embed.load_encoder(timm_dir=str(tmp_path / "timm")),
-                embed.load_encoder(model="vit_test", weights=str(tmp_path / "timm" / "model.safetensors")),
-                embed.load_encoder(model="vit_test", weights=str(tmp_path / "ckpt"))]
-    out = [np.asarray(e.forward(images)) for e in encoders]
+    loaded = [encoders.load_encoder(checkpoint_dir=str(tmp_path / "ckpt")),
+              encoders.load_encoder(timm_dir=str(tmp_path / "timm")),
+              encoders.load_encoder(model="vit_test", weights=str(tmp_path / "timm" / "model.safetensors")),
+              encoders.load_encoder(model="vit_test", weights=str(tmp_path / "ckpt"))]
+    out = [np.asarray(e.forward(images)) for e in loaded]
     for o in out[1:]:
         np.testing.assert_allclose(o, out[0], rtol=1e-5, atol=1e-5)
-    assert encoders[0].name == encoders[3].name and len({e.name for e in encoders}) == 3
+    assert loaded[0].name == loaded[3].name and len({e.name for e in loaded}) == 3
     (tmp_path / "timm" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="no 'xmag_jax.arch'"):
-        embed.load_encoder(timm_dir=str(tmp_path / "timm"))
+        encoders.load_encoder(timm_dir=str(tmp_path / "timm"))
     with pytest.raises(ValueError, match="holds 'vit_test', not --model 'vit_s14'"):
-        embed.load_encoder(model="vit_s14", weights=str(tmp_path / "ckpt"))
+        encoders.load_encoder(model="vit_s14", weights=str(tmp_path / "ckpt"))
 
 
 def test_attention_heatmap_over_thumbnail(run):

@@ -221,7 +221,7 @@ def test_fidelity_from_pair_shards(tmp_path):
     """Student/teacher features of real pair records: shapes, bad records skipped, tiles row-major."""
     from flax import nnx
 
-    from xmag_jax import embed, models
+    from xmag_jax import encoders, models
     from xmag_jax.data import pairs, synthetic_pairs
     from xmag_jax.models import checkpoint
 
@@ -243,6 +243,6 @@ def test_fidelity_from_pair_shards(tmp_path):
 
     source = grain.sources.ArrayRecordDataSource(records.shard_paths(tmp_path / "pairs", "test"))
     _, region = pairs.decode_images(source[0], 0)
-    teacher = embed.load_encoder(model="vit_test_teacher", random_init=True)
+    teacher = encoders.load_encoder(model="vit_test_teacher", random_init=True)
     direct = np.asarray(teacher.forward(pairs.cut_tiles(region)))
     np.testing.assert_allclose(arrays["teacher_tiles"][0], direct, rtol=1e-4, atol=1e-4)

@@ -5,8 +5,9 @@
 
 Per slide: CLAM-style tissue mask and a grid of non-overlapping `--patch-px` tiles at `--mpp` µm/px
 (`data_prep.tissue`), tiles read from the best pyramid level (`data_prep.slide_reader`) by background
-threads into a bounded queue while the device computes, a jitted forward on fixed-shape batches (the
-last one zero-padded: one compile), sharded over the local devices along the batch.
+threads into a bounded queue while the device computes, a jitted forward on fixed-shape batches that
+run across slide boundaries (only the job's last one is zero-padded; one compile), sharded over the
+local devices along the batch.
 
 Output `OUT/{slide_id}.h5`: `features [N, D]` float32 and `coords [N, 2]` int64 level-0 top-left (x, y),
 with attrs (on the file and on `coords`, as TRIDENT) `patch_size` (px at the target), `patch_size_level0`,
@@ -37,106 +38,11 @@ import h5py
 import jax
 import numpy as np
 import tqdm
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_prep import inputs, slide_reader, tissue
-from xmag_jax import models
-from xmag_jax.models import checkpoint
+from xmag_jax import encoders
 
 FAILURES_FILE = "failures.jsonl"
-
-
-@dataclasses.dataclass
-class Encoder:
-    """A ViT and the embedding users take; `forward(uint8 [B, H, W, 3]) -> float32 [B, E]` is jitted and
-    data-parallel over the local devices (B must divide by `len(jax.local_devices())`)."""
-
-    name: str
-    arch: models.Arch
-    model: models.VisionTransformer
-
-    def __post_init__(self):
-        self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
-        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        graphdef, state = nnx.split(self.model)
-        self._state = jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
-        arch = self.arch
-
-        def forward(state, images, with_tokens):
-            out = nnx.merge(graphdef, state)(models.normalize(arch, images))
-            emb = models.embed(arch, out).astype(np.float32)
-            return (emb, out.patches.astype(np.float32)) if with_tokens else emb
-
-        self._forward = jax.jit(forward, static_argnums=2)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.arch.embed_dim
-
-    def forward(self, images: np.ndarray) -> jax.Array:
-        """`uint8 [B, H, W, 3]` -> embedding `float32 [B, E]` (a device array; dispatch is asynchronous)."""
-        return self._forward(self._state, jax.device_put(images, self._batch_sharding), False)
-
-    def forward_with_tokens(self, images: np.ndarray) -> tuple[jax.Array, jax.Array]:
-        """`uint8 [B, H, W, 3]` -> (embedding `[B, E]`, patch tokens `[B, H/p, W/p, D]`), float32."""
-        return self._forward(self._state, jax.device_put(images, self._batch_sharding), True)
-
-
-def load_encoder(*, checkpoint_dir: str | None = None, timm_dir: str | None = None, model: str | None = None,
-                 weights: str | None = None, random_init: bool = False, seed: int = 0,
-                 dtype: str | None = None, **vit_overrides) -> Encoder:
-    """An encoder from exactly one source: a model checkpoint dir (`models.checkpoint`), a timm local dir
-    exported by `xmag_jax.convert export` (`config.json` + `model.safetensors`), or a registry name with
-    a weights file (timm `.safetensors`/`.bin` state dict, or a model checkpoint dir) or `random_init`.
-    `dtype` sets the compute dtype (e.g. 'bfloat16'); `vit_overrides` other ViTConfig fields (e.g. depth)."""
-    sources = [s for s in (checkpoint_dir, timm_dir, model) if s]
-    if len(sources) != 1:
-        raise ValueError("give exactly one of --checkpoint, --timm-dir, --model")
-    overrides = dict(vit_overrides, **({"dtype": dtype} if dtype else {}))
-    if checkpoint_dir:
-        net, arch = checkpoint.load_model(checkpoint_dir, dtype=dtype)
-        return Encoder(f"{arch.name}:{os.path.abspath(checkpoint_dir)}", arch, net)
-    if timm_dir:
-        arch = _arch_of_timm_dir(pathlib.Path(timm_dir), overrides)
-        net = _from_timm_weights(arch, pathlib.Path(timm_dir) / "model.safetensors")
-        return Encoder(f"{arch.name}:{os.path.abspath(timm_dir)}", arch, net)
-    if weights and random_init:
-        raise ValueError("--weights and --random-init exclude each other")
-    if weights:
-        if os.path.isdir(weights):
-            net, arch = checkpoint.load_model(weights, dtype=dtype)
-            if arch.name != model:
-                raise ValueError(f"{weights}: checkpoint holds {arch.name!r}, not --model {model!r}")
-        else:
-            arch = models.get_arch(model, **overrides)
-            net = _from_timm_weights(arch, pathlib.Path(weights))
-        return Encoder(f"{model}:{os.path.abspath(weights)}", arch, net)
-    if not random_init:
-        raise ValueError(f"--model {model} needs --weights FILE (or --random-init for a random-init baseline)")
-    arch = models.get_arch(model, **overrides)
-    return Encoder(f"{model}:random-init-seed{seed}", arch, models.create_model(model, rngs=nnx.Rngs(seed), **overrides))
-
-
-def _from_timm_weights(arch: models.Arch, path: pathlib.Path) -> models.VisionTransformer:
-    from xmag_jax.convert import timm_io
-
-    return timm_io.flax_from_state_dict(arch, timm_io.read_state_dict(path), source=str(path))
-
-
-def _arch_of_timm_dir(directory: pathlib.Path, overrides: dict) -> models.Arch:
-    """The registry entry named in `config.json`'s `xmag_jax.arch`, with the sizes of its `model_args`."""
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} does not exist (expected a timm local dir: config.json + model.safetensors)")
-    config = json.loads(config_file.read_text())
-    name = config.get("xmag_jax", {}).get("arch")
-    if not name:
-        raise ValueError(f"{config_file}: no 'xmag_jax.arch' entry (not written by `xmag_jax.convert export`); "
-                         "use --model NAME --weights DIR/model.safetensors")
-    fields = {f.name for f in dataclasses.fields(models.ViTConfig)}
-    sizes = {k: v for k, v in config.get("model_args", {}).items() if k in fields}
-    return models.get_arch(name, **{**sizes, **overrides})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +64,11 @@ class SlidePlan:
 
 @dataclasses.dataclass
 class Batch:
-    plan: SlidePlan
-    images: np.ndarray  # uint8 [B, patch_px, patch_px, 3], zero rows after n_valid
-    n_valid: int
+    """uint8 `images [B, patch_px, patch_px, 3]`; `segments`: (slide_id, tile count) of its rows in order,
+    across slide boundaries; rows after the last segment are zero padding (only in the job's last batch)."""
+
+    images: np.ndarray
+    segments: list[tuple[str, int]]
 
 
 @dataclasses.dataclass
@@ -171,6 +79,36 @@ class Failure:
 
 class _End:
     """Sentinel after the last item."""
+
+
+class _BatchBuilder:
+    def __init__(self, batch: int, patch_px: int):
+        self.shape = (batch, patch_px, patch_px, 3)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.images, self.n, self.segments = np.zeros(self.shape, np.uint8), 0, []  # a fresh buffer each time:
+        # the previous one may back a device array still in use
+
+    def add(self, slide_id: str, image: np.ndarray) -> Batch | None:
+        self.images[self.n] = image
+        self.n += 1
+        if self.segments and self.segments[-1][0] == slide_id:
+            self.segments[-1] = (slide_id, self.segments[-1][1] + 1)
+        else:
+            self.segments.append((slide_id, 1))
+        return self.flush() if self.n == self.shape[0] else None
+
+    def drop(self, slide_id: str) -> None:
+        """Forget the not-yet-emitted tiles of `slide_id` (always the last segment)."""
+        if self.segments and self.segments[-1][0] == slide_id:
+            self.n -= self.segments.pop()[1]
+            self.images[self.n:] = 0
+
+    def flush(self) -> Batch | None:
+        batch = Batch(self.images, self.segments) if self.n else None
+        self._reset()
+        return batch
 
 
 def plan_slide(slide: slide_reader.Slide, spec: inputs.SlideSpec, tiling: Tiling) -> SlidePlan:
@@ -186,10 +124,11 @@ def plan_slide(slide: slide_reader.Slide, spec: inputs.SlideSpec, tiling: Tiling
 
 def read_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, *, workers: int = 4,
                  prefetch: int = 4) -> Iterator[SlidePlan | Batch | Failure]:
-    """For each slide in order: its `SlidePlan`, its tiles as fixed-shape `Batch`es, or a `Failure`.
+    """Each slide's `SlidePlan` (or `Failure`) in order, and all tiles as fixed-shape `Batch`es that run
+    across slide boundaries (a batch holds tiles of slides whose plans came before it).
 
-    A background thread opens the slides and plans them; `workers` threads read tiles (each with its own
-    slide handle) ahead of the consumer; at most `prefetch` batches wait in the queue.
+    A background thread opens and plans the slides; `workers` threads (each with its own slide handle)
+    read tiles about two batches ahead; at most `prefetch` items wait in the queue.
     """
     out: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
@@ -203,6 +142,7 @@ def read_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, *, w
                 continue
 
     def produce() -> None:
+        builder = _BatchBuilder(batch, tiling.patch_px)
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="embed-read") as pool:
             for spec in specs:
                 if stop.is_set():
@@ -214,13 +154,17 @@ def read_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, *, w
                     handles += [slide_reader.open_slide(spec.path, spec.mpp, spec.slide_id)
                                 for _ in range(min(workers, len(plan.coords)) - 1)]
                     put(plan)
-                    for b in _slide_batches(pool, handles, plan, tiling, batch, stop):
-                        put(b)
+                    for image in _read_tiles(pool, handles, plan, tiling, 2 * batch, stop):
+                        if (full := builder.add(spec.slide_id, image)) is not None:
+                            put(full)
                 except Exception as e:  # a bad slide is reported and skipped; the job goes on
+                    builder.drop(spec.slide_id)
                     put(Failure(spec, e))
                 finally:
                     for h in handles:
                         h.close()
+        if (last := builder.flush()) is not None:
+            put(last)
         put(_End())
 
     thread = threading.Thread(target=produce, name="embed-plan", daemon=True)
@@ -233,8 +177,9 @@ def read_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, *, w
         thread.join()
 
 
-def _slide_batches(pool, handles, plan: SlidePlan, tiling: Tiling, batch: int,
-                   stop: threading.Event) -> Iterator[Batch]:
+def _read_tiles(pool, handles: list[slide_reader.Slide], plan: SlidePlan, tiling: Tiling, ahead: int,
+                stop: threading.Event) -> Iterator[np.ndarray]:
+    """The slide's tiles (uint8 `[patch_px, patch_px, 3]`) in grid order, with `ahead` reads in flight."""
     free: queue.Queue = queue.Queue()
     for h in handles:
         free.put(h)
@@ -246,25 +191,18 @@ def _slide_batches(pool, handles, plan: SlidePlan, tiling: Tiling, batch: int,
         finally:
             free.put(handle)
 
-    window = collections.deque()
+    window: collections.deque = collections.deque()
     coords = iter(plan.coords)
-    for xy in coords:  # keep about two batches of reads in flight
-        window.append(pool.submit(read, xy))
-        if len(window) >= 2 * batch:
-            break
-    images = np.zeros((batch, tiling.patch_px, tiling.patch_px, 3), np.uint8)
-    n = 0
     try:
+        for xy in coords:
+            window.append(pool.submit(read, xy))
+            if len(window) >= ahead:
+                break
         while window and not stop.is_set():
-            images[n] = window.popleft().result()
-            n += 1
+            image = window.popleft().result()
             if (xy := next(coords, None)) is not None:
                 window.append(pool.submit(read, xy))
-            if n == batch:
-                yield Batch(plan, images, n)
-                images, n = np.zeros_like(images), 0  # a fresh buffer: the last one may back a device array
-        if n:
-            yield Batch(plan, images, n)
+            yield image
     finally:  # no read may outlive the slide handles, which the caller closes next
         for f in window:
             f.cancel()
@@ -333,8 +271,9 @@ class Report:
     compile_seconds: float = 0.0
 
 
-def embed_slides(specs: list[inputs.SlideSpec], encoder: Encoder, out_dir: str | os.PathLike, tiling: Tiling, *,
-                 batch: int = 64, workers: int = 4, prefetch: int = 4, progress: bool = True) -> Report:
+def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: str | os.PathLike,
+                 tiling: Tiling, *, batch: int = 64, workers: int = 4, prefetch: int = 4,
+                 progress: bool = True) -> Report:
     """Embed every slide not already done into `out_dir`; failures go to `out_dir/failures.jsonl`."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,48 +293,64 @@ def embed_slides(specs: list[inputs.SlideSpec], encoder: Encoder, out_dir: str |
     report.compile_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     bar = tqdm.tqdm(total=len(todo), unit="slide", disable=not progress, desc=f"embed @{tiling.mpp:g}µm/px")
-    current: SlidePlan | None = None
-    pending: list[tuple[jax.Array, int]] = []
+    slides: dict[str, _SlideFeatures] = {}
 
-    def finish(plan: SlidePlan) -> None:
-        feats = np.concatenate([np.asarray(f)[:n] for f, n in pending], 0) if pending else np.zeros((0, encoder.embed_dim), np.float32)
-        if len(feats) != len(plan.coords):
-            raise RuntimeError(f"{plan.spec.path}: {len(feats)} features for {len(plan.coords)} tiles")
-        write_h5(out_dir / f"{plan.spec.slide_id}.h5", feats, plan.coords,
-                 h5_attrs(plan, tiling, encoder.name, encoder.embed_dim))
-        report.done.append(plan.spec.slide_id)
-        report.tiles[plan.spec.slide_id] = len(feats)
-        if not len(feats):
-            report.empty.append(plan.spec.slide_id)
-            warnings.warn(f"{plan.spec.path}: no tissue tiles at {tiling.mpp:g} µm/px; wrote an empty h5", stacklevel=3)
-
-    def close_current() -> None:
-        nonlocal current
-        if current is not None:
-            try:
-                finish(current)
-            except Exception as e:
-                _record_failure(out_dir, current.spec, e, report)
-            current = None
-            pending.clear()
-            bar.set_postfix(tiles=sum(report.tiles.values()), failed=len(report.failed), refresh=False)
-            bar.update(1)
+    def finish(slide_id: str) -> None:
+        state = slides.pop(slide_id)
+        try:
+            feats = state.features(encoder.embed_dim)
+            write_h5(out_dir / f"{slide_id}.h5", feats, state.plan.coords,
+                     h5_attrs(state.plan, tiling, encoder.name, encoder.embed_dim))
+        except Exception as e:
+            _record_failure(out_dir, state.plan.spec, e, report)
+        else:
+            report.done.append(slide_id)
+            report.tiles[slide_id] = len(feats)
+            if not len(feats):
+                report.empty.append(slide_id)
+                warnings.warn(f"{state.plan.spec.path}: no tissue tiles at {tiling.mpp:g} µm/px; wrote an empty h5",
+                              stacklevel=3)
+        bar.set_postfix(tiles=sum(report.tiles.values()), failed=len(report.failed), refresh=False)
+        bar.update(1)
 
     for item in read_batches(todo, tiling, batch, workers=workers, prefetch=prefetch):
         if isinstance(item, SlidePlan):
-            close_current()
-            current = item
+            slides[item.spec.slide_id] = _SlideFeatures(item)
+            if not len(item.coords):
+                finish(item.spec.slide_id)
         elif isinstance(item, Batch):
-            pending.append((encoder.forward(item.images), item.n_valid))
+            out, row = encoder.forward(item.images), 0
+            for slide_id, n in item.segments:
+                if slide_id in slides and slides[slide_id].add(out, row, n):
+                    finish(slide_id)
+                row += n
         else:
-            if current is not None and current.spec.slide_id == item.spec.slide_id:
-                current, pending[:] = None, []
+            slides.pop(item.spec.slide_id, None)
             _record_failure(out_dir, item.spec, item.error, report)
             bar.update(1)
-    close_current()
+    for state in slides.values():  # only if the reader stopped early
+        _record_failure(out_dir, state.plan.spec, RuntimeError(f"{state.count} of {len(state.plan.coords)} tiles read"),
+                        report)
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+class _SlideFeatures:
+    """Rows of device batches that hold one slide's features, until all `len(plan.coords)` arrived."""
+
+    def __init__(self, plan: SlidePlan):
+        self.plan, self.parts, self.count = plan, [], 0
+
+    def add(self, out: jax.Array, row: int, n: int) -> bool:
+        self.parts.append((out, row, n))
+        self.count += n
+        return self.count == len(self.plan.coords)
+
+    def features(self, dim: int) -> np.ndarray:
+        """`float32 [N, dim]` (blocks until the device has computed them)."""
+        rows = [np.asarray(out)[row:row + n] for out, row, n in self.parts]
+        return np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
 
 
 def _record_failure(out_dir: pathlib.Path, spec: inputs.SlideSpec, error: BaseException, report: Report) -> None:
@@ -408,27 +363,11 @@ def _record_failure(out_dir: pathlib.Path, spec: inputs.SlideSpec, error: BaseEx
     warnings.warn(f"{spec.path}: {type(error).__name__}: {error} (recorded in {out_dir / FAILURES_FILE})", stacklevel=3)
 
 
-def add_encoder_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="model checkpoint directory (models.checkpoint / trainer export)")
-    src.add_argument("--timm-dir", help="timm local dir: config.json + model.safetensors")
-    src.add_argument("--model", help="registry name (with --weights FILE, or --random-init)")
-    p.add_argument("--weights", help="weights for --model: timm safetensors state dict or model checkpoint dir")
-    p.add_argument("--random-init", action="store_true", help="random-init --model (a baseline)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
-    p.add_argument("--dtype", help="compute dtype, e.g. bfloat16 (default: the model's)")
-
-
-def encoder_from_args(args: argparse.Namespace) -> Encoder:
-    return load_encoder(checkpoint_dir=args.checkpoint, timm_dir=args.timm_dir, model=args.model,
-                        weights=args.weights, random_init=args.random_init, seed=args.seed, dtype=args.dtype)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m xmag_jax.embed", description=__doc__.split("\n\n")[0])
     p.add_argument("--slides", required=True, help="folder of slides, or CSV manifest (path[,slide_id,mpp])")
     p.add_argument("--out", required=True, help="output folder of {slide_id}.h5")
-    add_encoder_args(p)
+    encoders.add_args(p)
     p.add_argument("--mpp", type=float, default=2.0, help="target µm/px (2.0 ≈ 5x, 0.5 ≈ 20x)")
     p.add_argument("--patch-px", type=int, default=224, help="tile side in px at --mpp")
     p.add_argument("--tissue-threshold", type=float, default=0.25, help="min tissue fraction of a kept tile")
@@ -439,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     specs = inputs.list_slides(args.slides)
-    encoder = encoder_from_args(args)
+    encoder = encoders.from_args(args)
     tiling = Tiling(args.mpp, args.patch_px, args.tissue_threshold)
     report = embed_slides(specs, encoder, args.out, tiling, batch=args.batch, workers=args.workers,
                           prefetch=args.prefetch, progress=not args.no_progress)

@@ -24,11 +24,11 @@ import warnings
 import jax
 
 from data_prep import inputs, synthetic
-from xmag_jax import embed
+from xmag_jax import embed, encoders
 
 
 def run_model(label: str, name: str, specs, out_dir: pathlib.Path, mpp: float, args, **overrides) -> dict:
-    encoder = embed.load_encoder(model=name, random_init=True, dtype=args.dtype, **overrides)
+    encoder = encoders.load_encoder(model=name, random_init=True, dtype=args.dtype, **overrides)
     tiling = embed.Tiling(mpp, min_tissue=args.tissue_threshold)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # empty slides are counted below

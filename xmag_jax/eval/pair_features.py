@@ -14,12 +14,12 @@ import numpy as np
 import tqdm
 
 from data_prep import records
-from xmag_jax import embed
+from xmag_jax import encoders
 from xmag_jax.data import pairs
 from xmag_jax.distill import losses
 
 
-def pair_arrays(source, indices: np.ndarray, student: embed.Encoder, teacher: embed.Encoder, batch: int,
+def pair_arrays(source, indices: np.ndarray, student: encoders.Encoder, teacher: encoders.Encoder, batch: int,
                 progress: bool = True) -> dict[str, np.ndarray]:
     """`student [N, Es]`, `student_tiles [N, 16, Ds]`, `teacher_tiles [N, 16, Et]`, `groups [N]` (slide ids)
     of the records `source[i]` for i in `indices`; batches have a fixed size (the last is zero-padded)."""
@@ -71,7 +71,7 @@ def from_args(args: argparse.Namespace) -> dict[str, np.ndarray]:
     indices = np.arange(n)
     if n > args.max_pairs:
         indices = np.sort(np.random.default_rng(args.seed).choice(n, args.max_pairs, replace=False))
-    student = embed.load_encoder(checkpoint_dir=args.student_checkpoint, timm_dir=args.student_timm_dir)
-    teacher = embed.load_encoder(checkpoint_dir=args.teacher_checkpoint, timm_dir=args.teacher_timm_dir,
+    student = encoders.load_encoder(checkpoint_dir=args.student_checkpoint, timm_dir=args.student_timm_dir)
+    teacher = encoders.load_encoder(checkpoint_dir=args.teacher_checkpoint, timm_dir=args.teacher_timm_dir,
                                  model=args.teacher, weights=args.teacher_weights, random_init=args.random_teacher)
     return pair_arrays(source, indices, student, teacher, args.batch)

@@ -1,0 +1,129 @@
+"""Encoders: a ViT plus the embedding users take, from a model checkpoint, a timm local dir or a registry
+name with weights; a jitted forward on uint8 tiles, data-parallel over the local devices.
+
+Used by `xmag_jax.embed` (slides), `xmag_jax.eval.pair_features` (tile pairs) and `xmag_jax.bench embed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from xmag_jax import models
+from xmag_jax.models import checkpoint
+
+
+@dataclasses.dataclass
+class Encoder:
+    """A ViT and the embedding users take; `forward(uint8 [B, H, W, 3]) -> float32 [B, E]` is jitted and
+    data-parallel over the local devices (B must divide by `len(jax.local_devices())`)."""
+
+    name: str
+    arch: models.Arch
+    model: models.VisionTransformer
+
+    def __post_init__(self):
+        self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
+        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        graphdef, state = nnx.split(self.model)
+        self._state = jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
+        arch = self.arch
+
+        def forward(state, images, with_tokens):
+            out = nnx.merge(graphdef, state)(models.normalize(arch, images))
+            emb = models.embed(arch, out).astype(np.float32)
+            return (emb, out.patches.astype(np.float32)) if with_tokens else emb
+
+        self._forward = jax.jit(forward, static_argnums=2)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.arch.embed_dim
+
+    def forward(self, images: np.ndarray) -> jax.Array:
+        """`uint8 [B, H, W, 3]` -> embedding `float32 [B, E]` (a device array; dispatch is asynchronous)."""
+        return self._forward(self._state, jax.device_put(images, self._batch_sharding), False)
+
+    def forward_with_tokens(self, images: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """`uint8 [B, H, W, 3]` -> (embedding `[B, E]`, patch tokens `[B, H/p, W/p, D]`), float32."""
+        return self._forward(self._state, jax.device_put(images, self._batch_sharding), True)
+
+
+def load_encoder(*, checkpoint_dir: str | None = None, timm_dir: str | None = None, model: str | None = None,
+                 weights: str | None = None, random_init: bool = False, seed: int = 0,
+                 dtype: str | None = None, **vit_overrides) -> Encoder:
+    """An encoder from exactly one source: a model checkpoint dir (`models.checkpoint`), a timm local dir
+    exported by `xmag_jax.convert export` (`config.json` + `model.safetensors`), or a registry name with
+    a weights file (timm `.safetensors`/`.bin` state dict, or a model checkpoint dir) or `random_init`.
+    `dtype` sets the compute dtype (e.g. 'bfloat16'); `vit_overrides` other ViTConfig fields (e.g. depth)."""
+    sources = [s for s in (checkpoint_dir, timm_dir, model) if s]
+    if len(sources) != 1:
+        raise ValueError("give exactly one of --checkpoint, --timm-dir, --model")
+    overrides = dict(vit_overrides, **({"dtype": dtype} if dtype else {}))
+    if checkpoint_dir:
+        net, arch = checkpoint.load_model(checkpoint_dir, dtype=dtype)
+        return Encoder(f"{arch.name}:{os.path.abspath(checkpoint_dir)}", arch, net)
+    if timm_dir:
+        arch = _arch_of_timm_dir(pathlib.Path(timm_dir), overrides)
+        net = _from_timm_weights(arch, pathlib.Path(timm_dir) / "model.safetensors")
+        return Encoder(f"{arch.name}:{os.path.abspath(timm_dir)}", arch, net)
+    if weights and random_init:
+        raise ValueError("--weights and --random-init exclude each other")
+    if weights:
+        if os.path.isdir(weights):
+            net, arch = checkpoint.load_model(weights, dtype=dtype)
+            if arch.name != model:
+                raise ValueError(f"{weights}: checkpoint holds {arch.name!r}, not --model {model!r}")
+        else:
+            arch = models.get_arch(model, **overrides)
+            net = _from_timm_weights(arch, pathlib.Path(weights))
+        return Encoder(f"{model}:{os.path.abspath(weights)}", arch, net)
+    if not random_init:
+        raise ValueError(f"--model {model} needs --weights FILE (or --random-init for a random-init baseline)")
+    arch = models.get_arch(model, **overrides)
+    return Encoder(f"{model}:random-init-seed{seed}", arch, models.create_model(model, rngs=nnx.Rngs(seed), **overrides))
+
+
+def _from_timm_weights(arch: models.Arch, path: pathlib.Path) -> models.VisionTransformer:
+    from xmag_jax.convert import timm_io
+
+    return timm_io.flax_from_state_dict(arch, timm_io.read_state_dict(path), source=str(path))
+
+
+def _arch_of_timm_dir(directory: pathlib.Path, overrides: dict) -> models.Arch:
+    """The registry entry named in `config.json`'s `xmag_jax.arch`, with the sizes of its `model_args`."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist (expected a timm local dir: config.json + model.safetensors)")
+    config = json.loads(config_file.read_text())
+    name = config.get("xmag_jax", {}).get("arch")
+    if not name:
+        raise ValueError(f"{config_file}: no 'xmag_jax.arch' entry (not written by `xmag_jax.convert export`); "
+                         "use --model NAME --weights DIR/model.safetensors")
+    fields = {f.name for f in dataclasses.fields(models.ViTConfig)}
+    sizes = {k: v for k, v in config.get("model_args", {}).items() if k in fields}
+    return models.get_arch(name, **{**sizes, **overrides})
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="model checkpoint directory (models.checkpoint / trainer export)")
+    src.add_argument("--timm-dir", help="timm local dir: config.json + model.safetensors")
+    src.add_argument("--model", help="registry name (with --weights FILE, or --random-init)")
+    p.add_argument("--weights", help="weights for --model: timm safetensors state dict or model checkpoint dir")
+    p.add_argument("--random-init", action="store_true", help="random-init --model (a baseline)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
+    p.add_argument("--dtype", help="compute dtype, e.g. bfloat16 (default: the model's)")
+
+
+def from_args(args: argparse.Namespace) -> Encoder:
+    return load_encoder(checkpoint_dir=args.checkpoint, timm_dir=args.timm_dir, model=args.model,
+                        weights=args.weights, random_init=args.random_init, seed=args.seed, dtype=args.dtype)
