@@ -171,3 +171,27 @@ def test_attention_heatmap_over_thumbnail(run):
     centre = lambda xy: tuple(int(v + side / 2) for v in xy[::-1] / ds)  # (row, col) of a tile's centre
     hot, cold = image[centre(bag.coords[-1])], image[centre(bag.coords[0])]
     assert hot[0] > hot[2] + 60 and cold[2] > cold[0] + 60  # top attention red, bottom blue
+
+
+def test_slide_failing_mid_read_leaves_others_intact(run, slides, encoder, tmp_path, monkeypatch):
+    """slide_001 fails on its 4th tile while its first tiles share a batch with slide_000's last one."""
+    out, report, _ = run
+    calls = {"n": 0}
+    real_read = slide_reader.read_field
+
+    def flaky_read(slide, x0, y0, size_level0, out_px, **kw):
+        if slide.slide_id == "slide_001":
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise slide_reader.RegionReadError(f"{slide.path}: injected read error")
+        return real_read(slide, x0, y0, size_level0, out_px, **kw)
+
+    monkeypatch.setattr(slide_reader, "read_field", flaky_read)
+    specs = [s for s in inputs.list_slides(str(slides)) if s.slide_id in ("slide_000", "slide_001")]
+    assert report.tiles["slide_000"] % 8 != 0  # so the two slides share a batch
+    with pytest.warns(UserWarning, match="injected read error"):
+        again = embed.embed_slides(specs, encoder, tmp_path, embed.Tiling(MPP), batch=8, workers=1, progress=False)
+    assert again.done == ["slide_000"] and again.failed == ["slide_001"]
+    assert not (tmp_path / "slide_001.h5").exists()
+    with h5py.File(tmp_path / "slide_000.h5", "r") as f, h5py.File(out / "slide_000.h5", "r") as ref:
+        np.testing.assert_allclose(f["features"][...], ref["features"][...], rtol=1e-5, atol=1e-5)
