@@ -38,19 +38,31 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from tqdm import tqdm
 
-from data_prep import assemble, inputs, pairs, tissue
+from data_prep import assemble, inputs, isolation, pairs, tissue
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SlideToPairs(beam.DoFn):
-    """Beam stage: one slide spec in, its done marker or failure record out."""
+    """Beam stage: one slide spec in, its done marker or failure record out (work in a child process)."""
 
-    def __init__(self, config: pairs.PairConfig, work_dir: str, overlay_dir: str):
-        self._config, self._work_dir, self._overlay_dir = config, work_dir, overlay_dir
+    def __init__(self, config: pairs.PairConfig, work_dir: str, overlay_dir: str, isolate: bool = True):
+        self._config, self._work_dir, self._overlay_dir, self._isolate = config, work_dir, overlay_dir, isolate
+        self._child: isolation.SlideProcess | None = None
+
+    def setup(self):
+        self._child = isolation.SlideProcess() if self._isolate else None
 
     def process(self, spec: inputs.SlideSpec):
-        yield pairs.process_slide(spec, self._config, self._work_dir, self._overlay_dir)
+        args = (self._config, self._work_dir, self._overlay_dir)
+        if self._child is None:
+            yield pairs.process_slide(spec, *args)
+        else:
+            yield self._child.run(pairs.process_slide, spec, self._work_dir, *args)
+
+    def teardown(self):
+        if self._child is not None:
+            self._child.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-failure-fraction", type=float, default=0.1, help="fail the job when more than this "
                    "fraction of slides failed (0.1)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-isolation", action="store_true", help="read slides in the Beam worker itself, not in a "
+                   "child process (a crashing decoder then stops the job)")
     return p
 
 
@@ -114,7 +128,7 @@ def _watch_progress(work_dir: str, todo: list[inputs.SlideSpec], stop: threading
 
 
 def run_pipeline(todo: list[inputs.SlideSpec], config: pairs.PairConfig, work_dir: str, overlay_dir: str,
-                 options: PipelineOptions) -> None:
+                 options: PipelineOptions, isolate: bool = True) -> None:
     """Tile `todo` slides with Beam, one slide per element."""
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
     stop = threading.Event()
@@ -123,7 +137,7 @@ def run_pipeline(todo: list[inputs.SlideSpec], config: pairs.PairConfig, work_di
     try:
         with beam.Pipeline(options=options) as pipeline:
             _ = (pipeline | "Slides" >> beam.Create(todo) | "OnePerWorker" >> beam.Reshuffle()
-                 | "TilePairs" >> beam.ParDo(SlideToPairs(config, work_dir, overlay_dir)))
+                 | "TilePairs" >> beam.ParDo(SlideToPairs(config, work_dir, overlay_dir, isolate)))
     finally:
         stop.set()
         watcher.join()
@@ -158,7 +172,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> dict:
     already = {s.slide_id for s in specs if pairs.read_done(work_dir, s, config)}
     todo = [s for s in specs if s.slide_id not in already]
     if todo:
-        run_pipeline(todo, config, work_dir, overlay_dir, options)
+        run_pipeline(todo, config, work_dir, overlay_dir, options, not args.no_isolation)
     done = {s.slide_id: pairs.read_done(work_dir, s, config) for s in specs}
     failures = []
     for spec in specs:

@@ -65,3 +65,12 @@ def stripped_tiff(source_slide, path) -> str:
     tifffile.imwrite(path, image, photometric="rgb", rowsperstrip=64, resolution=(25400 / mpp, 25400 / mpp),
                      resolutionunit="INCH", metadata=None)
     return str(path)
+
+
+def crash(spec, *args):
+    """Per-slide work that dies like a segfaulting decoder."""
+    os._exit(139)
+
+
+def echo(spec, *args):
+    return {"slide_id": spec.slide_id, "status": "done", "pid": os.getpid()}

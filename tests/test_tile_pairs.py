@@ -17,7 +17,7 @@ from PIL import Image
 import data_prep_fixtures as fx
 from data_prep import records, tile_pairs
 
-FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1", "--no-progress"]
+FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1", "--no-progress", "--no-isolation"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -194,3 +194,17 @@ def test_help_and_unknown_options(tmp_path, capsys):
     for phrase in ("µm/px", "--mpp-5x", "--max-failure-fraction", "DataflowRunner", "failures.jsonl"):
         assert phrase in help_text
     assert tile_pairs.main(["--slides", str(tmp_path), "--out", str(tmp_path / "o"), "--min-tisue", "0.3"]) == 2
+
+
+def test_a_crashing_decoder_fails_only_its_slide(tmp_path):
+    from data_prep import inputs, isolation
+
+    child = isolation.SlideProcess()
+    try:
+        crashed = child.run(fx.crash, inputs.SlideSpec("/x/bad.svs", "bad"), str(tmp_path))
+        assert crashed["error_type"] == "WorkerCrash" and crashed["slide"] == "/x/bad.svs"
+        assert json.loads((tmp_path / "bad.failed.json").read_text())["error_type"] == "WorkerCrash"
+        fine = child.run(fx.echo, inputs.SlideSpec("/x/good.svs", "good"), str(tmp_path))
+        assert fine["status"] == "done" and fine["pid"] != os.getpid()
+    finally:
+        child.close()
