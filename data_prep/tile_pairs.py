@@ -25,7 +25,9 @@ by default the local DirectRunner uses one process per CPU core (`--direct_num_w
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
+import io
 import json
 import logging
 import os
@@ -206,10 +208,12 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> dict:
     summary["pairs"] = assemble.assemble(out_dir, split_shards, args.examples_per_shard,
                                          description="5x/20x tile pairs written by data_prep.tile_pairs")
     summary["slides_per_split"] = {k: len(v) for k, v in sorted(split_shards.items())}
-    rows = ["slide_id,split,pairs,mpp_level0,path"] + [
-        f"{s.slide_id},{splits[s.slide_id]},{done[s.slide_id]['num_pairs']},{done[s.slide_id]['mpp_level0']},{s.path}"
-        for s in specs if done[s.slide_id] is not None]
-    _write_text_atomic(os.path.join(out_dir, "slides.csv"), "\n".join(rows) + "\n")
+    table = io.StringIO()
+    csv.writer(table, lineterminator="\n").writerows(
+        [("slide_id", "split", "pairs", "mpp_level0", "path")]
+        + [(s.slide_id, splits[s.slide_id], done[s.slide_id]["num_pairs"], done[s.slide_id]["mpp_level0"], s.path)
+           for s in specs if done[s.slide_id] is not None])
+    _write_text_atomic(os.path.join(out_dir, "slides.csv"), table.getvalue())
     summary["seconds"] = round(time.time() - start, 2)
     pairs.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     return summary

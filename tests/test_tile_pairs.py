@@ -208,3 +208,21 @@ def test_a_crashing_decoder_fails_only_its_slide(tmp_path):
         assert fine["status"] == "done" and fine["pid"] != os.getpid()
     finally:
         child.close()
+
+
+def test_mpp_tolerance(slides, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,slide_id,mpp\n{slides / 'slide_001.tif'},near20x,0.52\n"
+                        f"{slides / 'slide_001.tif'},coarse,0.6\n")
+    summary = run(manifest, tmp_path / "out", "--val-fraction", "0", "--max-failure-fraction", "1")
+    failure = json.loads((tmp_path / "out" / "failures.jsonl").read_text())
+    assert (failure["slide_id"], failure["error_type"]) == ("coarse", "ResolutionError")
+    assert "coarser than the 20x target 0.5 µm/px" in failure["message"]
+    pairs = read_split(tmp_path / "out", "train")
+    assert summary["pairs"] == {"train": len(pairs)} and pairs
+    field = round(224 * 2.0 / 0.52)  # 862 level-0 px: 20x region slightly upsampled, 5x tile box-filtered
+    for p in pairs:
+        assert p["mpp_20x"] == pytest.approx(field * 0.52 / 896, rel=1e-6)
+        assert p["mpp_5x"] == pytest.approx(field * 0.52 / 224, rel=1e-6) and p["x"] % field == 0
+        region = simplejpeg.decode_jpeg(p["image_20x"])
+        assert psnr(np.asarray(Image.fromarray(region).reduce(4)), simplejpeg.decode_jpeg(p["image_5x"])) > 30
