@@ -86,6 +86,15 @@ def _metadata(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dic
     }
 
 
+def _warn_config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> None:
+    """A resumed run with other values (batch, seed, data) no longer replays the uninterrupted one: say so."""
+    before, now = config_validation.flatten(saved), config_validation.flatten(config)
+    changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+    if changed:
+        logging.warning("resuming with config changes since the checkpoint (key: saved -> now): %s",
+                        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Run (or resume) the distillation in `workdir`; returns the final train state."""
     config_validation.check_config(config)
@@ -107,6 +116,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
         state, start = restored.state, restored.step
         writer.resume_at(start)
         logging.info("resumed from checkpoint step %d in %s", start, workdir)
+        _warn_config_changes(restored.metadata.get("config", {}), config)
     teacher = trainer.teacher_state()
 
     throughput = Throughput(batch_size=config.batch_size, flops_per_step=trainer.flops_per_step().total,
@@ -120,10 +130,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
             state, metrics = trainer.step(state, teacher, data.global_batch(batch, trainer.batch_shardings))
             pending.push(step, metrics, record_index)
             final = step == config.total_steps
-            if final or step % config.checkpoint.every == 0:
+            preempted = checkpointer.reached_preemption(step)
+            if final or preempted or step % config.checkpoint.every == 0:
                 pending.flush()  # never checkpoint a state whose step went NaN
-                checkpointer.save(step, state, iterator, metadata, force=final)
+                checkpointer.save(step, state, iterator, metadata, force=final or preempted)
                 throughput.reset()
+            if preempted:
+                logging.warning("preemption notice: saved step %d, stopping; rerun to resume", step)
+                break
         pending.flush()
     except NonFiniteLossError as error:
         checkpointer.wait()

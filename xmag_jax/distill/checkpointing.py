@@ -15,6 +15,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -32,6 +33,13 @@ class Restored:
     step: int
     state: Any
     metadata: dict[str, Any]
+
+
+def _on_every_process(ok: bool) -> bool:
+    """True if `ok` holds on all processes (so that every process falls back to the same step)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 class Checkpointer:
@@ -88,6 +96,7 @@ class Checkpointer:
         """
         start_position = data_iterator.get_state()
         for step in reversed(self.all_steps()):
+            restored = None
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**{
                     STATE: ocp.args.StandardRestore(abstract_state),
@@ -97,6 +106,7 @@ class Checkpointer:
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
                 logging.warning("checkpoint step %d in %s does not restore (%s: %s); falling back to the "
                                 "previous checkpoint", step, self.directory, type(error).__name__, error)
+            if not _on_every_process(restored is not None):
                 self._quarantine(step)
                 continue
             return Restored(step=step, state=restored[STATE], metadata=dict(restored[META]))
@@ -117,6 +127,10 @@ class Checkpointer:
                 logging.warning("deleted unreadable checkpoint %s", source)
         multihost_utils.sync_global_devices(f"xmag_quarantine_checkpoint_{step}")
         self.manager.reload()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once the job got a preemption notice (multi-host Cloud TPU; else False)."""
+        return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
         """Block until background saves are complete (raises if one failed)."""

@@ -73,9 +73,10 @@ class Throughput:
 
 
 def progress_line(step: int, total_steps: int, metrics: Mapping[str, float]) -> str:
-    """`step 120/400 | loss 0.4123 | loss_global 0.1 ... | 1234.0 pairs/s | MFU 35.2%`."""
+    """`step 120/400 | loss/global 0.1 | ... | 0.512 s/step | 1234.0 pairs/s | MFU 35.2%`, loss terms first."""
     parts = [f"step {step}/{total_steps}"]
-    for key, value in metrics.items():
+    losses_first = sorted(metrics, key=lambda k: not k.startswith("loss"))
+    for key, value in ((k, metrics[k]) for k in losses_first):
         if key == "mfu":
             parts.append(f"MFU {100 * value:.1f}%")
         elif key == "step_time_s":
