@@ -1,6 +1,7 @@
 """Orbax checkpoints with a real Grain iterator: keep-last-N, exact data position, corrupt-latest fallback."""
 
 import grain
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +89,29 @@ def test_no_readable_checkpoint_leaves_iterator_untouched(tmp_path):
     expected = _iterator()
     next(expected)
     np.testing.assert_array_equal(next(iterator), next(expected))
+
+
+def test_input_position_regroups_for_another_process_count(tmp_path):
+    """Two processes x 2 pairs, 3 batches each -> one process x 4 pairs continues with the same records."""
+    from xmag_jax.data import make_iterator
+    from xmag_jax.data.synthetic_pairs import write_pair_shards
+    from xmag_jax.distill.checkpointing import ProcessCountChangeError, regroup_iterator_state
+    from configs import debug
+
+    write_pair_shards(tmp_path, 10, num_shards=1)  # 12 + 4 records read: the stream crosses an epoch
+    cfg = debug.get_config().data
+    cfg.dir, cfg.augment.d4, cfg.augment.color, cfg.augment.hed = str(tmp_path), False, False, False
+    two = [make_iterator(cfg, seed=1, batch_size=2, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(3):
+        for it in two:
+            next(it)
+    saved = [it.get_state() for it in two]
+    following = np.concatenate([next(it)["record_index"] for it in two])
+
+    one = make_iterator(cfg, seed=1, batch_size=4, process_index=0, process_count=1)
+    one.set_state(regroup_iterator_state(saved, 1))
+    np.testing.assert_array_equal(np.sort(next(one)["record_index"]), np.sort(following))
+
+    saved[1] = {**saved[1], "bad_records": 1}
+    with pytest.raises(ProcessCountChangeError, match="bad records skipped"):
+        regroup_iterator_state(saved, 1)

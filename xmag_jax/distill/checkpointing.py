@@ -10,6 +10,8 @@ and renames it when complete, so a save cut by a kill is never listed; a listed 
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import time
 from typing import Any
 
@@ -33,6 +35,55 @@ class Restored:
     step: int
     state: Any
     metadata: dict[str, Any]
+
+
+class ProcessCountChangeError(ValueError):
+    """A readable checkpoint whose input position cannot be carried over to this number of processes."""
+
+
+_PROCESS_FILE = re.compile(r"^process_(\d+)-of-(\d+)\.json$")
+
+
+def _iterator_states_of_other_process_count(data_dir: epath.Path) -> list[dict[str, Any]] | None:
+    """The per-process iterator states of a data item written by another process count, else None."""
+    found = {}
+    for path in data_dir.iterdir() if data_dir.exists() else ():
+        match = _PROCESS_FILE.match(path.name)
+        if match:
+            found[int(match.group(1))] = (int(match.group(2)), path)
+    counts = {count for count, _ in found.values()}
+    if not found or counts == {jax.process_count()}:
+        return None
+    (count,) = counts
+    if sorted(found) != list(range(count)):
+        raise ValueError(f"{data_dir}: iterator states of processes {sorted(found)}, expected 0..{count - 1}")
+    return [json.loads(found[i][1].read_text()) for i in range(count)]
+
+
+def regroup_iterator_state(states: list[dict[str, Any]], process_count: int) -> dict[str, Any]:
+    """The state of each of `process_count` processes that continue where the `len(states)` saved ones stopped.
+
+    Relies on the pipeline's slicing: process p of P reads elements p, p + P, p + 2P, ... of the one shuffled
+    stream, so P processes that each consumed n elements consumed exactly the first n·P, and P' processes
+    continue from n·P / P' each. Exact only for the in-process pipeline (`data.worker_count=0`) with no
+    skipped bad record (equal positions); anything else raises `ProcessCountChangeError`.
+    """
+    keys = {"parent", "bad_records", "records_seen", "last_bad_index"}
+    for i, state in enumerate(states):
+        if set(state) != keys or set(state["parent"]) != {"next_index"}:
+            raise ProcessCountChangeError(
+                f"the input position of process {i} ({sorted(state)}) is not the in-process pipeline's "
+                "(data.worker_count=0); resume with the same number of processes it was saved with")
+    positions = [state["parent"]["next_index"] for state in states]
+    if len(set(positions)) != 1 or any(state["bad_records"] for state in states):
+        raise ProcessCountChangeError(
+            f"the saved processes stopped at different input positions {positions} (bad records skipped); "
+            "resume with the same number of processes it was saved with")
+    consumed = sum(positions)
+    if consumed % process_count:
+        raise ProcessCountChangeError(f"{consumed} records consumed do not split over {process_count} processes")
+    position = consumed // process_count
+    return {"parent": {"next_index": position}, "bad_records": 0, "records_seen": position, "last_bad_index": -1}
 
 
 def _on_every_process(ok: bool) -> bool:
@@ -98,11 +149,9 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             restored = None
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**{
-                    STATE: ocp.args.StandardRestore(abstract_state),
-                    DATA: iterator_restore_args(data_iterator),
-                    META: ocp.args.JsonRestore(),
-                }))
+                restored = self._restore_step(step, abstract_state, data_iterator)
+            except ProcessCountChangeError:
+                raise
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
                 logging.warning("checkpoint step %d in %s does not restore (%s: %s); falling back to the "
                                 "previous checkpoint", step, self.directory, type(error).__name__, error)
@@ -112,6 +161,18 @@ class Checkpointer:
             return Restored(step=step, state=restored[STATE], metadata=dict(restored[META]))
         data_iterator.set_state(start_position)
         return None
+
+    def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
+        saved = _iterator_states_of_other_process_count(self.directory / str(step) / DATA)
+        if saved is None:
+            items[DATA] = iterator_restore_args(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if saved is not None:
+            data_iterator.set_state(regroup_iterator_state(saved, jax.process_count()))
+            logging.info("checkpoint step %d was written by %d processes: input position regrouped for %d",
+                         step, len(saved), jax.process_count())
+        return restored
 
     def _quarantine(self, step: int) -> None:
         """Move a bad step out of the manager's directory so it is neither listed nor overwritten."""
