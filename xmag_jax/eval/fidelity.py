@@ -1,7 +1,7 @@
 """Feature fidelity: how well a linear map of the student's 5x features predicts the teacher's 20x ones.
 
     python -m xmag_jax.eval fidelity --arrays fidelity.npz
-    python -m xmag_jax.eval fidelity --pairs demo_out/pairs --split test \
+    python -m xmag_jax.eval fidelity --pairs demo_out/pairs --split val \
         --student-checkpoint ckpt/student --teacher vit_test_teacher --teacher-weights teacher.safetensors
 
 Targets, both as in the distillation losses (`xmag_jax.distill.losses`):
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--arrays", help="npz with student [N, Es], teacher_tiles [N, 16, Et], ...")
     src.add_argument("--pairs", help="directory of tile-pair ArrayRecord shards (data_prep)")
-    p.add_argument("--split", default="test", help="shard split of --pairs (held-out pairs)")
+    p.add_argument("--split", default="val", help="shard split of --pairs (held-out slides: data_prep writes `val`)")
     p.add_argument("--max-pairs", type=int, default=2048)
     p.add_argument("--batch", type=int, default=16, help="pairs per forward batch")
     p.add_argument("--student-checkpoint", help="student model checkpoint (models.checkpoint)")
