@@ -2,7 +2,7 @@
 
 import pytest
 
-from xmag_jax import topologies
+from xmag_jax import aot, topologies
 
 
 @pytest.mark.parametrize("name, libtpu_name, chips, hosts", [
@@ -32,3 +32,73 @@ def test_unknown_topology_lists_known_names(name):
     with pytest.raises(topologies.UnknownTopologyError) as err:
         topologies.parse(name)
     assert name in str(err.value) and "v5p-256" in str(err.value) and "v6e-256" in str(err.value)
+
+
+def _debug_config():
+    from configs import debug
+
+    return debug.get_config()
+
+
+def test_debug_step_compiles_for_v5p_8_with_sane_numbers():
+    from xmag_jax import sharding
+    from xmag_jax.distill import step
+
+    config = _debug_config()
+    topo = topologies.parse("v5p-8")
+    report = aot.compile_step(config, topo)
+    assert report.compiled and report.fits
+    assert report.mesh == {"data": 4, "fsdp": 1} and report.global_batch == config.batch_size
+    assert report.hbm_bytes == topo.chip.usable_hbm_bytes
+    assert report.total_bytes == (report.argument_bytes + report.output_bytes - report.alias_bytes
+                                  + report.temp_bytes + report.code_bytes)
+    # The donated state comes back in place: outputs alias the state arguments.
+    assert 0 < report.alias_bytes <= report.output_bytes
+    # What the step builder says: its model FLOPs, and its sharded inputs' bytes (TPU may pad, never shrink).
+    mesh = sharding.make_mesh(config.mesh, topologies.compile_devices(topo))
+    trainer = step.make_trainer(config, mesh)
+    assert report.model_flops == trainer.flops_per_step(config.batch_size).total
+    assert report.argument_groups == aot.argument_groups(trainer, config.batch_size)
+    assert sum(report.argument_groups.values()) <= report.argument_bytes <= 4 * sum(report.argument_groups.values())
+    assert 0.8 < report.compiled_flops_per_chip * topo.num_chips / report.model_flops < 2.0
+    assert report.xla_seconds is not None and report.xla_seconds > 0
+    assert report.pairs_per_second_per_chip == pytest.approx(
+        config.batch_size / (report.model_flops / (4 * 459e12 * aot.DEFAULT_MFU)) / 4)
+    text = aot.format_report(report)
+    assert "fits" in text and "v5p:2x2x1" in text
+
+
+def test_require_fit_fails_on_an_absurd_batch_naming_the_buffers(capsys):
+    # 8 chips over 2 slices, 2^17 pairs per chip: the uint8 batch alone is ~300 GiB per chip.
+    rc = aot.main(["aot", "--config", "configs/debug.py", "--topology", "v5e-4", "--slices", "2",
+                   "--global-batch", str(8 * 2**17), "--require-fit"])
+    out, err = capsys.readouterr()
+    assert rc == aot.NOT_FIT_EXIT
+    assert "DOES NOT FIT (over by" in out and "dominant buffers: batch (uint8 images)" in out
+    assert "does not fit" in err and "15.75 GiB available" in err
+
+
+def test_cli_unknown_topology_lists_known_names(capsys):
+    rc = aot.main(["aot", "--config", "configs/debug.py", "--topology", "v5p-7"])
+    assert rc == 2
+    assert "known v5p names: v5p-8, v5p-16" in capsys.readouterr().err
+
+
+def test_find_batch_brackets_then_lands_on_the_largest_fit(monkeypatch):
+    """The search logic on a linear HBM model (fixed 2 GiB + 0.3 GiB per pair per chip) instead of XLA."""
+    topo = topologies.parse("v5e-8")
+    calls = []
+
+    def fake_compile(config, topo, *, global_batch, mfu, config_name, devices):
+        calls.append(global_batch)
+        total = int((2 + 0.3 * global_batch / topo.num_chips) * topologies.GiB)
+        return aot.Report(config_name, topo.describe(), {"data": 8, "fsdp": 1}, global_batch, aot.knobs(config),
+                          fits=total <= topo.chip.usable_hbm_bytes, compiled=True, hbm_bytes=topo.chip.usable_hbm_bytes,
+                          total_bytes=total, argument_groups={"teacher params": 2 * topologies.GiB})
+
+    monkeypatch.setattr(aot, "compile_step", fake_compile)
+    best, tries = aot.find_batch(_debug_config(), topo, log=lambda s: None)
+    largest = max(b for b in range(8, 10_000, 8) if 2 + 0.3 * b / 8 <= 15.75)
+    assert best.global_batch == largest == 360
+    assert calls[0] == 8 and len(calls) <= 5
+    assert any(t.global_batch == largest + 8 and not t.fits for t in tries)

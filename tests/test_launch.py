@@ -13,19 +13,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def dry_run(script: str, *args: str) -> list[list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(["bash", str(ROOT / "launch" / script), "--dry-run", *args],
-                                              capture_output=True, text=True, env=env, check=True, cwd=ROOT)
+                         capture_output=True, text=True, env=env, check=True, cwd=ROOT)
     return [shlex.split(line) for line in out.stdout.splitlines()]
 
 
 def failing(script: str, *args: str) -> str:
     out = subprocess.run(["bash", str(ROOT / "launch" / script), "--dry-run", *args],
-                                              capture_output=True, text=True, cwd=ROOT)
+                         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2, out
     return out.stderr
 
 
 POD = ["--name", "xmag", "--zone", "us-east5-a", "--accelerator", "v5p-256", "--config",
-              "configs/uni2h_vits14.py", "--data", "gs://bkt/pairs", "--workdir", "gs://bkt/runs/uni2h"]
+       "configs/uni2h_vits14.py", "--data", "gs://bkt/pairs", "--workdir", "gs://bkt/runs/uni2h"]
 
 
 def ssh_command(cmd: list[str]) -> str:
@@ -48,14 +48,14 @@ def test_tpu_pod_all_steps_in_order():
     assert "pip install" in ssh_command(ssh[1]) and "jax[tpu]" in ssh_command(ssh[1])
     train = shlex.split(ssh_command(ssh[2]).split("nohup", 1)[1].split(">", 1)[0])
     assert train == [".venv/bin/python", "-m", "xmag_jax.train", "--distributed", "--config", "configs/uni2h_vits14.py",
-                                      "--workdir", "gs://bkt/runs/uni2h", "--config.data.dir=gs://bkt/pairs",
-                                      "--config.total_steps=100"]
+                     "--workdir", "gs://bkt/runs/uni2h", "--config.data.dir=gs://bkt/pairs",
+                     "--config.total_steps=100"]
     assert len(cmds) == 7
 
 
 def test_tpu_pod_multislice_spot_git_and_teardown():
     cmds = dry_run("tpu_pod.sh", *POD[:4], "--accelerator", "v5e-256", "--slices", "2", "--spot",
-                                  "--repo", "https://github.com/org/xmag_jax", "--ref", "v0.1", "create", "code", "delete")
+                   "--repo", "https://github.com/org/xmag_jax", "--ref", "v0.1", "create", "code", "delete")
     create = cmds[0]
     assert create[create.index("--accelerator-type") + 1] == "v5litepod-256"
     assert create[create.index("--node-count") + 1] == "2" and create[create.index("--node-prefix") + 1] == "xmag"
@@ -73,11 +73,11 @@ def test_tpu_pod_direct_vm():
 
 
 @pytest.mark.parametrize("args, message", [
-        (["--zone", "z", "status"], "--name is required"),
-        (POD[:6] + ["--config", "c.py", "--data", "/local/pairs", "--workdir", "gs://b/w"], "--data must be a gs://"),
-        (POD[:6] + ["--config", "c.py", "--data", "gs://b/p", "--workdir", "/tmp/w"], "--workdir must be a gs://"),
-        (POD + ["--slices", "2", "--direct"], "needs a queued resource"),
-        (POD + ["--bogus"], "unknown argument '--bogus'"),
+    (["--zone", "z", "status"], "--name is required"),
+    (POD[:6] + ["--config", "c.py", "--data", "/local/pairs", "--workdir", "gs://b/w"], "--data must be a gs://"),
+    (POD[:6] + ["--config", "c.py", "--data", "gs://b/p", "--workdir", "/tmp/w"], "--workdir must be a gs://"),
+    (POD + ["--slices", "2", "--direct"], "needs a queued resource"),
+    (POD + ["--bogus"], "unknown argument '--bogus'"),
 ])
 def test_tpu_pod_bad_input(args, message):
     assert message in failing("tpu_pod.sh", *args)
@@ -96,7 +96,7 @@ def test_gpu_single_defaults_and_flags():
 
 def test_gpu_single_install_and_options():
     cmds = dry_run("gpu_single.sh", "--install", "--gpu", "3", "--no-preallocate", "--nondeterministic",
-                                  "--data", "demo_out/pairs", "--", "--config.total_steps=5")
+                   "--data", "demo_out/pairs", "--", "--config.total_steps=5")
     assert cmds[0] == ["python3", "-m", "venv", ".venv"]
     assert "jax[cuda13]" in cmds[1] and "-e" in cmds[1]
     run = cmds[2]
@@ -106,8 +106,8 @@ def test_gpu_single_install_and_options():
 
 
 @pytest.mark.parametrize("args, message", [
-        (["--mem-fraction", "1.5"], "--mem-fraction must be in (0, 1]"),
-        (["--gpu", "0,1"], "one GPU index"),
+    (["--mem-fraction", "1.5"], "--mem-fraction must be in (0, 1]"),
+    (["--gpu", "0,1"], "one GPU index"),
 ])
 def test_gpu_single_bad_input(args, message):
     assert message in failing("gpu_single.sh", *args)

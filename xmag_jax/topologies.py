@@ -26,7 +26,8 @@ class Chip:
     """One TPU generation. `hbm_bytes` per chip; `peak_bf16_flops` per chip per second."""
 
     generation: str  # libtpu's name in "v5p:4x4x8"
-    hbm_bytes: int
+    hbm_bytes: int  # nominal, as the Cloud TPU docs state it
+    usable_hbm_bytes: int  # what XLA:TPU may allocate (libtpu's compile-time limit; its OOM message)
     peak_bf16_flops: float
     cores_per_name_unit: int  # TensorCores counted per chip in the accelerator-type name
     chip_config: str  # libtpu chip config giving one JAX device per chip
@@ -35,16 +36,16 @@ class Chip:
 
 
 _SHAPES_3D = {
-        4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-        256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16",
+    4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+    256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16",
 }
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 CHIPS: dict[str, Chip] = {
-        "v4": Chip("v4", 32 * GiB, 275e12, 2, "megacore", 3, _SHAPES_3D),
-        "v5p": Chip("v5p", 95 * GiB, 459e12, 2, "default", 3, _SHAPES_3D),
-        "v5e": Chip("v5e", 16 * GiB, 197e12, 1, "default", 2, _SHAPES_2D),
-        "v6e": Chip("v6e", 32 * GiB, 918e12, 1, "default", 2, _SHAPES_2D),
+    "v4": Chip("v4", 32 * GiB, int(30.75 * GiB), 275e12, 2, "megacore", 3, _SHAPES_3D),
+    "v5p": Chip("v5p", 95 * GiB, int(95.73 * GiB), 459e12, 2, "default", 3, _SHAPES_3D),
+    "v5e": Chip("v5e", 16 * GiB, int(15.75 * GiB), 197e12, 1, "default", 2, _SHAPES_2D),
+    "v6e": Chip("v6e", 32 * GiB, int(31.24 * GiB), 918e12, 1, "default", 2, _SHAPES_2D),
 }
 _ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
 
@@ -88,13 +89,14 @@ class Topology:
 
     def describe(self) -> dict[str, Any]:
         return {
-                "name": self.name,
-                "topology": self.libtpu_name,
-                "slices": self.slices,
-                "chips": self.num_chips,
-                "hosts": self.num_hosts,
-                "hbm_gib_per_chip": self.chip.hbm_bytes / GiB,
-                "peak_bf16_tflops_per_chip": self.chip.peak_bf16_flops / 1e12,
+            "name": self.name,
+            "topology": self.libtpu_name,
+            "slices": self.slices,
+            "chips": self.num_chips,
+            "hosts": self.num_hosts,
+            "hbm_gib_per_chip": self.chip.hbm_bytes / GiB,
+            "usable_hbm_gib_per_chip": self.chip.usable_hbm_bytes / GiB,
+            "peak_bf16_tflops_per_chip": self.chip.peak_bf16_flops / 1e12,
         }
 
 
@@ -118,22 +120,22 @@ def parse(name: str, slices: int = 1) -> Topology:
     gen = _ALIASES.get(m.group(1), m.group(1)) if m else None
     if m is None or gen not in CHIPS:
         raise UnknownTopologyError(
-                f"unknown TPU topology {name!r}; known names: {', '.join(known_names())} "
-                "(or libtpu's form GEN:AxBxC, e.g. v5p:4x4x8)")
+            f"unknown TPU topology {name!r}; known names: {', '.join(known_names())} "
+            "(or libtpu's form GEN:AxBxC, e.g. v5p:4x4x8)")
     chip = CHIPS[gen]
     if m.group(3):
         shape = m.group(3)
         if len(shape.split("x")) != chip.dims:
             raise UnknownTopologyError(
-            f"unknown TPU topology {name!r}: {gen} topologies have {chip.dims} dimensions; "
-            f"known names: {', '.join(known_names())}")
+                f"unknown TPU topology {name!r}: {gen} topologies have {chip.dims} dimensions; "
+                f"known names: {', '.join(known_names())}")
         return Topology(f"{gen}-{_chips(shape) * chip.cores_per_name_unit}", chip, shape, slices)
     count = int(m.group(2))
     chips, rem = divmod(count, chip.cores_per_name_unit)
     if rem or chips not in chip.shapes:
         raise UnknownTopologyError(
-                f"unknown TPU topology {name!r}; known {gen} names: "
-                f"{', '.join(n for n in known_names() if n.startswith(gen + '-'))}; all: {', '.join(known_names())}")
+            f"unknown TPU topology {name!r}; known {gen} names: "
+            f"{', '.join(n for n in known_names() if n.startswith(gen + '-'))}; all: {', '.join(known_names())}")
     return Topology(f"{gen}-{count}", chip, chip.shapes[chips], slices)
 
 
@@ -147,18 +149,21 @@ def compile_devices(topo: Topology) -> list[Any]:
 
     if "tpu" not in (os.environ.get("JAX_PLATFORMS") or "tpu"):
         # Compile-only use on a non-TPU host: stop libtpu from probing the GCE metadata server for a TPU VM
-        # it is not running on (it would only warn, after a timeout).
+        # it is not running on (it would only warn, after a timeout), and from taking /tmp/libtpu_lockfile,
+        # which guards a real TPU and would keep a second compiling process (tests, another report) out.
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topo.chip.generation}-{topo.chip.cores_per_name_unit * 4}")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     desc = jax_topologies.get_topology_desc(
-            platform="tpu",
-            topology_name=topo.libtpu_name,
-            chip_config_name=topo.chip.chip_config,
-            chips_per_host_bounds=topo.chips_per_host_bounds,
-            num_slices=topo.slices,
+        platform="tpu",
+        topology_name=topo.libtpu_name,
+        chip_config_name=topo.chip.chip_config,
+        chips_per_host_bounds=topo.chips_per_host_bounds,
+        num_slices=topo.slices,
     )
     devices = list(desc.devices)
     if len(devices) != topo.num_chips:
-        raise RuntimeError(f"libtpu gave {len(devices)} devices for {topo.name} x{topo.slices}, expected {topo.num_chips}")
+        raise RuntimeError(f"libtpu gave {len(devices)} devices for {topo.name} x{topo.slices}, "
+                           f"expected {topo.num_chips}")
     return devices
