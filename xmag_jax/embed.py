@@ -248,13 +248,14 @@ def is_done(path: pathlib.Path, encoder_name: str, tiling: Tiling) -> bool:
         return False
     try:
         with h5py.File(path, "r") as f:
-            made_by = (f.attrs.get("encoder"), float(f.attrs.get("mpp", -1)), int(f.attrs.get("patch_size", -1)))
+            made_by = (f.attrs.get("encoder"), float(f.attrs.get("mpp", -1)), int(f.attrs.get("patch_size", -1)),
+                       float(f.attrs.get("min_tissue", -1)))
     except OSError:
         return False  # unreadable: redo it
-    if made_by != (encoder_name, tiling.mpp, tiling.patch_px):
-        raise FileExistsError(f"{path} was made by encoder {made_by[0]!r} at {made_by[1]} µm/px, {made_by[2]} px; "
-                              f"this run is {encoder_name!r} at {tiling.mpp} µm/px, {tiling.patch_px} px: "
-                              "use another --out")
+    wanted = (encoder_name, tiling.mpp, tiling.patch_px, tiling.min_tissue)
+    if made_by != wanted:
+        raise FileExistsError(f"{path} was made with (encoder, µm/px, patch px, min tissue) = {made_by}, this run is "
+                              f"{wanted}: use another --out")
     return True
 
 
