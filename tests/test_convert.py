@@ -17,12 +17,13 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
-from xmag_jax.convert import StateDictMismatch, import_timm, read_state_dict
+from xmag_jax.bench.parity import randomize_timm_, timm_embedding
+from xmag_jax.convert import StateDictMismatch, flax_from_state_dict, import_timm, read_state_dict
 from xmag_jax.convert.__main__ import main as convert_main
 from xmag_jax.models import ARCHS, embed, get_arch
 from xmag_jax.models.checkpoint import load_model
 
-DEPTH = {"uni": 1, "uni2_h": 1, "virchow2": 1, "h_optimus_0": 1, "gigapath": 1, "vit_b14": 2}
+DEPTH = {"uni": 1, "uni2_h": 1, "virchow2": 1, "h_optimus_0": 1, "gigapath": 1, "vit_s14": 4, "vit_b14": 2}
 PARITY = ["uni", "uni2_h", "virchow2", "h_optimus_0", "gigapath", "vit_s14", "vit_b14", "vit_test",
           "vit_test_teacher"]
 SAME_AS = {"phikon_v2": "uni", "h_optimus_1": "h_optimus_0"}
@@ -38,27 +39,6 @@ def test_every_registry_entry_is_covered():
         assert (ARCHS[name].vit, ARCHS[name].timm_arch) == (ARCHS[twin].vit, ARCHS[twin].timm_arch)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Perturb what timm initialises to constants (LayerScale 1e-5, norms, biases, tokens) so every
-    parameter matters numerically."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("gamma"):
-                p.copy_(0.3 * noise)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias") or name in ("cls_token", "reg_token", "pos_embed"):
-                p.copy_(0.2 * noise)
-
-
-def _timm_embedding(arch, feats: torch.Tensor, model) -> np.ndarray:
-    if arch.embedding == "cls_mean_patch":
-        return torch.cat([feats[:, 0], feats[:, model.num_prefix_tokens:].mean(1)], -1).numpy()
-    return model.forward_head(feats, pre_logits=True).numpy()
-
-
 def _images(size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(1, size, size, 3)).astype(np.float32)
 
@@ -70,7 +50,7 @@ def converted(tmp_path_factory):
     for i, name in enumerate(PARITY):
         arch = get_arch(name, **({"depth": DEPTH[name]} if name in DEPTH else {}))
         model = timm.create_model(arch.timm_arch, **arch.timm_kwargs).eval()
-        _randomize(model, i)
+        randomize_timm_(model, i)
         d = tmp_path_factory.mktemp(name)
         save_file(model.state_dict(), str(d / "model.safetensors"))
         flax_model, ckpt = import_timm(name, d / "model.safetensors", d / "ckpt", depth=arch.vit.depth)
@@ -86,11 +66,32 @@ def test_flax_matches_timm(converted, name, size):
     with torch.inference_mode():
         feats = model.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
     out = forward(flax_model, jnp.asarray(x))
-    np.testing.assert_allclose(np.asarray(embed(arch, out)), _timm_embedding(arch, feats, model), atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(embed(arch, out)), timm_embedding(arch, model, feats), atol=TOL, rtol=0)
     g = size // arch.vit.patch_size
     ref_patches = feats[:, model.num_prefix_tokens:].reshape(1, g, g, -1).numpy()
     np.testing.assert_allclose(np.asarray(out.patches), ref_patches, atol=TOL, rtol=0)
     assert np.abs(ref_patches).max() > 0.1  # outputs carry signal: the comparison is not trivially zero
+
+
+@pytest.mark.parametrize("overrides", [
+    {"global_pool": "avg"},  # timm: fc_norm after pooling, no final norm
+    {"global_pool": "avg", "fc_norm": False},
+    {"class_token": False, "global_pool": "avg", "reg_tokens": 2},
+    {"qkv_bias": False, "init_values": None, "mlp_ratio": 3.3},  # fc1 width int(64 * 3.3) = 211
+])
+def test_pooling_and_mlp_variants_match_timm(overrides):
+    arch = get_arch("vit_test", **overrides)
+    model = timm.create_model(arch.timm_arch, **arch.timm_kwargs).eval()
+    randomize_timm_(model, 11)
+    flax_model = flax_from_state_dict(arch, {k: v.numpy() for k, v in model.state_dict().items()}, "timm")
+    x = _images(224, seed=3)
+    with torch.inference_mode():
+        feats = model.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
+        pooled = model.forward_head(feats, pre_logits=True)
+    out = forward(flax_model, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(out.pooled), pooled.numpy(), atol=TOL)
+    np.testing.assert_allclose(np.asarray(out.patches).reshape(1, 256, -1), feats[:, model.num_prefix_tokens:].numpy(),
+                               atol=TOL)
 
 
 def test_downsampled_position_embeddings_match_timm(converted):

@@ -18,13 +18,16 @@ def teacher():
     return create_model("vit_test_teacher", rngs=nnx.Rngs(0))
 
 
+forward = nnx.jit(lambda model, x: model(x))
+
+
 def _images(b=2, size=224, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (b, size, size, 3), dtype=np.uint8)
 
 
 def test_output_shapes_and_token_layout(teacher):
     arch = get_arch("vit_test_teacher")
-    out = teacher(normalize(arch, _images()))
+    out = forward(teacher, normalize(arch, _images()))
     assert out.pooled.shape == (2, 96) and out.cls.shape == (2, 96)
     assert out.registers.shape == (2, 4, 96)
     assert out.patches.shape == (2, 16, 16, 96)
@@ -44,7 +47,7 @@ def test_registry_entries_match_reference_shapes():
 def test_virchow2_embedding_is_cls_and_mean_of_patches_without_registers():
     arch = get_arch("virchow2", embed_dim=48, depth=1, num_heads=2)
     model = VisionTransformer(arch.vit, rngs=nnx.Rngs(1))
-    out = model(normalize(arch, _images(1)))
+    out = forward(model, normalize(arch, _images(1)))
     e = embed(arch, out)
     assert e.shape == (1, 96)
     np.testing.assert_allclose(e[:, :48], out.cls)
@@ -79,7 +82,7 @@ def test_bad_image_sizes(teacher):
 
 
 def test_dynamic_size_changes_grid(teacher):
-    out = teacher(jnp.zeros((1, 168, 280, 3)))
+    out = forward(teacher, jnp.zeros((1, 168, 280, 3)))
     assert out.patches.shape == (1, 12, 20, 96)
 
 
@@ -95,9 +98,9 @@ def test_pos_embed_resampling_matches_torch_bicubic_antialias(old, new):
 def test_bf16_compute_is_close_to_fp32(teacher):
     arch = get_arch("vit_test_teacher")
     x = normalize(arch, _images())
-    ref = teacher(x).patches
+    ref = forward(teacher, x).patches
     bf16 = create_model("vit_test_teacher", rngs=nnx.Rngs(0), dtype="bfloat16")
-    out = bf16(x.astype(jnp.bfloat16))
+    out = forward(bf16, x.astype(jnp.bfloat16))
     assert out.patches.dtype == jnp.bfloat16 and normalize(get_arch("vit_test_teacher", dtype="bfloat16"),
                                                             _images(1)).dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out.patches, np.float32), ref, atol=0.1, rtol=0.05)
@@ -106,7 +109,7 @@ def test_bf16_compute_is_close_to_fp32(teacher):
 def test_remat_gives_same_output(teacher):
     x = normalize(get_arch("vit_test_teacher"), _images(1))
     remat = create_model("vit_test_teacher", rngs=nnx.Rngs(0), remat=True)
-    np.testing.assert_allclose(remat(x).patches, teacher(x).patches, atol=1e-5)
+    np.testing.assert_allclose(forward(remat, x).patches, forward(teacher, x).patches, atol=1e-5)
 
 
 def test_checkpoint_round_trip_with_overrides(tmp_path):
@@ -115,7 +118,7 @@ def test_checkpoint_round_trip_with_overrides(tmp_path):
     loaded, arch = load_model(path)
     assert arch.name == "uni2_h" and arch.vit.depth == 1 and arch.vit.embed_dim == 48
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 224, 224, 3)), jnp.float32)
-    np.testing.assert_array_equal(loaded(x).patches, model(x).patches)
+    np.testing.assert_array_equal(forward(loaded, x).patches, forward(model, x).patches)
     with pytest.raises(FileExistsError):
         save_model(path, model, "uni2_h")
 

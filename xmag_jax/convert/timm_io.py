@@ -51,19 +51,23 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise ValueError(f"weights file {path}: expected a .safetensors or PyTorch .bin/.pth file")
 
 
+def flax_from_state_dict(arch: Arch, state_dict: dict[str, np.ndarray], source: str) -> VisionTransformer:
+    """Build `arch`'s Flax model from a timm state dict (numpy arrays); `source` names it in errors."""
+    abstract = nnx.eval_shape(lambda: VisionTransformer(arch.vit, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    target = nnx.to_pure_dict(params)
+    converted = from_timm(state_dict, target, source=source)
+    converted = jax.tree.map(lambda x, t: jnp.asarray(np.asarray(x, np.float32), t.dtype), converted, target)
+    nnx.replace_by_pure_dict(params, converted)
+    return nnx.merge(graphdef, params, rest)
+
+
 def import_timm(name: str, weights: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                 **vit_overrides: Any) -> tuple[VisionTransformer, Path]:
     """Convert timm weights for registry entry `name` (ViTConfig fields overridable, e.g. depth=2) into
     an Orbax model checkpoint at `out`. Returns the model and the checkpoint path."""
     arch = get_arch(name, **vit_overrides)
-    state_dict = read_state_dict(weights)
-    abstract = nnx.eval_shape(lambda: VisionTransformer(arch.vit, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    target = nnx.to_pure_dict(params)
-    converted = from_timm(state_dict, target, source=str(weights))
-    converted = jax.tree.map(lambda x, t: jnp.asarray(np.asarray(x, np.float32), t.dtype), converted, target)
-    nnx.replace_by_pure_dict(params, converted)
-    model = nnx.merge(graphdef, params, rest)
+    model = flax_from_state_dict(arch, read_state_dict(weights), source=str(weights))
     return model, save_model(out, model, name, overwrite=overwrite)
 
 

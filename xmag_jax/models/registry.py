@@ -63,10 +63,11 @@ class Arch:
 
 def timm_model_args(cfg: ViTConfig) -> dict[str, Any]:
     """JSON-able timm `VisionTransformer` kwargs for `cfg` (the MLP type comes from the timm model name)."""
+    # timm.create_model drops None-valued kwargs, so "no LayerScale" is written as 0.0 (timm tests truthiness).
     return dict(
         img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, class_token=cfg.class_token,
-        reg_tokens=cfg.reg_tokens, no_embed_class=cfg.no_embed_class, init_values=cfg.init_values,
+        reg_tokens=cfg.reg_tokens, no_embed_class=cfg.no_embed_class, init_values=cfg.init_values or 0.0,
         global_pool=cfg.global_pool, fc_norm=cfg.fc_norm, dynamic_img_size=cfg.dynamic_img_size, num_classes=0)
 
 

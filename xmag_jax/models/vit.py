@@ -143,10 +143,14 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v)
-        return self.proj(out.reshape(b, n, d))
+        head_dim = d // self.num_heads
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * jnp.asarray(head_dim ** -0.5, x.dtype), qkv[1], qkv[2]  # [B, heads, N, head_dim]
+        scores = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)
+        weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+        # Softmax normalisation after the value product: fewer passes over [B, heads, N, N] on CPU.
+        out = (weights.astype(v.dtype) @ v) / weights.sum(axis=-1, keepdims=True).astype(v.dtype)
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
 class Mlp(nnx.Module):
