@@ -68,6 +68,11 @@ class Report:
     compile_seconds: float = 0.0
     error: str | None = None
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Report":
+        """Inverse of `to_json` (which adds derived values)."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
     @property
     def num_chips(self) -> int:
         return int(self.topology["chips"])
@@ -253,7 +258,7 @@ def find_batch(config: ml_collections.ConfigDict, topo: Topology, *, mfu: float 
         low, high = lo + unit, (hi - unit if hi is not None else max_batch)
         if low > high:
             break
-        guess = _batch_at_hbm(tries, lo, hi, report.hbm_bytes)
+        guess = batch_at_hbm(tries, lo, hi, report.hbm_bytes)
         guess = min(guess, 16 * lo) if hi is None else guess
         guess = max(guess, hi // 16) if not lo and hi is not None else guess
         batch = min(high, max(low, int(guess) // unit * unit))
@@ -263,7 +268,7 @@ def find_batch(config: ml_collections.ConfigDict, topo: Topology, *, mfu: float 
     return (tries[lo] if lo else None), ordered
 
 
-def _batch_at_hbm(tries: dict[int, Report], lo: int, hi: int | None, hbm: int) -> float:
+def batch_at_hbm(tries: dict[int, Report], lo: int, hi: int | None, hbm: int) -> float:
     """Batch where the per-chip total of the tries, linear in the batch, reaches `hbm`."""
     if lo and hi is not None:
         (b1, r1), (b2, r2) = (lo, tries[lo]), (hi, tries[hi])
@@ -350,6 +355,8 @@ def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("json", None, "Also write the report (and every --find_batch try) as JSON here.",
                         flag_values=fv)
     flags.DEFINE_string("docs", None, "Regenerate the markdown report (e.g. docs/aot.md) and exit.", flag_values=fv)
+    flags.DEFINE_bool("rerender", False, "With --docs: rewrite the page from its JSON (docs/aot.json), no compiling.",
+                      flag_values=fv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if fv.docs:
         from xmag_jax import aot_docs  # pylint: disable=g-import-not-at-top
-        return aot_docs.main(fv.docs, mfu=fv.mfu)
+        return (aot_docs.rerender if fv.rerender else aot_docs.main)(fv.docs, mfu=fv.mfu)
     if fv.config is None or fv.topology is None:
         print("error: --config and --topology are required (or --docs PATH)", file=sys.stderr)
         return 2

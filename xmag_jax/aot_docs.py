@@ -81,6 +81,11 @@ def _duration(hours: float) -> str:
 
 
 def _max_batch_cell(row: Row, unit: int) -> str:
+    if len(row.tries) == 1:  # no search yet: where one compile's HBM, linear in the batch, meets the chip's
+        r = row.tries[0]
+        lo, hi = (r.global_batch, None) if r.fits else (0, r.global_batch)
+        estimate = int(aot.batch_at_hbm({r.global_batch: r}, lo, hi, r.hbm_bytes)) // unit * unit
+        return f"≈ {estimate} ({estimate / r.num_chips:g}/chip; estimate)" if estimate > 0 else "none fits (estimate)"
     if row.best is None:
         return "none fits"
     b = row.best.global_batch
@@ -106,7 +111,10 @@ def render(rows: list[Row], knob_rows: list[aot.Report], pending: list[str], mfu
         "`compiled.memory_analysis()`, against what XLA:TPU may allocate on the chip (v5e 15.75, v5p 95.73, "
         "v6e 31.24 GiB). When the compile itself runs out of HBM, the total is XLA's requirement from its error.",
         f"- **max batch**: `--find_batch`, at most {MAX_TRIES} compiles per row; \"< N\" is the smallest batch "
-        "tried that did not fit when the search stopped before narrowing to one batch unit.",
+        "tried that did not fit when the search stopped before narrowing to one batch unit. \"≈ N (estimate)\": "
+        "not searched yet; where the one compile's HBM, taken as fixed state + a part linear in the batch, "
+        "reaches the chip's (the search's first guess; optimistic by the temporaries that do not grow with the "
+        "batch).",
         f"- **pairs/s**: projected at {mfu:.0%} MFU of the chip's bf16 peak (v5e 197, v5p 459, v6e 918 TFLOP/s) from "
         "the model FLOPs of one step (`xmag_jax/distill/flops.py`: teacher forward on 16 tiles per pair, student "
         "forward+backward, projectors); it does not depend on the batch. **XLA est.** is XLA:TPU's own step-time "
@@ -124,7 +132,7 @@ def render(rows: list[Row], knob_rows: list[aot.Report], pending: list[str], mfu
         lines.append(
             f"| {row.label} | {r.topology['name']} | {_mesh(r)} | {fit}, {_gib(r.total_bytes)} / "
             f"{r.hbm_bytes / GiB:.2f} | "
-            f"{_max_batch_cell(row, r.batch_unit)} | {_gib(row.best.total_bytes if row.best else None)} | "
+            f"{_max_batch_cell(row, r.batch_unit)} | {_gib(row.best.total_bytes if row.best and len(row.tries) > 1 else None)} | "
             f"{r.pairs_per_second:.0f} ({r.pairs_per_second_per_chip:.1f}) | {xla} | {_duration(r.epoch_hours)} |")
     for name in pending:
         cells = name.split(" | ")
@@ -163,6 +171,33 @@ def _write(path: epath.Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_text(text)
     tmp.rename(path)
+
+
+def rerender(out: str, *, mfu: float = aot.DEFAULT_MFU) -> int:
+    """Rewrites the page from the JSON beside it (an earlier `main` run), compiling nothing."""
+    path = epath.Path(out)
+    payload = json.loads((path.parent / (path.stem + ".json")).read_text())
+    labels = dict(CONFIGS)
+    rows, seen = [], set()
+    for saved in payload["rows"]:
+        tries = [dataclasses.replace(aot.Report.from_json(t), mfu=mfu) for t in saved["tries"]]
+        batch = load_config(saved["config"]).batch_size
+        fitting = [t for t in tries if t.fits]
+        rows.append(Row(labels[saved["config"]], saved["config"], saved["topology"],
+                        next(t for t in tries if t.global_batch == batch),
+                        max(fitting, key=lambda t: t.global_batch) if fitting else None, tries))
+    knob_rows = [dataclasses.replace(aot.Report.from_json(k), mfu=mfu) for k in payload["knobs"]]
+    seconds = []
+    for report in [t for row in rows for t in row.tries] + knob_rows:
+        key = (report.config_name, report.topology["name"], report.global_batch, tuple(report.knobs.items()))
+        if key not in seen:
+            seen.add(key)
+            seconds.append(report.compile_seconds)
+    done = {(r.config_path, r.topology) for r in rows}
+    pending = [f"{label} | {t}" for c, label in CONFIGS for t in TOPOLOGIES if (c, t) not in done]
+    _write(path, render(rows, knob_rows, pending, mfu, seconds))
+    print(f"wrote {path} from {path.stem}.json")
+    return 0
 
 
 def main(out: str, *, mfu: float = aot.DEFAULT_MFU) -> int:
