@@ -165,9 +165,7 @@ def _state_from_model(model: DistillModel, tx: optax.GradientTransformation, ema
 def _split_microbatches(x: jax.Array, accum: int) -> jax.Array:
     """`[B, ...]` -> `[accum, B / accum, ...]`; micro-batch a takes rows a, a + accum, ... so that every
     device's batch shard holds its own share of each micro-batch (no data movement)."""
-    b = x.shape[0]
-    x = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-    return x
+    return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
 
 
 def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
