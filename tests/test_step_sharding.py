@@ -124,5 +124,43 @@ def test_one_device_and_eight_devices_agree(runs):
         np.testing.assert_allclose(eight[k], one[k], rtol=1e-3, atol=2e-4, err_msg=k)
 
 
+def test_mesh_shape_resolution_and_errors():
+    assert sharding.mesh_shape({"data": -1, "fsdp": 2}, 8) == (4, 2)
+    assert sharding.mesh_shape({"data": 2, "fsdp": -1}, 8) == (2, 4)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": -1}, jax.devices()[:4])
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2} and sharding.data_parallel_size(mesh) == 4
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        sharding.mesh_shape({"data": -1, "fsdp": -1}, 8)
+    with pytest.raises(ValueError, match="needs 3 devices, have 8"):
+        sharding.mesh_shape({"data": 3, "fsdp": 1}, 8)
+    with pytest.raises(ValueError, match="do not divide"):
+        sharding.mesh_shape({"data": -1, "fsdp": 3}, 8)
+    with pytest.raises(ValueError, match="config.teacher.sharding"):
+        sharding.rules_for("zero3")
+
+
+def test_logical_rules_map_annotations_and_skip_dims_that_do_not_divide():
+    from flax import nnx
+
+    class Tiny(nnx.Module):
+        def __init__(self):
+            init = nnx.initializers.zeros_init()
+            self.w = nnx.Param(nnx.with_partitioning(init, ("embed", "mlp"), eager_sharding=False)(
+                jax.random.key(0), (8, 4)))
+            self.odd = nnx.Param(nnx.with_partitioning(init, ("embed",), eager_sharding=False)(
+                jax.random.key(0), (6,)))
+            self.plain = nnx.Param(init(jax.random.key(0), (3,)))
+
+    state = nnx.state(nnx.eval_shape(Tiny))
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    fsdp = sharding.tree_shardings(state, mesh, sharding.FSDP_RULES)
+    assert fsdp["w"].get_value().spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert fsdp["odd"].get_value().spec == jax.sharding.PartitionSpec(None)  # 6 does not split 4 ways
+    assert set(fsdp["plain"].get_value().spec) <= {None}  # unannotated: replicated
+    replicated = sharding.tree_shardings(state, mesh, sharding.rules_for("replicate"))
+    assert all(set(s.spec) <= {None} for s in jax.tree.leaves(replicated))
+    assert sharding.batch_sharding(mesh, 3).spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, None)
+
+
 if __name__ == "__main__":
     save_run(sys.argv[1])
