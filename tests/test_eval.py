@@ -186,6 +186,7 @@ def test_mil_cli_cross_validates(tmp_path):
     result = json.loads(out.read_text())
     assert len(result["folds"]) == 3 and sum(f["n_test"] for f in result["folds"]) == 12
     assert set(result["summary"]) == {"auc", "balanced_accuracy"}
+    assert set(result["summary"]["auc"]) == {"mean", "std", "pooled"}
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["s0_attention.png", "s1_attention.png"]
 
 
