@@ -190,3 +190,12 @@ def test_unexpected_keys_are_listed(converted, tmp_path):
     save_file(sd, str(tmp_path / "with_head.safetensors"))
     with pytest.raises(StateDictMismatch, match=r"unexpected keys \(1\): head.weight"):
         import_timm("vit_test", tmp_path / "with_head.safetensors", tmp_path / "ck")
+
+
+def test_bfloat16_safetensors_import(converted, tmp_path):
+    model = converted["vit_test"][0]
+    sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    save_file(sd, str(tmp_path / "bf16.safetensors"))
+    flax_model, _ = import_timm("vit_test", tmp_path / "bf16.safetensors", tmp_path / "ck")
+    np.testing.assert_array_equal(np.asarray(flax_model.blocks[1].mlp.fc1.kernel[...]),
+                                  sd["blocks.1.mlp.fc1.weight"].float().numpy().T)
