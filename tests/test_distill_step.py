@@ -48,17 +48,19 @@ def to_numpy(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-@pytest.mark.parametrize("mode, terms, projectors", [
-    ("global_only", {"global"}, {"global_proj"}),
-    ("local_only", {"tile", "token"}, {"tile_proj", "token_proj"}),
+@pytest.mark.parametrize("mode, terms, projectors, student_dtype", [
+    ("global_only", {"global"}, {"global_proj"}, "bfloat16"),
+    ("local_only", {"tile", "token"}, {"tile_proj", "token_proj"}, "float32"),
 ])
-def test_loss_modes_switch_terms_and_projectors(mode, terms, projectors):
-    config = small_config(**{"loss.mode": mode})
+def test_loss_modes_switch_terms_and_projectors(mode, terms, projectors, student_dtype):
+    """Traced (not compiled) at the real 224 px; the bf16 case is the real configs' student compute dtype."""
+    config = small_config(**{"loss.mode": mode, "student.dtype": student_dtype})
     trainer = step.make_trainer(config, sharding.make_mesh(config.mesh))
     assert set(trainer.abstract_state().params.keys()) == {"student"} | projectors
     batch = {k: v for k, v in trainer.abstract_batch().items()}
     _, metrics = jax.eval_shape(trainer._step, trainer.abstract_state(), trainer.abstract_teacher_state(), batch)
     assert {k.removeprefix("loss/") for k in metrics if k.startswith("loss/")} == terms | {"total"}
+    assert all(m.dtype == np.float32 and m.shape == () for m in metrics.values())
 
 
 def test_grad_accumulation_matches_the_full_batch():

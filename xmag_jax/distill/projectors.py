@@ -9,6 +9,7 @@ Trainable = the 5x student ViT plus up to three projectors (only those whose los
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from xmag_jax.distill import losses
@@ -20,7 +21,7 @@ def _param(init, *names):
 
 
 class Projector(nnx.Module):
-    """Two-layer MLP `Linear(d_in, hidden) -> GELU -> Linear(hidden, d_out)` on the last axis (float32)."""
+    """Two-layer MLP `Linear(d_in, hidden) -> GELU -> Linear(hidden, d_out)` on the last axis, in float32."""
 
     def __init__(self, d_in: int, hidden: int, d_out: int, *, rngs: nnx.Rngs):
         kernel = nnx.initializers.lecun_normal()
@@ -31,14 +32,15 @@ class Projector(nnx.Module):
                               bias_init=_param(zeros, "embed"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x.astype(self.fc1.kernel.dtype))))
+        return self.fc2(jax.nn.gelu(self.fc1(x)))
 
 
 class DistillModel(nnx.Module):
     """The student plus the projectors of the active loss terms; `model(images)` -> `losses.Predictions`.
 
     student_embed_dim Ds, teacher_embed_dim Et (the teacher's embedding users take), teacher_token_dim Dt
-    (the teacher's patch-token width); `images` are normalised float `[B, H, W, 3]`.
+    (the teacher's patch-token width); `images` are normalised float `[B, H, W, 3]`. The student computes in
+    its own dtype; its outputs are taken to float32 before pooling and projection.
     """
 
     def __init__(self, student: VisionTransformer, *, student_embed_dim: int, teacher_embed_dim: int,
@@ -51,8 +53,9 @@ class DistillModel(nnx.Module):
 
     def __call__(self, images: jax.Array) -> losses.Predictions:
         out = self.student(images)
+        pooled, patches = out.pooled.astype(jnp.float32), out.patches.astype(jnp.float32)
         return losses.Predictions(
-            global_=self.global_proj(out.pooled) if self.global_proj is not None else None,
-            tiles=self.tile_proj(losses.student_tile_blocks(out.patches)) if self.tile_proj is not None else None,
-            tokens=self.token_proj(out.patches) if self.token_proj is not None else None,
+            global_=self.global_proj(pooled) if self.global_proj is not None else None,
+            tiles=self.tile_proj(losses.student_tile_blocks(patches)) if self.tile_proj is not None else None,
+            tokens=self.token_proj(patches) if self.token_proj is not None else None,
         )
