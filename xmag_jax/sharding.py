@@ -127,8 +127,3 @@ def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
     """Attaches shardings to a tree of `jax.ShapeDtypeStruct`s (for `.lower()` / Orbax restore targets)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
 
-
-def describe(shardings: Any) -> dict[str, str]:
-    """`{path: spec}` of a sharding tree, for logs and the AOT report."""
-    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-    return {jax.tree_util.keystr(path): str(s.spec) for path, s in flat}
