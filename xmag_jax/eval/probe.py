@@ -70,12 +70,14 @@ def tiles_from_npz(path: str | pathlib.Path) -> TileSet:
 
 
 def make_classifiers(*, c: float = 1.0, knn_k: int = 20, seed: int = 0) -> dict:
-    """The probes: standardised L2-regularised logistic regression, and cosine kNN (k neighbours)."""
+    """The probes: standardised L2-regularised logistic regression, and kNN (k neighbours) on features
+    centred on the training mean and L2-normalised (SimpleShot, as in UNI's kNN evaluation)."""
     return {
         "linear": pipeline.make_pipeline(
             preprocessing.StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed)
         ),
-        "knn": pipeline.make_pipeline(preprocessing.Normalizer(), neighbors.KNeighborsClassifier(n_neighbors=knn_k)),
+        "knn": pipeline.make_pipeline(preprocessing.StandardScaler(with_std=False), preprocessing.Normalizer(),
+                                      neighbors.KNeighborsClassifier(n_neighbors=knn_k)),
     }
 
 
