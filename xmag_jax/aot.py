@@ -357,6 +357,10 @@ def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("docs", None, "Regenerate the markdown report (e.g. docs/aot.md) and exit.", flag_values=fv)
     flags.DEFINE_bool("rerender", False, "With --docs: rewrite the page from its JSON (docs/aot.json), no compiling.",
                       flag_values=fv)
+    flags.DEFINE_enum("docs_part", "all", ["all", "rows", "knobs"], "With --docs: compile only the table rows or "
+                      "only the knob variants (two processes can share the page).", flag_values=fv)
+    flags.DEFINE_bool("docs_resume", False, "With --docs: keep the compiles the page's JSON holds, add the missing.",
+                      flag_values=fv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if fv.docs:
         from xmag_jax import aot_docs  # pylint: disable=g-import-not-at-top
-        return (aot_docs.rerender if fv.rerender else aot_docs.main)(fv.docs, mfu=fv.mfu)
+        if fv.rerender:
+            return aot_docs.rerender(fv.docs, mfu=fv.mfu)
+        return aot_docs.main(fv.docs, mfu=fv.mfu, part=fv.docs_part, resume=fv.docs_resume)
     if fv.config is None or fv.topology is None:
         print("error: --config and --topology are required (or --docs PATH)", file=sys.stderr)
         return 2
@@ -408,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         path = epath.Path(fv.json)
         tmp = path.parent / f".{path.name}.tmp"
         tmp.write_text(json.dumps(payload, indent=1))
-        tmp.rename(path)
+        tmp.replace(path)
     if fv.require_fit and not report.fits:
         print(f"error: does not fit: {report.total_bytes / GiB:.2f} GiB per chip needed, "
               f"{report.hbm_bytes / GiB:.2f} GiB available", file=sys.stderr)

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import os
 import platform
 from typing import Any
 
@@ -132,7 +133,8 @@ def render(rows: list[Row], knob_rows: list[aot.Report], pending: list[str], mfu
         lines.append(
             f"| {row.label} | {r.topology['name']} | {_mesh(r)} | {fit}, {_gib(r.total_bytes)} / "
             f"{r.hbm_bytes / GiB:.2f} | "
-            f"{_max_batch_cell(row, r.batch_unit)} | {_gib(row.best.total_bytes if row.best and len(row.tries) > 1 else None)} | "
+            f"{_max_batch_cell(row, r.batch_unit)} | "
+            f"{_gib(row.best.total_bytes if row.best and len(row.tries) > 1 else None)} | "
             f"{r.pairs_per_second:.0f} ({r.pairs_per_second_per_chip:.1f}) | {xla} | {_duration(r.epoch_hours)} |")
     for name in pending:
         cells = name.split(" | ")
@@ -168,90 +170,112 @@ def _mesh(r: aot.Report) -> str:
 
 
 def _write(path: epath.Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     tmp.write_text(text)
-    tmp.rename(path)
+    tmp.replace(path)
+
+
+def _json_paths(page: epath.Path) -> tuple[epath.Path, epath.Path]:
+    """The page's data: rows (`aot.json`) and knob variants (`aot_knobs.json`), beside it."""
+    return page.parent / f"{page.stem}.json", page.parent / f"{page.stem}_knobs.json"
+
+
+def _load(page: epath.Path, mfu: float) -> tuple[list[Row], list[aot.Report], list[str]]:
+    rows_json, knobs_json = _json_paths(page)
+    saved = json.loads(rows_json.read_text()) if rows_json.exists() else {}
+    knobs = json.loads(knobs_json.read_text())["knobs"] if knobs_json.exists() else []
+    labels = dict(CONFIGS)
+    rows = []
+    for row in saved.get("rows", []):
+        tries = [dataclasses.replace(aot.Report.from_json(t), mfu=mfu) for t in row["tries"]]
+        batch = load_config(row["config"]).batch_size
+        fitting = [t for t in tries if t.fits]
+        rows.append(Row(labels.get(row["config"], row["config"]), row["config"], row["topology"],
+                        next(t for t in tries if t.global_batch == batch),
+                        max(fitting, key=lambda t: t.global_batch) if fitting else None, tries))
+    knob_rows = [dataclasses.replace(aot.Report.from_json(k), mfu=mfu) for k in knobs]
+    return rows, knob_rows, saved.get("failed", [])
 
 
 def rerender(out: str, *, mfu: float = aot.DEFAULT_MFU) -> int:
-    """Rewrites the page from the JSON beside it (an earlier `main` run), compiling nothing."""
+    """Rewrites the page from the JSON beside it (what `main` compiled so far), compiling nothing."""
     path = epath.Path(out)
-    payload = json.loads((path.parent / (path.stem + ".json")).read_text())
-    labels = dict(CONFIGS)
-    rows, seen = [], set()
-    for saved in payload["rows"]:
-        tries = [dataclasses.replace(aot.Report.from_json(t), mfu=mfu) for t in saved["tries"]]
-        batch = load_config(saved["config"]).batch_size
-        fitting = [t for t in tries if t.fits]
-        rows.append(Row(labels[saved["config"]], saved["config"], saved["topology"],
-                        next(t for t in tries if t.global_batch == batch),
-                        max(fitting, key=lambda t: t.global_batch) if fitting else None, tries))
-    knob_rows = [dataclasses.replace(aot.Report.from_json(k), mfu=mfu) for k in payload["knobs"]]
-    seconds = []
+    rows, knob_rows, failed = _load(path, mfu)
+    seconds, seen = [], set()
     for report in [t for row in rows for t in row.tries] + knob_rows:
         key = (report.config_name, report.topology["name"], report.global_batch, tuple(report.knobs.items()))
         if key not in seen:
             seen.add(key)
             seconds.append(report.compile_seconds)
     done = {(r.config_path, r.topology) for r in rows}
-    pending = [f"{label} | {t}" for c, label in CONFIGS for t in TOPOLOGIES if (c, t) not in done]
+    pending = failed + [f"{label} | {t}" for c, label in CONFIGS for t in TOPOLOGIES
+                        if (c, t) not in done and not any(f.startswith(f"{label} | {t} |") for f in failed)]
     _write(path, render(rows, knob_rows, pending, mfu, seconds))
-    print(f"wrote {path} from {path.stem}.json")
     return 0
 
 
-def main(out: str, *, mfu: float = aot.DEFAULT_MFU) -> int:
-    """Compiles in order of value, rewriting the page after each compile: every combination at its
-    config's batch, then the knob variants, then the batch search for each combination."""
+def main(out: str, *, mfu: float = aot.DEFAULT_MFU, part: str = "all", resume: bool = False) -> int:
+    """Compiles in order of value, rewriting the page after each compile. `part`: "rows" (every
+    combination at its config's batch, then the batch search for each), "knobs" (the knob variants), or
+    "all" (rows at the config's batch, knobs, searches). Rows and knobs may run as two processes at once.
+    `resume`: keep what the page's JSON already holds and compile only what is missing."""
+    if part not in ("all", "rows", "knobs"):
+        raise ValueError(f"docs part must be all, rows or knobs, got {part!r}")
     path = epath.Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    json_path = path.parent / (path.stem + ".json")
-    todo = [(c, label, t) for c, label in CONFIGS for t in TOPOLOGIES]
-    rows: list[Row] = []
-    knob_rows: list[aot.Report] = []
-    seconds: list[float] = []
-    failed: list[str] = []
+    rows_json, knobs_json = _json_paths(path)
+    rows, knob_rows, failed = _load(path, mfu) if resume else ([], [], [])
+    failed.clear()  # failures are retried
 
     def flush() -> None:
-        done = {(r.config_path, r.topology) for r in rows}
-        pending = failed + [f"{label} | {t}" for c, label, t in todo if (c, t) not in done and
-                            not any(f.startswith(f"{label} | {t} |") for f in failed)]
-        _write(path, render(rows, knob_rows, pending, mfu, seconds))
-        payload = {"rows": [{"config": r.config_path, "topology": r.topology, "tries": [t.to_json() for t in r.tries]}
-                            for r in rows], "knobs": [r.to_json() for r in knob_rows]}
-        _write(json_path, json.dumps(payload, indent=1))
+        if part != "knobs":
+            _write(rows_json, json.dumps({"rows": [{"config": r.config_path, "topology": r.topology,
+                                                    "tries": [t.to_json() for t in r.tries]} for r in rows],
+                                          "failed": failed}, indent=1))
+        if part != "rows":
+            _write(knobs_json, json.dumps({"knobs": [r.to_json() for r in knob_rows]}, indent=1))
+        rerender(out, mfu=mfu)
 
     def log(line: str) -> None:
         print(line, flush=True)
 
-    for config_path, label, topology in todo:
-        log(f"{label} on {topology} at the config's batch:")
-        try:
-            report = aot.compile_step(load_config(config_path), topologies.parse(topology), mfu=mfu,
-                                      config_name=config_path)
-        except Exception as error:  # noqa: BLE001 - one broken combination must not cost the others
-            log(f"  FAILED: {type(error).__name__}: {error}")
-            failed.append(f"{label} | {topology} | failed: {type(error).__name__}: {str(error).splitlines()[0]}")
-            continue
-        log(f"  {aot.format_report(report)}")
-        seconds.append(report.compile_seconds)
-        rows.append(Row(label, config_path, topology, report, report if report.fits else None, [report]))
-        flush()
-    for label, overrides in KNOB_VARIANTS:
-        log(f"knobs: {label}")
-        base = next((r.at_config for r in rows if (r.config_path, r.topology) == (KNOB_CONFIG, KNOB_TOPOLOGY)), None)
-        if overrides or base is None:
-            base = aot.compile_step(load_config(KNOB_CONFIG, overrides), topologies.parse(KNOB_TOPOLOGY), mfu=mfu,
-                                    config_name=KNOB_CONFIG)
-            seconds.append(base.compile_seconds)
-        knob_rows.append(base)
-        flush()
-    for row in rows:
-        log(f"{row.label} on {row.topology}: largest batch")
-        row.best, row.tries = aot.find_batch(load_config(row.config_path), topologies.parse(row.topology), mfu=mfu,
-                                             config_name=row.config_path, max_tries=MAX_TRIES, initial=row.at_config,
-                                             log=log)
-        seconds.extend(t.compile_seconds for t in row.tries[1:] if t is not row.at_config)
-        flush()
-    log(f"wrote {path} and {json_path}")
+    if part != "knobs":
+        for config_path, label in CONFIGS:
+            for topology in TOPOLOGIES:
+                if any((r.config_path, r.topology) == (config_path, topology) for r in rows):
+                    continue
+                log(f"{label} on {topology} at the config's batch:")
+                try:
+                    report = aot.compile_step(load_config(config_path), topologies.parse(topology), mfu=mfu,
+                                              config_name=config_path)
+                except Exception as error:  # noqa: BLE001 - one broken combination must not cost the others
+                    log(f"  FAILED: {type(error).__name__}: {error}")
+                    failed.append(f"{label} | {topology} | failed: {type(error).__name__}: "
+                                  f"{str(error).splitlines()[0]}")
+                    continue
+                log(aot.format_report(report))
+                rows.append(Row(label, config_path, topology, report, report if report.fits else None, [report]))
+                flush()
+    if part != "rows":
+        for label, overrides in KNOB_VARIANTS[len(knob_rows):]:
+            log(f"knobs: {label}")
+            done = _load(path, mfu)[0] if part == "knobs" else rows
+            base = next((r.at_config for r in done if (r.config_path, r.topology) == (KNOB_CONFIG, KNOB_TOPOLOGY)),
+                        None)
+            if overrides or base is None:
+                base = aot.compile_step(load_config(KNOB_CONFIG, overrides), topologies.parse(KNOB_TOPOLOGY),
+                                        mfu=mfu, config_name=KNOB_CONFIG)
+                log(aot.format_report(base))
+            knob_rows.append(base)
+            flush()
+    if part != "knobs":
+        for row in rows:
+            if len(row.tries) > 1:
+                continue  # searched already
+            log(f"{row.label} on {row.topology}: largest batch")
+            row.best, row.tries = aot.find_batch(load_config(row.config_path), topologies.parse(row.topology),
+                                                 mfu=mfu, config_name=row.config_path, max_tries=MAX_TRIES,
+                                                 initial=row.at_config, log=log)
+            flush()
+    log(f"wrote {path}")
     return 0
