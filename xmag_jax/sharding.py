@@ -116,7 +116,8 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
     """NamedShardings for a tree of arrays / `nnx.Variable`s (e.g. a train state from `jax.eval_shape`).
 
     Variables use their logical `out_sharding` annotation mapped through `rules`; plain arrays and
-    unannotated variables are replicated. The result has the tree structure of `abstract_tree`.
+    unannotated variables are replicated, and so is any dimension its mesh axes do not divide (e.g.
+    `embed` 384 over fsdp 256). The result has the tree structure of `abstract_tree`.
     """
     logical = nnx.get_partition_spec(abstract_tree)
     shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
