@@ -78,6 +78,14 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         _require(value == -1 or value >= 1, key, f"must be -1 (remaining devices) or >= 1, got {value}")
 
 
+def _probe(key: str, what: str, probe):
+    """Run a file-system check, turning storage errors (no credentials, no such bucket) into a ConfigError."""
+    try:
+        return probe()
+    except Exception as error:  # noqa: BLE001 - any storage failure is reported against the key
+        raise ConfigError(f"{key}: cannot read {what!r} ({type(error).__name__}: {error})") from error
+
+
 def check_files(config: ml_collections.ConfigDict) -> None:
     """The teacher checkpoint and the data shards exist."""
     if not config.teacher.checkpoint:
@@ -85,14 +93,16 @@ def check_files(config: ml_collections.ConfigDict) -> None:
                  "is empty: set it to an Orbax checkpoint from `python -m xmag_jax.convert import` "
                  "(a random teacher is accepted only with teacher.allow_random_teacher=True)")
     else:
-        _require(epath.Path(config.teacher.checkpoint).exists(), "teacher.checkpoint",
+        teacher = config.teacher.checkpoint
+        _require(_probe("teacher.checkpoint", teacher, epath.Path(teacher).exists), "teacher.checkpoint",
                  f"{config.teacher.checkpoint!r} does not exist (convert the teacher with "
                  "`python -m xmag_jax.convert import` first)")
     _require(bool(config.data.dir), "data.dir", "is empty: set it to a directory of tile-pair shards")
     data_dir = epath.Path(config.data.dir)
-    _require(data_dir.is_dir(), "data.dir", f"{config.data.dir!r} is not a directory of tile-pair shards")
+    _require(_probe("data.dir", config.data.dir, data_dir.is_dir), "data.dir",
+             f"{config.data.dir!r} is not a directory of tile-pair shards")
     pattern = f"xmag_pairs-{config.data.split}.array_record-*"
-    _require(any(data_dir.glob(pattern)), "data.dir",
+    _require(_probe("data.dir", config.data.dir, lambda: any(data_dir.glob(pattern))), "data.dir",
              f"{config.data.dir!r} has no shards for split {config.data.split!r} (expected files {pattern})")
 
 
