@@ -14,8 +14,6 @@ All distances are computed in float32 and averaged over batch (and tiles/tokens)
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,8 +21,6 @@ import optax
 FIELD_SIDE = 4  # a 5x field is FIELD_SIDE x FIELD_SIDE tiles at 20x
 FIELD_TILES = FIELD_SIDE * FIELD_SIDE
 MODES = ("dual", "global_only", "local_only")
-
-LossMode = Literal["dual", "global_only", "local_only"]
 
 
 @dataclasses.dataclass(frozen=True)
