@@ -14,6 +14,7 @@ All distances are computed in float32 and averaged over batch (and tiles/tokens)
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
