@@ -198,8 +198,8 @@ def test_fidelity_linear_teacher_vs_independent_teacher():
     w = rng.normal(size=(ds, dt))
     linear = student_tiles @ w + 0.05 * rng.normal(size=(n, 16, dt))
     groups = np.arange(n) // 8
-    good = fidelity.fidelity(student, linear, student_tiles=student_tiles, groups=groups)
-    assert good["global"]["r2"] > 0.95 and good["tile"]["r2"] > 0.95
+    good = fidelity.fidelity(student, linear, student_tiles=student_tiles, teacher_tokens=linear[..., :8], groups=groups)
+    assert good["global"]["r2"] > 0.95 and good["tile"]["r2"] > 0.95 and good["tokens"]["r2"] > 0.95
     assert good["global"]["cosine"] > 0.95 and good["tile"]["cosine"] > 0.95
     independent = fidelity.fidelity(student, rng.normal(size=(n, 16, dt)), student_tiles=student_tiles, groups=groups)
     for level in ("global", "tile"):
@@ -235,9 +235,10 @@ def test_fidelity_from_pair_shards(tmp_path):
     assert rc == 0
     arrays = fidelity.load_arrays(arrays_file)
     assert arrays["student"].shape == (5, 64) and arrays["student_tiles"].shape == (5, 16, 64)
-    assert arrays["teacher_tiles"].shape == (5, 16, 96) and len(arrays["groups"]) == 5
+    assert arrays["teacher_tiles"].shape == (5, 16, 96) and arrays["teacher_tokens"].shape == (5, 16, 96)
+    assert len(arrays["groups"]) == 5
     result = json.loads((tmp_path / "f.json").read_text())
-    assert set(result) == {"global", "tile"} and result["tile"]["n"] == 5 * 16
+    assert set(result) == {"global", "tile", "tokens"} and result["tokens"]["n"] == 5 * 16
     # tile k of the teacher array is the teacher's embedding of the 20x tile at row k // 4, column k % 4
     import grain
     from data_prep import records
@@ -245,5 +246,6 @@ def test_fidelity_from_pair_shards(tmp_path):
     source = grain.sources.ArrayRecordDataSource(records.shard_paths(tmp_path / "pairs", "test"))
     _, region = pairs.decode_images(source[0], 0)
     teacher = encoders.load_encoder(model="vit_test_teacher", random_init=True)
-    direct = np.asarray(teacher.forward(pairs.cut_tiles(region)))
-    np.testing.assert_allclose(arrays["teacher_tiles"][0], direct, rtol=1e-4, atol=1e-4)
+    emb, tokens = teacher.forward_with_tokens(pairs.cut_tiles(region))
+    np.testing.assert_allclose(arrays["teacher_tiles"][0], np.asarray(emb), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(arrays["teacher_tokens"][0], np.asarray(tokens).mean(axis=(1, 2)), rtol=1e-4, atol=1e-4)

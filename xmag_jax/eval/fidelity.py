@@ -8,14 +8,16 @@ Targets, both as in the distillation losses (`xmag_jax.distill.losses`):
 - global: the teacher's mean embedding over the 16 20x tiles of a field `[N, Et]`, from the student's
   5x embedding `[N, Es]`;
 - tile: the teacher's embedding of 20x tile k `[N·16, Et]`, from the student's tokens average-pooled to
-  4x4 (block k) `[N·16, Ds]`.
+  4x4 (block k) `[N·16, Ds]`;
+- tokens: the teacher's patch tokens average-pooled to 4x4 (the mean token of 20x tile k) `[N·16, Dt]`,
+  from the same student blocks.
 A standardised ridge regression (alpha by internal CV) is fitted on k-1 folds of held-out pairs and scored
 on the last: R² (variance-weighted over output dims) and the mean cosine similarity between predicted and
 true teacher features; the cosine of the training-mean predictor is the baseline. Folds keep slides (or
 at least the 16 tiles of a field) together.
 
-Arrays npz: `student [N, Es]`, `teacher_tiles [N, 16, Et]`, optional `student_tiles [N, 16, Ds]` and
-`groups [N]` (slide ids).
+Arrays npz: `student [N, Es]`, `teacher_tiles [N, 16, Et]`, optional `student_tiles [N, 16, Ds]`,
+`teacher_tokens [N, 16, Dt]` and `groups [N]` (slide ids).
 """
 
 from __future__ import annotations
@@ -64,29 +66,34 @@ def linear_fidelity(x: np.ndarray, y: np.ndarray, *, groups: np.ndarray | None =
 
 
 def fidelity(student: np.ndarray, teacher_tiles: np.ndarray, *, student_tiles: np.ndarray | None = None,
-             groups: np.ndarray | None = None, n_folds: int = 5, seed: int = 0) -> dict:
-    """Global (and, given `student_tiles [N, 16, Ds]`, tile-level) fidelity of `teacher_tiles [N, 16, Et]`."""
+             teacher_tokens: np.ndarray | None = None, groups: np.ndarray | None = None, n_folds: int = 5,
+             seed: int = 0) -> dict:
+    """Global fidelity of `teacher_tiles [N, 16, Et]`; given `student_tiles [N, 16, Ds]`, also tile-level
+    (and token-level with `teacher_tokens [N, 16, Dt]`), with the 16 blocks of a field kept in one fold."""
     if teacher_tiles.ndim != 3 or len(teacher_tiles) != len(student):
         raise ValueError(f"teacher_tiles must be [N, 16, Et] with N={len(student)}, got {teacher_tiles.shape}")
     out = {"global": linear_fidelity(student, teacher_tiles.mean(axis=1), groups=groups, n_folds=n_folds, seed=seed)}
-    if student_tiles is not None:
-        if student_tiles.shape[:2] != teacher_tiles.shape[:2]:
-            raise ValueError(f"student_tiles {student_tiles.shape} and teacher_tiles {teacher_tiles.shape} disagree on [N, 16]")
-        k = teacher_tiles.shape[1]
-        field = np.repeat(np.arange(len(student)) if groups is None else np.asarray(groups), k)
-        out["tile"] = linear_fidelity(student_tiles.reshape(-1, student_tiles.shape[-1]),
-                                      teacher_tiles.reshape(-1, teacher_tiles.shape[-1]),
-                                      groups=field, n_folds=n_folds, seed=seed)
+    if student_tiles is None:
+        return out
+    k = teacher_tiles.shape[1]
+    field = np.repeat(np.arange(len(student)) if groups is None else np.asarray(groups), k)
+    x = student_tiles.reshape(-1, student_tiles.shape[-1])
+    for level, target in (("tile", teacher_tiles), ("tokens", teacher_tokens)):
+        if target is None:
+            continue
+        if student_tiles.shape[:2] != target.shape[:2]:
+            raise ValueError(f"student_tiles {student_tiles.shape} and teacher {level} {target.shape} disagree on [N, 16]")
+        out[level] = linear_fidelity(x, target.reshape(-1, target.shape[-1]), groups=field, n_folds=n_folds, seed=seed)
     return out
 
 
 def load_arrays(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """`student`, `teacher_tiles` and optional `student_tiles`, `groups` from an npz (named errors)."""
+    """`student`, `teacher_tiles` and optional `student_tiles`, `teacher_tokens`, `groups` from an npz."""
     with np.load(path, allow_pickle=False) as z:
         missing = [k for k in ("student", "teacher_tiles") if k not in z]
         if missing:
             raise KeyError(f"{path}: missing array(s) {missing}; has {list(z.keys())}")
-        return {k: z[k] for k in ("student", "teacher_tiles", "student_tiles", "groups") if k in z}
+        return {k: z[k] for k in ("student", "teacher_tiles", "student_tiles", "teacher_tokens", "groups") if k in z}
 
 
 def main(argv: list[str]) -> int:
@@ -119,7 +126,8 @@ def main(argv: list[str]) -> int:
         if args.save_arrays:
             np.savez(args.save_arrays, **arrays)
     result = fidelity(arrays["student"], arrays["teacher_tiles"], student_tiles=arrays.get("student_tiles"),
-                      groups=arrays.get("groups"), n_folds=args.folds, seed=args.seed)
+                      teacher_tokens=arrays.get("teacher_tokens"), groups=arrays.get("groups"), n_folds=args.folds,
+                      seed=args.seed)
     for level, r in result.items():
         print(f"{level:6s} n={r['n']:6d}  R² {r['r2']:.3f}  cosine {r['cosine']:.3f}  "
               f"(mean-predictor cosine {r['cosine_mean_baseline']:.3f}, {r['folds']} folds)")

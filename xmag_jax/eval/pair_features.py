@@ -1,8 +1,9 @@
 """Student and teacher features of tile pairs (data_prep shards), the arrays `eval fidelity` scores.
 
 For each pair: the student's embedding of the 5x tile `[Es]` and its tokens mean-pooled to the 4x4 blocks
-`[16, Ds]` (`distill.losses.student_tile_blocks`), and the teacher's embedding of each of the 16 20x
-tiles `[16, Et]` (row-major, `data.pairs.cut_tiles`). Bad records are skipped and counted.
+`[16, Ds]` (`distill.losses.student_tile_blocks`); the teacher's embedding of each of the 16 20x tiles
+`[16, Et]` (row-major, `data.pairs.cut_tiles`) and the mean of each tile's patch tokens `[16, Dt]` (the
+teacher's token mosaic pooled to 4x4). Bad records are skipped and counted.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from xmag_jax.distill import losses
 
 def pair_arrays(source, indices: np.ndarray, student: encoders.Encoder, teacher: encoders.Encoder, batch: int,
                 progress: bool = True) -> dict[str, np.ndarray]:
-    """`student [N, Es]`, `student_tiles [N, 16, Ds]`, `teacher_tiles [N, 16, Et]`, `groups [N]` (slide ids)
+    """`student [N, Es]`, `student_tiles [N, 16, Ds]`, `teacher_tiles [N, 16, Et]`, `teacher_tokens
+    [N, 16, Dt]`, `groups [N]` (slide ids)
     of the records `source[i]` for i in `indices`; batches have a fixed size (the last is zero-padded)."""
-    out: dict[str, list] = {"student": [], "student_tiles": [], "teacher_tiles": [], "groups": []}
+    out: dict[str, list] = {"student": [], "student_tiles": [], "teacher_tiles": [], "teacher_tokens": [], "groups": []}
     bad = 0
     images_5x, tiles_20x = [], []
 
@@ -34,10 +36,11 @@ def pair_arrays(source, indices: np.ndarray, student: encoders.Encoder, teacher:
         x20 = np.zeros((batch, *tiles_20x[0].shape), np.uint8)
         x20[:n] = tiles_20x
         emb, tokens = student.forward_with_tokens(x5)
-        teacher_emb = teacher.forward(x20.reshape(-1, *x20.shape[2:])).reshape(batch, losses.FIELD_TILES, -1)
+        teacher_emb, teacher_patches = teacher.forward_with_tokens(x20.reshape(-1, *x20.shape[2:]))
         out["student"].append(np.asarray(emb)[:n])
         out["student_tiles"].append(np.asarray(losses.student_tile_blocks(tokens))[:n])
-        out["teacher_tiles"].append(np.asarray(teacher_emb)[:n])
+        out["teacher_tiles"].append(np.asarray(teacher_emb).reshape(batch, losses.FIELD_TILES, -1)[:n])
+        out["teacher_tokens"].append(np.asarray(teacher_patches.mean(axis=(1, 2))).reshape(batch, losses.FIELD_TILES, -1)[:n])
         images_5x.clear()
         tiles_20x.clear()
 
