@@ -1,5 +1,7 @@
 """AOT compile reports for TPU topologies (libtpu compile-only devices, no TPU needed)."""
 
+import json
+
 import pytest
 
 from xmag_jax import aot, topologies
@@ -40,13 +42,19 @@ def _debug_config():
     return debug.get_config()
 
 
-def test_debug_step_compiles_for_v5p_8_with_sane_numbers():
+@pytest.fixture(scope="module")
+def debug_v5p_8():
+    """The debug config's step compiled for v5p-8 (4 chips): (config, topology, report)."""
+    config = _debug_config()
+    topo = topologies.parse("v5p-8")
+    return config, topo, aot.compile_step(config, topo, config_name="configs/debug.py")
+
+
+def test_debug_step_compiles_for_v5p_8_with_sane_numbers(debug_v5p_8):
     from xmag_jax import sharding
     from xmag_jax.distill import step
 
-    config = _debug_config()
-    topo = topologies.parse("v5p-8")
-    report = aot.compile_step(config, topo)
+    config, topo, report = debug_v5p_8
     assert report.compiled and report.fits
     assert report.mesh == {"data": 4, "fsdp": 1} and report.global_batch == config.batch_size
     assert report.hbm_bytes == topo.chip.usable_hbm_bytes
@@ -102,3 +110,25 @@ def test_find_batch_brackets_then_lands_on_the_largest_fit(monkeypatch):
     assert best.global_batch == largest == 360
     assert calls[0] == 8 and len(calls) <= 5
     assert any(t.global_batch == largest + 8 and not t.fits for t in tries)
+
+
+def test_docs_page_renders_and_rerenders_from_json(debug_v5p_8, tmp_path, monkeypatch):
+    from xmag_jax import aot_docs
+
+    config, topo, report = debug_v5p_8
+    assert aot.Report.from_json(json.loads(json.dumps(report.to_json()))) == report
+    monkeypatch.setattr(aot_docs, "CONFIGS", (("configs/debug.py", "debug teacher → debug student"),))
+    monkeypatch.setattr(aot_docs, "TOPOLOGIES", ("v5p-8", "v6e-4"))
+    rows = {"rows": [{"config": "configs/debug.py", "topology": "v5p-8", "tries": [report.to_json()]}]}
+    (tmp_path / "aot.json").write_text(json.dumps(rows))
+    (tmp_path / "aot_knobs.json").write_text(json.dumps({"knobs": [report.to_json()]}))
+    assert aot.main(["aot", "--docs", str(tmp_path / "aot.md"), "--rerender"]) == 0
+    page = (tmp_path / "aot.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| debug teacher → debug student | v5p-8"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[2] == "data 4×fsdp 1" and cells[3].startswith("fits, ")
+    assert cells[4].startswith("≈ ") and cells[4].endswith("/chip; estimate)")
+    assert int(cells[4].split()[1]) % 4 == 0 and int(cells[4].split()[1]) > config.batch_size
+    assert cells[6].startswith(f"{report.pairs_per_second:.0f} ")
+    assert "| debug teacher → debug student | v6e-4 | not compiled yet |" in page
+    assert "## Memory/precision knobs" in page
