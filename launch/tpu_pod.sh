@@ -22,7 +22,8 @@ Options:
   --direct                 create the TPU VM directly instead of through a queued resource
   --spot                   spot capacity (queued resources only)
   --config PATH            ml_collections config, e.g. configs/uni2h_vits14.py
-  --data GS_DIR            pair shards (data_prep output), sets --config.data.dir
+  --data GS_DIR            pair shards (data_prep output), sets --config.data.dir; gs://... or /gcs/BUCKET/...
+  --gcsfuse BUCKET         install gcsfuse and mount gs://BUCKET at /gcs/BUCKET on every worker (install step)
   --workdir GS_DIR         checkpoints, logs
   --repo URL --ref REF     pull the code with git on the workers (default: copy `git archive HEAD` of this checkout)
   --dry-run                print the commands, run nothing
@@ -31,7 +32,7 @@ EOF
 }
 
 NAME="" ZONE="" PROJECT="" ACCEL="" SLICES=1 RUNTIME="" QUEUED=1 SPOT=0 CONFIG="" DATA="" WORKDIR=""
-REPO="" REF="" DRY=0 STEPS=() EXTRA=()
+REPO="" REF="" FUSE_BUCKET="" DRY=0 STEPS=() EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name) NAME="$2"; shift 2 ;;
@@ -44,6 +45,7 @@ while [[ $# -gt 0 ]]; do
     --spot) SPOT=1; shift ;;
     --config) CONFIG="$2"; shift 2 ;;
     --data) DATA="$2"; shift 2 ;;
+    --gcsfuse) FUSE_BUCKET="${2#gs://}"; shift 2 ;;
     --workdir) WORKDIR="$2"; shift 2 ;;
     --repo) REPO="$2"; shift 2 ;;
     --ref) REF="$2"; shift 2 ;;
@@ -65,7 +67,8 @@ if [[ " ${STEPS[*]} " =~ \ (all|create)\  ]]; then
 fi
 if [[ " ${STEPS[*]} " =~ \ (all|train)\  ]]; then
   [[ -n "$CONFIG" ]] || die "--config is required to train"
-  [[ "$DATA" == gs://* ]] || die "--data must be a gs:// directory on a pod (every worker reads it), got '$DATA'"
+  [[ "$DATA" == gs://* || ( -n "$FUSE_BUCKET" && "$DATA" == "/gcs/$FUSE_BUCKET/"* ) ]] ||
+    die "--data must be a gs:// directory on a pod (every worker reads it), or /gcs/BUCKET/... with --gcsfuse BUCKET, got '$DATA'"
   [[ "$WORKDIR" == gs://* ]] || die "--workdir must be a gs:// directory on a pod (one checkpoint for all workers), got '$WORKDIR'"
 fi
 [[ -z "$REPO" || -n "$REF" ]] || die "--repo needs --ref (a branch, tag or commit)"
@@ -140,6 +143,10 @@ step_code() {
 
 step_install() {
   on_all_workers "cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e . 'jax[tpu]'"
+  if [[ -n "$FUSE_BUCKET" ]]; then
+    # Cloud Storage FUSE from Google's apt repository; the bucket appears at /gcs/BUCKET on every worker.
+    on_all_workers "command -v gcsfuse >/dev/null || { echo \"deb https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /etc/apt/trusted.gpg.d/gcsfuse.asc >/dev/null && sudo apt-get update -q && sudo apt-get install -yq gcsfuse; } && sudo mkdir -p /gcs/$FUSE_BUCKET && sudo chown \$(id -u):\$(id -g) /gcs/$FUSE_BUCKET && (mountpoint -q /gcs/$FUSE_BUCKET || gcsfuse --implicit-dirs $FUSE_BUCKET /gcs/$FUSE_BUCKET)"
+  fi
 }
 
 train_command() {

@@ -66,6 +66,14 @@ def test_tpu_pod_multislice_spot_git_and_teardown():
     assert cmds[-1][3:6] == ["queued-resources", "delete", "xmag-qr"]
 
 
+def test_tpu_pod_gcsfuse_mount_for_the_data():
+    args = [*POD[:8], "--data", "/gcs/bkt/pairs", "--workdir", "gs://bkt/runs/uni2h", "--gcsfuse", "gs://bkt"]
+    install, mount, train = dry_run("tpu_pod.sh", *args, "install", "train")
+    assert "pip install" in ssh_command(install)
+    assert "--worker=all" in mount and "gcsfuse --implicit-dirs bkt /gcs/bkt" in ssh_command(mount)
+    assert "--config.data.dir=/gcs/bkt/pairs" in ssh_command(train)
+
+
 def test_tpu_pod_direct_vm():
     cmds = dry_run("tpu_pod.sh", *POD, "--direct", "create", "delete")
     assert cmds[0][3:6] == ["tpu-vm", "create", "xmag"] and cmds[0][cmds[0].index("--version") + 1] == "v2-alpha-tpuv5"
@@ -77,6 +85,7 @@ def test_tpu_pod_direct_vm():
     (POD[:6] + ["--config", "c.py", "--data", "/local/pairs", "--workdir", "gs://b/w"], "--data must be a gs://"),
     (POD[:6] + ["--config", "c.py", "--data", "gs://b/p", "--workdir", "/tmp/w"], "--workdir must be a gs://"),
     (POD + ["--slices", "2", "--direct"], "needs a queued resource"),
+    (POD[:8] + ["--data", "/gcs/other/p", "--workdir", "gs://b/w", "--gcsfuse", "b"], "with --gcsfuse BUCKET"),
     (POD + ["--bogus"], "unknown argument '--bogus'"),
 ])
 def test_tpu_pod_bad_input(args, message):
