@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from xmag_jax.data.synthetic_pairs import write_pair_shards
 from xmag_jax.distill.metrics import read_metrics
@@ -77,6 +78,7 @@ def _assert_close(a: list[np.ndarray], b: list[np.ndarray]) -> None:
         np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_resume_across_process_counts(tmp_path):
     data_dir = tmp_path / "pairs"
     write_pair_shards(data_dir, 24, num_shards=2)
