@@ -77,7 +77,8 @@ def test_probe_cli_compares_feature_sets(tmp_path):
                      "--bootstrap", "50", "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["good"]["linear"]["balanced_accuracy"]["value"] > result["bad"]["linear"]["balanced_accuracy"]["value"]
+    accuracy = {name: result[name]["linear"]["balanced_accuracy"]["value"] for name in ("good", "bad")}
+    assert accuracy["good"] > accuracy["bad"]
     assert result["good"]["n_slides"] == 10
 
 
@@ -182,7 +183,8 @@ def test_mil_cli_cross_validates(tmp_path):
     labels = write_labels(tmp_path / "labels.csv", {f"s{i}": str(l) for i, l in enumerate(y)})
     out = tmp_path / "mil.json"
     assert mil.main(["--features", str(tmp_path / "feats"), "--labels", str(labels), "--folds", "3",
-                     "--epochs", "2", "--out", str(out), "--heatmap", str(tmp_path / "maps"), "--heatmap-slides", "2"]) == 0
+                     "--epochs", "2", "--out", str(out),
+                     "--heatmap", str(tmp_path / "maps"), "--heatmap-slides", "2"]) == 0
     result = json.loads(out.read_text())
     assert len(result["folds"]) == 3 and sum(f["n_test"] for f in result["folds"]) == 12
     assert set(result["summary"]) == {"auc", "balanced_accuracy"}
@@ -198,7 +200,8 @@ def test_fidelity_linear_teacher_vs_independent_teacher():
     w = rng.normal(size=(ds, dt))
     linear = student_tiles @ w + 0.05 * rng.normal(size=(n, 16, dt))
     groups = np.arange(n) // 8
-    good = fidelity.fidelity(student, linear, student_tiles=student_tiles, teacher_tokens=linear[..., :8], groups=groups)
+    good = fidelity.fidelity(student, linear, student_tiles=student_tiles, teacher_tokens=linear[..., :8],
+                             groups=groups)
     assert good["global"]["r2"] > 0.95 and good["tile"]["r2"] > 0.95 and good["tokens"]["r2"] > 0.95
     assert good["global"]["cosine"] > 0.95 and good["tile"]["cosine"] > 0.95
     independent = fidelity.fidelity(student, rng.normal(size=(n, 16, dt)), student_tiles=student_tiles, groups=groups)

@@ -89,7 +89,8 @@ def load_encoder(*, checkpoint_dir: str | None = None, timm_dir: str | None = No
     if not random_init:
         raise ValueError(f"--model {model} needs --weights FILE (or --random-init for a random-init baseline)")
     arch = models.get_arch(model, **overrides)
-    return Encoder(f"{model}:random-init-seed{seed}", arch, models.create_model(model, rngs=nnx.Rngs(seed), **overrides))
+    net = models.create_model(model, rngs=nnx.Rngs(seed), **overrides)
+    return Encoder(f"{model}:random-init-seed{seed}", arch, net)
 
 
 def _from_timm_weights(arch: models.Arch, path: pathlib.Path) -> models.VisionTransformer:
@@ -102,7 +103,8 @@ def _arch_of_timm_dir(directory: pathlib.Path, overrides: dict) -> models.Arch:
     """The registry entry named in `config.json`'s `xmag_jax.arch`, with the sizes of its `model_args`."""
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} does not exist (expected a timm local dir: config.json + model.safetensors)")
+        raise FileNotFoundError(f"{config_file} does not exist "
+                                "(expected a timm local dir: config.json + model.safetensors)")
     config = json.loads(config_file.read_text())
     name = config.get("xmag_jax", {}).get("arch")
     if not name:

@@ -43,7 +43,8 @@ def read_labels(path: str | pathlib.Path) -> dict[str, str]:
         fields = reader.fieldnames or []
         missing = [c for c in ("slide_id", "label") if c not in fields]
         if missing:
-            raise LabelsError(f"{path}: missing column(s) {missing}; expected a header with slide_id,label, got {fields}")
+            raise LabelsError(f"{path}: missing column(s) {missing}; "
+                              f"expected a header with slide_id,label, got {fields}")
         labels: dict[str, str] = {}
         for line, row in enumerate(reader, start=2):
             slide_id, label = (row["slide_id"] or "").strip(), (row["label"] or "").strip()
@@ -76,7 +77,8 @@ def read_bag(path: str | pathlib.Path) -> SlideBag:
             if "features" not in f:
                 raise FeatureFileError(f"{path}: no 'features' dataset (datasets: {list(f.keys())})")
             features = np.asarray(f["features"][...], dtype=np.float32)
-            coords = np.asarray(f["coords"][...], dtype=np.int64) if "coords" in f else np.zeros((len(features), 2), np.int64)
+            coords = (np.asarray(f["coords"][...], dtype=np.int64) if "coords" in f
+                      else np.zeros((len(features), 2), np.int64))
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
             if "coords" in f:
                 attrs.update({k: _plain(v) for k, v in f["coords"].attrs.items() if k not in attrs})
@@ -108,7 +110,8 @@ def load_labelled_bags(
         warnings.warn(f"skipping {len(unlabelled)} unlabelled slide(s): {unlabelled}", stacklevel=2)
     no_features = sorted(set(labels) - set(files))
     if no_features:
-        warnings.warn(f"{len(no_features)} labelled slide(s) have no feature file in {directory}: {no_features}", stacklevel=2)
+        warnings.warn(f"{len(no_features)} labelled slide(s) have no feature file in {directory}: {no_features}",
+                      stacklevel=2)
     bags, empty, dim, dim_file = [], [], None, None
     for slide_id in sorted(set(files) & set(labels)):
         bag = read_bag(files[slide_id])

@@ -82,7 +82,8 @@ def fidelity(student: np.ndarray, teacher_tiles: np.ndarray, *, student_tiles: n
         if target is None:
             continue
         if student_tiles.shape[:2] != target.shape[:2]:
-            raise ValueError(f"student_tiles {student_tiles.shape} and teacher {level} {target.shape} disagree on [N, 16]")
+            raise ValueError(f"student_tiles {student_tiles.shape} and teacher {level} {target.shape} "
+                             "disagree on [N, 16]")
         out[level] = linear_fidelity(x, target.reshape(-1, target.shape[-1]), groups=field, n_folds=n_folds, seed=seed)
     return out
 
@@ -108,7 +109,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--student-timm-dir", help="student as a timm local dir (config.json + model.safetensors)")
     p.add_argument("--teacher-checkpoint", help="teacher model checkpoint (models.checkpoint)")
     p.add_argument("--teacher-timm-dir", help="teacher as a timm local dir")
-    p.add_argument("--teacher", help="teacher registry name (with --teacher-weights, or random init with --random-teacher)")
+    p.add_argument("--teacher", help="teacher registry name (with --teacher-weights, or --random-teacher)")
     p.add_argument("--teacher-weights", help="teacher weights file for --teacher")
     p.add_argument("--random-teacher", action="store_true", help="allow a random-init teacher (debug only)")
     p.add_argument("--save-arrays", help="also save the computed arrays to this npz")

@@ -166,14 +166,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=MILConfig.batch_size)
     p.add_argument("--max-instances", type=int, default=MILConfig.max_instances)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-unlabelled", action="store_true", help="drop feature files without a label instead of failing")
+    p.add_argument("--skip-unlabelled", action="store_true",
+                   help="drop feature files without a label instead of failing")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--heatmap", metavar="DIR", help="write attention heatmap PNGs of a few slides here")
     p.add_argument("--heatmap-slides", type=int, default=4, help="how many slides get a heatmap")
     p.add_argument("--slides", help="slide folder or CSV for heatmap thumbnails (default: the h5's slide_path attr)")
     args = p.parse_args(argv)
 
-    labelled = feats.load_labelled_bags(args.features, feats.read_labels(args.labels), skip_unlabelled=args.skip_unlabelled)
+    labelled = feats.load_labelled_bags(args.features, feats.read_labels(args.labels),
+                                        skip_unlabelled=args.skip_unlabelled)
     y, classes = feats.encode_labels([label for _, label in labelled])
     cfg = MILConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
                     max_instances=args.max_instances, seed=args.seed)
@@ -186,7 +188,8 @@ def main(argv: list[str]) -> int:
           f"balanced_acc {s['balanced_accuracy']['mean']:.3f}±{s['balanced_accuracy']['std']:.3f}")
     print(f"  pooled out-of-fold: auc {s['auc']['pooled']:.3f}  balanced_acc {s['balanced_accuracy']['pooled']:.3f}")
     if args.out:
-        pathlib.Path(args.out).write_text(json.dumps({"classes": classes, "folds": result["folds"], "summary": s}, indent=2))
+        summary = {"classes": classes, "folds": result["folds"], "summary": s}
+        pathlib.Path(args.out).write_text(json.dumps(summary, indent=2))
     if args.heatmap:
         from xmag_jax.eval import heatmap
 

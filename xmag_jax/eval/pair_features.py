@@ -40,7 +40,8 @@ def pair_arrays(source, indices: np.ndarray, student: encoders.Encoder, teacher:
         out["student"].append(np.asarray(emb)[:n])
         out["student_tiles"].append(np.asarray(losses.student_tile_blocks(tokens))[:n])
         out["teacher_tiles"].append(np.asarray(teacher_emb).reshape(batch, losses.FIELD_TILES, -1)[:n])
-        out["teacher_tokens"].append(np.asarray(teacher_patches.mean(axis=(1, 2))).reshape(batch, losses.FIELD_TILES, -1)[:n])
+        tile_tokens = np.asarray(teacher_patches.mean(axis=(1, 2)))
+        out["teacher_tokens"].append(tile_tokens.reshape(batch, losses.FIELD_TILES, -1)[:n])
         images_5x.clear()
         tiles_20x.clear()
 

@@ -97,7 +97,8 @@ def splits(tiles: TileSet, n_folds: int, seed: int) -> list[tuple[np.ndarray, np
     per_class = np.bincount(tiles.y[first], minlength=n_classes).min()
     k = min(n_folds, int(per_class))
     if k < 2:
-        raise ValueError(f"need at least 2 slides per class for slide-level folds, got {per_class} ({len(slide_ids)} slides)")
+        raise ValueError(f"need at least 2 slides per class for slide-level folds, "
+                         f"got {per_class} ({len(slide_ids)} slides)")
     cv = model_selection.StratifiedGroupKFold(k, shuffle=True, random_state=seed)
     return list(cv.split(tiles.x, tiles.y, tiles.groups))
 
@@ -129,7 +130,8 @@ def run_probe(
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m xmag_jax.eval probe", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--features", action="append", metavar="[NAME=]DIR", help="directory of slide h5 files (repeatable)")
+    src.add_argument("--features", action="append", metavar="[NAME=]DIR",
+                     help="directory of slide h5 files (repeatable, to compare encoders)")
     src.add_argument("--npz", help="npz with features [N, D], labels [N], optional groups [N]")
     p.add_argument("--labels", help="CSV with slide_id,label (required with --features)")
     p.add_argument("--folds", type=int, default=5)
@@ -137,7 +139,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--knn-k", type=int, default=20)
     p.add_argument("--max-tiles-per-slide", type=int, default=None)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
-    p.add_argument("--skip-unlabelled", action="store_true", help="drop feature files without a label instead of failing")
+    p.add_argument("--skip-unlabelled", action="store_true",
+                   help="drop feature files without a label instead of failing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
