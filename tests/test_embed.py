@@ -195,3 +195,49 @@ def test_slide_failing_mid_read_leaves_others_intact(run, slides, encoder, tmp_p
     assert not (tmp_path / "slide_001.h5").exists()
     with h5py.File(tmp_path / "slide_000.h5", "r") as f, h5py.File(out / "slide_000.h5", "r") as ref:
         np.testing.assert_allclose(f["features"][...], ref["features"][...], rtol=1e-5, atol=1e-5)
+
+
+CRASH_SCRIPT = """
+import os, signal, sys
+from data_prep import inputs, slide_reader
+from xmag_jax import embed, encoders
+
+real_read = slide_reader.read_field
+
+def read_or_crash(slide, *args, **kwargs):
+    if slide.slide_id == "slide_001":
+        os.kill(os.getpid(), signal.SIGSEGV)  # what a decoder crash on a corrupt tile does
+    return real_read(slide, *args, **kwargs)
+
+slide_reader.read_field = read_or_crash
+specs = [s for s in inputs.list_slides(sys.argv[1]) if s.slide_id in ("slide_000", "slide_001")]
+encoder = encoders.load_encoder(model="vit_test", random_init=True, seed=0)
+embed.embed_slides(specs, encoder, sys.argv[2], embed.Tiling(float(sys.argv[3])), batch=8, progress=False)
+"""
+
+
+def test_slide_that_kills_the_process_is_retried_then_skipped(slides, encoder, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    died = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(slides), str(out), str(MPP)],
+                          capture_output=True, text=True, timeout=300)
+    assert died.returncode == -11, died.stderr[-2000:]
+    assert json.loads((out / embed.READING_FILE).read_text())["slide_id"] == "slide_001"
+    specs = [s for s in inputs.list_slides(str(slides)) if s.slide_id in ("slide_000", "slide_001")]
+    with pytest.warns(UserWarning, match=r"died while reading slide 'slide_001' \(1 time"):
+        retry = embed.embed_slides(specs, encoder, out, embed.Tiling(MPP), batch=8, progress=False)
+    assert sorted(retry.done + retry.skipped) == ["slide_000", "slide_001"] and not retry.failed
+    assert not (out / embed.READING_FILE).exists()
+    assert json.loads((out / embed.DEATHS_FILE).read_text()) == {"slide_001": 1}
+    # a second death on the same slide: recorded as failed and skipped from then on
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / embed.DEATHS_FILE).write_text(json.dumps({"slide_001": 1}))
+    (fresh / embed.READING_FILE).write_text(json.dumps({"slide_id": "slide_001"}))
+    with pytest.warns(UserWarning, match="ProcessDiedError"):
+        again = embed.embed_slides(specs, encoder, fresh, embed.Tiling(MPP), batch=8, progress=False)
+    assert again.done == ["slide_000"] and again.failed == ["slide_001"]
+    entry = json.loads((fresh / embed.FAILURES_FILE).read_text().splitlines()[-1])
+    assert entry["slide_id"] == "slide_001" and entry["error"] == "ProcessDiedError"

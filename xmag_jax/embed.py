@@ -14,7 +14,9 @@ with attrs (on the file and on `coords`, as TRIDENT) `patch_size` (px at the tar
 `mpp`, `target_magnification`, `level0_mpp`, `level0_magnification`, `encoder`, `name`. Files are
 written under a temp name and renamed; slides whose h5 exists with the same encoder and µm/px are
 skipped (resume); a slide that fails is recorded in `OUT/failures.jsonl` and the job goes on; a slide
-without tissue gets an empty h5 (N = 0) and a warning.
+without tissue gets an empty h5 (N = 0) and a warning. A slide that kills the process itself (a segfault
+in a decoder) is named by `OUT/.reading.json`; the next run retries it, and after `MAX_DEATHS` deaths
+records it as failed and skips it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from data_prep import inputs, slide_reader, tissue
 from xmag_jax import encoders
 
 FAILURES_FILE = "failures.jsonl"
+READING_FILE = ".reading.json"  # the slide being read; left behind only if the process died
+DEATHS_FILE = ".deaths.json"  # slide_id -> runs that died while reading it
+MAX_DEATHS = 2  # a slide that killed this many runs is recorded as failed and skipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,12 +128,14 @@ def plan_slide(slide: slide_reader.Slide, spec: inputs.SlideSpec, tiling: Tiling
 
 
 def read_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, *, workers: int = 4,
-                 prefetch: int = 4) -> Iterator[SlidePlan | Batch | Failure]:
+                 prefetch: int = 4, marker: pathlib.Path | None = None) -> Iterator[SlidePlan | Batch | Failure]:
     """Each slide's `SlidePlan` (or `Failure`) in order, and all tiles as fixed-shape `Batch`es that run
     across slide boundaries (a batch holds tiles of slides whose plans came before it).
 
     A background thread opens and plans the slides; `workers` threads (each with its own slide handle)
-    read tiles about two batches ahead; at most `prefetch` items wait in the queue.
+    read tiles about two batches ahead; at most `prefetch` items wait in the queue. `marker` (if given)
+    names the slide being read while it is read, and is removed when reading ends in any way short of the
+    process dying (a crash in a codec, a kill), so what it names after a death is the likely culprit.
     """
     out: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
@@ -148,6 +155,8 @@ def read_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, *, w
                 if stop.is_set():
                     break
                 handles: list[slide_reader.Slide] = []
+                if marker is not None:
+                    _write_json(marker, {"slide_id": spec.slide_id, "path": spec.path})
                 try:
                     handles.append(slide_reader.open_slide(spec.path, spec.mpp, spec.slide_id))
                     plan = plan_slide(handles[0], spec, tiling)
@@ -167,7 +176,14 @@ def read_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, *, w
             put(last)
         put(_End())
 
-    thread = threading.Thread(target=produce, name="embed-plan", daemon=True)
+    def produce_and_unmark() -> None:
+        try:
+            produce()
+        finally:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
+
+    thread = threading.Thread(target=produce_and_unmark, name="embed-plan", daemon=True)
     thread.start()
     try:
         while not isinstance(item := out.get(), _End):
@@ -281,10 +297,15 @@ def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_d
     n_dev = len(jax.local_devices())
     batch = -(-batch // n_dev) * n_dev
     report = Report()
+    deaths = _count_deaths(out_dir)
     todo = []
     for spec in specs:
         if is_done(out_dir / f"{spec.slide_id}.h5", encoder.name, tiling):
             report.skipped.append(spec.slide_id)
+        elif deaths.get(spec.slide_id, 0) >= MAX_DEATHS:
+            _record_failure(out_dir, spec, ProcessDiedError(
+                f"{spec.path}: {deaths[spec.slide_id]} earlier runs died while reading this slide (a crash in a "
+                f"decoder?); remove its entry from {out_dir / DEATHS_FILE} to try again"), report)
         else:
             todo.append(spec)
     if not todo:
@@ -314,7 +335,7 @@ def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_d
         bar.set_postfix(tiles=sum(report.tiles.values()), failed=len(report.failed), refresh=False)
         bar.update(1)
 
-    for item in read_batches(todo, tiling, batch, workers=workers, prefetch=prefetch):
+    for item in read_batches(todo, tiling, batch, workers=workers, prefetch=prefetch, marker=out_dir / READING_FILE):
         if isinstance(item, SlidePlan):
             slides[item.spec.slide_id] = _SlideFeatures(item)
             if not len(item.coords):
@@ -335,6 +356,30 @@ def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_d
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+class ProcessDiedError(RuntimeError):
+    """Earlier runs died (segfault, kill) while reading this slide."""
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _count_deaths(out_dir: pathlib.Path) -> dict[str, int]:
+    """`slide_id -> deaths`, adding one for the slide a left-behind reading marker names (then removed)."""
+    deaths_file, marker = out_dir / DEATHS_FILE, out_dir / READING_FILE
+    deaths = json.loads(deaths_file.read_text()) if deaths_file.exists() else {}
+    if marker.exists():
+        slide_id = json.loads(marker.read_text())["slide_id"]
+        deaths[slide_id] = deaths.get(slide_id, 0) + 1
+        _write_json(deaths_file, deaths)
+        marker.unlink()
+        warnings.warn(f"the last run in {out_dir} died while reading slide {slide_id!r} "
+                      f"({deaths[slide_id]} time(s); skipped from {MAX_DEATHS})", stacklevel=3)
+    return deaths
 
 
 class _SlideFeatures:
