@@ -123,6 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
                             peak_tflops_per_device=config.peak_tflops_per_device, device_count=jax.device_count())
     pending = _PendingMetrics(config, writer, throughput)
     metadata = _metadata(config, mesh)
+    step = start
     try:
         for step in range(start + 1, config.total_steps + 1):
             batch = next(iterator)
@@ -139,6 +140,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
                 logging.warning("preemption notice: saved step %d, stopping; rerun to resume", step)
                 break
         pending.flush()
+        logging.info("done at step %d of %d; checkpoints in %s", step, config.total_steps, checkpointer.directory)
     except NonFiniteLossError as error:
         checkpointer.wait()
         good = checkpointer.all_steps()

@@ -32,6 +32,8 @@ def _flags(argv: list[str]) -> flags.FlagValues:
     values(["bench_train", *argv])
     if values.config is None:
         raise flags.IllegalFlagValueError("--config is required")
+    if values.steps < 1:
+        raise flags.IllegalFlagValueError(f"--steps must be >= 1, got {values.steps}")
     return values
 
 
