@@ -252,3 +252,14 @@ def test_fidelity_from_pair_shards(tmp_path):
     emb, tokens = teacher.forward_with_tokens(pairs.cut_tiles(region))
     np.testing.assert_allclose(arrays["teacher_tiles"][0], np.asarray(emb), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(arrays["teacher_tokens"][0], np.asarray(tokens).mean(axis=(1, 2)), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    from xmag_jax.eval.__main__ import main
+
+    rng = np.random.default_rng(0)
+    write_bags(tmp_path / "feats", {"a": rng.normal(size=(4, 8)), "b": rng.normal(size=(4, 8))})
+    labels = write_labels(tmp_path / "labels.csv", {"a": "x"})
+    assert main(["probe", "--features", str(tmp_path / "feats"), "--labels", str(labels)]) == 1
+    assert "error: labels CSV has no label for 1 slide(s)" in capsys.readouterr().err
+    assert main(["nonsense"]) == 2

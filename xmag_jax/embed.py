@@ -30,6 +30,7 @@ import json
 import os
 import pathlib
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -423,11 +424,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    specs = inputs.list_slides(args.slides)
-    encoder = encoders.from_args(args)
-    tiling = Tiling(args.mpp, args.patch_px, args.tissue_threshold)
-    report = embed_slides(specs, encoder, args.out, tiling, batch=args.batch, workers=args.workers,
-                          prefetch=args.prefetch, progress=not args.no_progress)
+    try:
+        specs = inputs.list_slides(args.slides)
+        encoder = encoders.from_args(args)
+        tiling = Tiling(args.mpp, args.patch_px, args.tissue_threshold)
+        report = embed_slides(specs, encoder, args.out, tiling, batch=args.batch, workers=args.workers,
+                              prefetch=args.prefetch, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad arguments, not a bad slide
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     n_tiles = sum(report.tiles.values())
     print(f"{encoder.name} @ {args.mpp:g} µm/px -> {args.out}: {len(report.done)} embedded ({n_tiles} tiles, "
           f"{len(report.empty)} empty), {len(report.skipped)} already done, {len(report.failed)} failed "

@@ -14,7 +14,11 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m xmag_jax.eval {{{','.join(COMMANDS)}}} [args]", file=sys.stderr)
         return 2
-    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0
+    try:
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0
+    except (ValueError, KeyError, FileNotFoundError) as e:  # bad input: the message names the file/field
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
