@@ -92,23 +92,31 @@ def test_cli_unknown_topology_lists_known_names(capsys):
     assert "known v5p names: v5p-8, v5p-16" in capsys.readouterr().err
 
 
+def _linear_hbm_compile(calls: list):
+    """Stands in for XLA in tests of the search and the page: fixed 2 GiB + 0.3 GiB per pair per chip."""
+
+    def fake_compile(config, topo, *, global_batch=None, mfu=aot.DEFAULT_MFU, config_name="", devices=None):
+        global_batch = global_batch or config.batch_size
+        calls.append((config_name, topo.name, global_batch))
+        total = int((2 + 0.3 * global_batch / topo.num_chips) * topologies.GiB)
+        return aot.Report(config_name, topo.describe(), {"data": topo.num_chips, "fsdp": 1}, global_batch,
+                          aot.knobs(config), fits=total <= topo.chip.usable_hbm_bytes, compiled=True,
+                          hbm_bytes=topo.chip.usable_hbm_bytes, argument_bytes=2 * topologies.GiB, output_bytes=0,
+                          alias_bytes=0, temp_bytes=total - 2 * topologies.GiB, code_bytes=0, total_bytes=total,
+                          model_flops=1e12, argument_groups={"teacher params": 2 * topologies.GiB})
+
+    return fake_compile
+
+
 def test_find_batch_brackets_then_lands_on_the_largest_fit(monkeypatch):
-    """The search logic on a linear HBM model (fixed 2 GiB + 0.3 GiB per pair per chip) instead of XLA."""
+    """The search logic on a linear HBM model instead of XLA."""
     topo = topologies.parse("v5e-8")
     calls = []
-
-    def fake_compile(config, topo, *, global_batch, mfu, config_name, devices):
-        calls.append(global_batch)
-        total = int((2 + 0.3 * global_batch / topo.num_chips) * topologies.GiB)
-        return aot.Report(config_name, topo.describe(), {"data": 8, "fsdp": 1}, global_batch, aot.knobs(config),
-                          fits=total <= topo.chip.usable_hbm_bytes, compiled=True, hbm_bytes=topo.chip.usable_hbm_bytes,
-                          total_bytes=total, argument_groups={"teacher params": 2 * topologies.GiB})
-
-    monkeypatch.setattr(aot, "compile_step", fake_compile)
+    monkeypatch.setattr(aot, "compile_step", _linear_hbm_compile(calls))
     best, tries = aot.find_batch(_debug_config(), topo, log=lambda s: None)
     largest = max(b for b in range(8, 10_000, 8) if 2 + 0.3 * b / 8 <= 15.75)
     assert best.global_batch == largest == 360
-    assert calls[0] == 8 and len(calls) <= 5
+    assert calls[0][2] == 8 and len(calls) <= 5
     assert any(t.global_batch == largest + 8 and not t.fits for t in tries)
 
 
@@ -132,3 +140,31 @@ def test_docs_page_renders_and_rerenders_from_json(debug_v5p_8, tmp_path, monkey
     assert cells[6].startswith(f"{report.pairs_per_second:.0f} ")
     assert "| debug teacher → debug student | v6e-4 | not compiled yet |" in page
     assert "## Memory/precision knobs" in page
+
+
+def test_docs_processes_fill_one_page(monkeypatch, tmp_path):
+    """Rows of two topologies from two runs and the knob variants from a third merge into one page."""
+    from xmag_jax import aot_docs
+
+    calls = []
+    monkeypatch.setattr(aot, "compile_step", _linear_hbm_compile(calls))
+    monkeypatch.setattr(aot_docs, "CONFIGS", (("configs/debug.py", "debug"),))
+    monkeypatch.setattr(aot_docs, "TOPOLOGIES", ("v5e-8", "v6e-8"))
+    monkeypatch.setattr(aot_docs, "KNOB_CONFIG", "configs/debug.py")
+    monkeypatch.setattr(aot_docs, "KNOB_TOPOLOGY", "v5e-8")
+    page = str(tmp_path / "aot.md")
+    for topology in ("v6e-8", "v5e-8"):
+        assert aot.main(["aot", "--docs", page, "--docs_part", "rows", "--docs_topologies", topology,
+                         "--docs_resume"]) == 0
+    assert aot.main(["aot", "--docs", page, "--docs_part", "knobs", "--docs_resume"]) == 0
+    text = (tmp_path / "aot.md").read_text()
+    # v5e-8 (15.75 GiB): largest multiple of 8 with 2 + 0.3 * b / 8 <= 15.75 is 360; v6e-8 (31.24 GiB): 776.
+    assert "| debug | v5e-8 | data 8×fsdp 1 | fits, " in text and "| 360 (45/chip) |" in text
+    assert "| debug | v6e-8 |" in text and "| 776 (97/chip) |" in text
+    assert "not compiled yet" not in text
+    variants = [line.split("|")[1].strip() for line in text.splitlines()
+                if line.split("|")[1:2] and line.split("|")[1].strip() in dict(aot_docs.KNOB_VARIANTS)]
+    assert variants == [label for label, _ in aot_docs.KNOB_VARIANTS]
+    # The knob base reuses the row's compile; the four variants compile once each.
+    knob_calls = [c for c in calls if c[1] == "v5e-8" and c[2] == _debug_config().batch_size]
+    assert len(knob_calls) == 1 + 4

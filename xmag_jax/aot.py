@@ -359,6 +359,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     flags.DEFINE_enum("docs_part", "all", ["all", "rows", "knobs"], "With --docs: compile only the table rows or "
                       "only the knob variants (two processes can share the page).", flag_values=fv)
+    flags.DEFINE_list("docs_topologies", None, "With --docs: table rows for these topologies only.", flag_values=fv)
     flags.DEFINE_bool("docs_resume", False, "With --docs: keep the compiles the page's JSON holds, add the missing.",
                       flag_values=fv)
 
@@ -381,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         from xmag_jax import aot_docs  # pylint: disable=g-import-not-at-top
         if fv.rerender:
             return aot_docs.rerender(fv.docs, mfu=fv.mfu)
-        return aot_docs.main(fv.docs, mfu=fv.mfu, part=fv.docs_part, resume=fv.docs_resume)
+        return aot_docs.main(fv.docs, mfu=fv.mfu, part=fv.docs_part, resume=fv.docs_resume,
+                             only_topologies=tuple(fv.docs_topologies or ()))
     if fv.config is None or fv.topology is None:
         print("error: --config and --topology are required (or --docs PATH)", file=sys.stderr)
         return 2

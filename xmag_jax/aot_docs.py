@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import importlib.util
 import json
 import os
@@ -214,34 +215,53 @@ def rerender(out: str, *, mfu: float = aot.DEFAULT_MFU) -> int:
     return 0
 
 
-def main(out: str, *, mfu: float = aot.DEFAULT_MFU, part: str = "all", resume: bool = False) -> int:
+def main(out: str, *, mfu: float = aot.DEFAULT_MFU, part: str = "all", resume: bool = False,
+         only_topologies: tuple[str, ...] = ()) -> int:
     """Compiles in order of value, rewriting the page after each compile. `part`: "rows" (every
     combination at its config's batch, then the batch search for each), "knobs" (the knob variants), or
-    "all" (rows at the config's batch, knobs, searches). Rows and knobs may run as two processes at once.
-    `resume`: keep what the page's JSON already holds and compile only what is missing."""
+    "all" (rows at the config's batch, knobs, searches). `resume`: keep what the page's JSON already holds
+    and compile only what is missing. `only_topologies`: rows for these topologies only. Several processes
+    may fill one page at once (different parts or topologies): each merges its results into the JSON."""
     if part not in ("all", "rows", "knobs"):
         raise ValueError(f"docs part must be all, rows or knobs, got {part!r}")
+    unknown = set(only_topologies) - set(TOPOLOGIES)
+    if unknown:
+        raise ValueError(f"topologies {sorted(unknown)} are not in the page's {TOPOLOGIES}")
+    wanted = [t for t in TOPOLOGIES if not only_topologies or t in only_topologies]
     path = epath.Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows_json, knobs_json = _json_paths(path)
+    if not resume:
+        for stale in (rows_json, knobs_json):
+            if stale.exists() and part in ("all", "knobs" if stale == knobs_json else "rows"):
+                stale.unlink()
     rows, knob_rows, failed = _load(path, mfu) if resume else ([], [], [])
+    rows = [r for r in rows if r.topology in wanted]
     failed.clear()  # failures are retried
 
     def flush() -> None:
-        if part != "knobs":
-            _write(rows_json, json.dumps({"rows": [{"config": r.config_path, "topology": r.topology,
-                                                    "tries": [t.to_json() for t in r.tries]} for r in rows],
-                                          "failed": failed}, indent=1))
-        if part != "rows":
-            _write(knobs_json, json.dumps({"knobs": [r.to_json() for r in knob_rows]}, indent=1))
-        rerender(out, mfu=mfu)
+        with open(os.fspath(path.parent / f".{path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # other processes filling the same page merge in turn
+            saved_rows, saved_knobs, saved_failed = _load(path, mfu)
+            if part != "knobs":
+                mine = {(r.config_path, r.topology) for r in rows}
+                merged = [r for r in saved_rows if (r.config_path, r.topology) not in mine] + rows
+                order = [(c, t) for c, _ in CONFIGS for t in TOPOLOGIES]
+                merged.sort(key=lambda r: order.index((r.config_path, r.topology)))
+                others = [f for f in saved_failed if f.split(" | ")[1] not in wanted]
+                _write(rows_json, json.dumps({"rows": [{"config": r.config_path, "topology": r.topology,
+                                                        "tries": [t.to_json() for t in r.tries]} for r in merged],
+                                              "failed": others + failed}, indent=1))
+            if part != "rows":
+                _write(knobs_json, json.dumps({"knobs": [r.to_json() for r in knob_rows]}, indent=1))
+            rerender(out, mfu=mfu)
 
     def log(line: str) -> None:
         print(line, flush=True)
 
     if part != "knobs":
         for config_path, label in CONFIGS:
-            for topology in TOPOLOGIES:
+            for topology in wanted:
                 if any((r.config_path, r.topology) == (config_path, topology) for r in rows):
                     continue
                 log(f"{label} on {topology} at the config's batch:")
