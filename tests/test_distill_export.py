@@ -1,0 +1,42 @@
+"""The trained student leaves a distillation workdir as a model checkpoint: EMA weights when kept,
+loadable by `models.checkpoint.load_model` (and so by `convert export` and `embed`)."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+from configs import debug
+from xmag_jax import train
+from xmag_jax.data.synthetic_pairs import write_pair_shards
+from xmag_jax.distill import export
+from xmag_jax.models import checkpoint as model_checkpoint
+
+
+def test_export_writes_the_ema_student(tmp_path):
+    write_pair_shards(tmp_path / "pairs", 8, num_shards=1)
+    config = debug.get_config()
+    config.data.dir = str(tmp_path / "pairs")
+    config.total_steps, config.batch_size = 3, 8
+    config.optim.warmup_steps, config.optim.ema_decay = 1, 0.5
+    config.checkpoint.every, config.log_every = 3, 1
+    state = train.train(config, str(tmp_path / "run"))
+
+    assert export.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "student")]) == 0
+    model, arch = model_checkpoint.load_model(tmp_path / "student")
+    assert arch.name == config.student.name
+    exported = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    expected = jax.tree.leaves(nnx.to_pure_dict(jax.device_get(state.ema)))
+    trained = jax.tree.leaves(nnx.to_pure_dict(jax.device_get(state.params["student"])))
+    assert len(exported) == len(expected) > 0
+    for a, b in zip(exported, expected):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(a, b) for a, b in zip(expected, trained)), "EMA equals raw params: test is void"
+
+
+def test_export_errors_name_the_problem(tmp_path, capsys):
+    assert export.main(["--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")]) == 1
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert export.main(["--random-init", "vit_test", "--out", str(tmp_path / "r")]) == 0
+    assert model_checkpoint.read_arch(tmp_path / "r").name == "vit_test"
+    assert export.main(["--random-init", "vit_test", "--out", str(tmp_path / "r")]) == 1
+    assert "already exists" in capsys.readouterr().err

@@ -1,0 +1,82 @@
+"""The student of a distillation run as a model checkpoint (`xmag_jax.models.checkpoint` layout).
+
+    python -m xmag_jax.distill.export --workdir RUN --out student          # newest step (EMA weights if kept)
+    python -m xmag_jax.distill.export --workdir RUN --step 2000 --out student
+    python -m xmag_jax.distill.export --random-init vit_s14 --out baseline  # untrained student, for comparisons
+
+The result feeds `python -m xmag_jax.convert export --checkpoint student --out DIR` (timm / PyTorch) and
+`python -m xmag_jax.embed --checkpoint student`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from xmag_jax import sharding
+from xmag_jax.distill import step as step_lib
+from xmag_jax.distill.checkpointing import CHECKPOINT_DIR, META, STATE
+from xmag_jax.models import checkpoint as model_checkpoint
+from xmag_jax.models import registry
+from xmag_jax.models.vit import VisionTransformer
+
+
+def student_from_workdir(workdir: str, step: int | None = None) -> tuple[VisionTransformer, str]:
+    """Restore the student (EMA parameters when the run kept an EMA) of `workdir`'s checkpoint `step`
+    (default: the newest). Returns `(model, registry name)`; the model lives on one device."""
+    directory = epath.Path(workdir) / CHECKPOINT_DIR
+    manager = ocp.CheckpointManager(
+        directory, item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no complete checkpoint (is {workdir} a distillation workdir?)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"{directory}: no checkpoint for step {step}; have {steps}")
+    meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    config = ml_collections.ConfigDict(meta["config"])
+    config.mesh.data, config.mesh.fsdp = 1, 1
+    config.batch_size = config.optim.grad_accum
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+    trainer = step_lib.make_trainer(config, mesh)
+    state = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(trainer.abstract_state())}))[STATE]
+    manager.close()
+    student = registry.create_model(config.student.name, rngs=nnx.Rngs(0))
+    nnx.update(student, state.student_params)
+    return student, config.student.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="distillation run directory (the train command's --workdir)")
+    source.add_argument("--random-init", metavar="NAME", help="registry name of an untrained student to write")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init")
+    parser.add_argument("--out", required=True, help="model checkpoint directory to write (must not exist)")
+    args = parser.parse_args(argv)
+    try:
+        if args.workdir:
+            model, name = student_from_workdir(args.workdir, args.step)
+        else:
+            name = args.random_init
+            model = registry.create_model(name, rngs=nnx.Rngs(args.seed))
+        path = model_checkpoint.save_model(Path(args.out), model, name)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {name} student to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
