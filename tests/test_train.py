@@ -29,6 +29,7 @@ def _config(data_dir: Path, **overrides):
     config.data.dir = str(data_dir)
     config.total_steps = STEPS
     config.batch_size = 8
+    config.mesh.fsdp = 4  # parameters and optimizer state sharded 4 ways, so restoring onto 1 device regathers them
     config.optim.warmup_steps = 2
     config.checkpoint.every = 4
     config.log_every = 4
@@ -44,10 +45,12 @@ def _leaves(state) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One 8-step run on 8 devices (batch 8, checkpoints at 4 and 8): (data dir, workdir, final params)."""
+    """One 8-step run on 8 devices (mesh data 2 x fsdp 4, batch 8, checkpoints at 4 and 8): (data dir, workdir,
+    final params)."""
     root = tmp_path_factory.mktemp("train")
     write_pair_shards(root / "pairs", 24, num_shards=2)
     state = train.train(_config(root / "pairs"), str(root / "work"))
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
     return root / "pairs", root / "work", _leaves(state)
 
 
