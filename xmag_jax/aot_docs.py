@@ -33,7 +33,7 @@ CONFIGS = (
 )
 TOPOLOGIES = ("v5e-256", "v5p-256", "v6e-256")
 MAX_TRIES = 4
-KNOB_CONFIG, KNOB_TOPOLOGY = "configs/uni2h_vits14.py", "v5e-256"
+KNOB_CONFIG, KNOB_TOPOLOGY = "configs/uni2h_vits14.py", "v5p-256"
 KNOB_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("as configured", {}),
     ("fp32 teacher", {"teacher.dtype": "float32"}),
