@@ -111,8 +111,14 @@ def _open_handle(path: str) -> tuple[Any, str]:
         return openslide.OpenSlide(path), "openslide"
     except openslide.OpenSlideUnsupportedFormatError as os_err:
         try:
-            return tiffslide.TiffSlide(path), "tiffslide"
-        except Exception as ts_err:  # tiffslide raises tifffile/zarr/value errors on non-TIFF files
+            handle = tiffslide.TiffSlide(path)
+            try:  # tiffslide parses lazily: a TIFF header over garbage fails only when it is read
+                handle.properties, handle.level_dimensions  # noqa: B018
+            except Exception:
+                handle.close()
+                raise
+            return handle, "tiffslide"
+        except Exception as ts_err:  # tiffslide raises tifffile/zarr/value/index errors on non-slides
             raise NotASlideError(f"{path}: not a slide OpenSlide or tiffslide can open "
                                  f"(OpenSlide: {os_err}; tiffslide: {type(ts_err).__name__}: {ts_err})") from None
     except openslide.OpenSlideError as err:

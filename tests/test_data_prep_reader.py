@@ -55,6 +55,10 @@ def test_not_a_slide(tmp_path):
         slide_reader.open_slide(fx.not_a_slide(tmp_path / "notes.svs"))
     with pytest.raises(slide_reader.NotASlideError, match="no such file"):
         slide_reader.open_slide(tmp_path / "missing.svs")
+    garbage = tmp_path / "garbage.tif"  # a TIFF header over random bytes: tiffslide accepts it lazily
+    garbage.write_bytes(b"II*\x00" + np.random.default_rng(0).bytes(4000))
+    with pytest.raises(slide_reader.NotASlideError, match="garbage.tif"):
+        slide_reader.open_slide(garbage)
 
 
 def test_best_level():
