@@ -3,7 +3,8 @@
 Layout of `path/`: `params/` (Orbax StandardCheckpointer, the `nnx.Param` state as a nested dict keyed
 like timm: `blocks/0/attn/qkv/kernel`, ...) and `arch.json` (`{"name": ..., "vit": ViTConfig fields}`),
 so non-registry overrides such as a reduced depth round-trip. The directory is written under a temporary
-name and renamed, so a present `path/arch.json` means a complete checkpoint.
+name and renamed, so a present `path/arch.json` means a complete checkpoint. Checkpoints are written to a
+local (or mounted) path and read from a local path or Cloud Storage (`gs://`, through etils.epath).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from xmag_jax.models.registry import Arch, get_arch
@@ -50,9 +52,14 @@ def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str
     return path
 
 
+def _readable(path: str | os.PathLike) -> epath.Path:
+    """`path` as an absolute epath (local, or a cloud URL such as gs://bucket/dir, which stays as it is)."""
+    return epath.Path(path) if "://" in os.fspath(path) else epath.Path(os.path.abspath(path))
+
+
 def read_arch(path: str | os.PathLike, **vit_overrides: Any) -> Arch:
     """The architecture stored in checkpoint `path` (registry entry + saved ViTConfig + overrides)."""
-    path = Path(path)
+    path = _readable(path)
     arch_file = path / ARCH_FILE
     if not path.is_dir():
         raise FileNotFoundError(f"model checkpoint {path} does not exist (expected a directory from save_model)")
@@ -71,7 +78,7 @@ def load_params(path: str | os.PathLike, abstract_state: nnx.State) -> nnx.State
     """Restore the parameters of checkpoint `path` onto `abstract_state` (an `nnx.State` of Params whose
     values are `jax.ShapeDtypeStruct`s, with `.sharding` set for a sharded restore, else on the default
     device). Arrays are restored in the abstract dtypes. Returns the filled state."""
-    params_dir = Path(path).absolute() / PARAMS_DIR
+    params_dir = _readable(path) / PARAMS_DIR
     if not params_dir.is_dir():
         raise FileNotFoundError(f"model checkpoint parameters {params_dir} do not exist")
     target = nnx.to_pure_dict(abstract_state)
