@@ -96,6 +96,8 @@ def real_size_config(*, teacher: str, teacher_checkpoint: str, epochs: int = 10)
     c.batch_size = 1024
     c.total_steps = epochs * XMAG_NUM_PAIRS // c.batch_size
     c.optim.warmup_steps = c.total_steps // 20
-    c.data.dir = "gs://YOUR_BUCKET/xmag_pairs"
+    # array_record reads local files: on a pod, the bucket mounted on every worker with Cloud Storage FUSE
+    # (`launch/tpu_pod.sh --gcsfuse BUCKET`); GCS in open-source array_record: google/array_record#120.
+    c.data.dir = "/gcs/YOUR_BUCKET/xmag_pairs"
     c.checkpoint.every = 1000
     return c

@@ -7,7 +7,7 @@ Teacher weights: `python -m xmag_jax.convert import`, then pass the Orbax direct
     gcloud compute tpus tpu-vm ssh xmag-v5p-128 --zone=us-east5-a --worker=all --command="\
       cd xmag_jax && .venv/bin/python -m xmag_jax.train --distributed \
         --config configs/hoptimus1_vits14.py --workdir gs://BUCKET/xmag/hoptimus1_vits14 \
-        --config.data.dir=gs://BUCKET/xmag_pairs --config.teacher.checkpoint=gs://BUCKET/teachers/h_optimus_1"
+        --config.data.dir=/gcs/BUCKET/xmag_pairs --config.teacher.checkpoint=gs://BUCKET/teachers/h_optimus_1"
 
 A restarted command with the same workdir resumes from the latest checkpoint.
 """

@@ -7,7 +7,7 @@ On a TPU v5e-64 pod slice (64 chips, 16 hosts), from every host:
     gcloud compute tpus tpu-vm ssh xmag-v5e-64 --zone=us-west4-a --worker=all --command="\
       cd xmag_jax && .venv/bin/python -m xmag_jax.train --distributed \
         --config configs/uni2h_vits14.py --workdir gs://BUCKET/xmag/uni2h_vits14 \
-        --config.data.dir=gs://BUCKET/xmag_pairs --config.teacher.checkpoint=gs://BUCKET/teachers/uni2_h"
+        --config.data.dir=/gcs/BUCKET/xmag_pairs --config.teacher.checkpoint=gs://BUCKET/teachers/uni2_h"
 
 A restarted command with the same workdir resumes from the latest checkpoint.
 """

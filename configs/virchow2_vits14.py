@@ -7,7 +7,7 @@ the Orbax directory as `--config.teacher.checkpoint`. On a TPU v5e-64 pod slice,
     gcloud compute tpus tpu-vm ssh xmag-v5e-64 --zone=us-west4-a --worker=all --command="\
       cd xmag_jax && .venv/bin/python -m xmag_jax.train --distributed \
         --config configs/virchow2_vits14.py --workdir gs://BUCKET/xmag/virchow2_vits14 \
-        --config.data.dir=gs://BUCKET/xmag_pairs --config.teacher.checkpoint=gs://BUCKET/teachers/virchow2"
+        --config.data.dir=/gcs/BUCKET/xmag_pairs --config.teacher.checkpoint=gs://BUCKET/teachers/virchow2"
 
 A restarted command with the same workdir resumes from the latest checkpoint.
 """
