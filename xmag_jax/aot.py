@@ -360,6 +360,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("docs_part", "all", ["all", "rows", "knobs"], "With --docs: compile only the table rows or "
                       "only the knob variants (two processes can share the page).", flag_values=fv)
     flags.DEFINE_list("docs_topologies", None, "With --docs: table rows for these topologies only.", flag_values=fv)
+    flags.DEFINE_list("docs_configs", None, "With --docs: table rows for these config files only.", flag_values=fv)
     flags.DEFINE_bool("docs_resume", False, "With --docs: keep the compiles the page's JSON holds, add the missing.",
                       flag_values=fv)
 
@@ -383,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         if fv.rerender:
             return aot_docs.rerender(fv.docs, mfu=fv.mfu)
         return aot_docs.main(fv.docs, mfu=fv.mfu, part=fv.docs_part, resume=fv.docs_resume,
-                             only_topologies=tuple(fv.docs_topologies or ()))
+                             only_topologies=tuple(fv.docs_topologies or ()),
+                             only_configs=tuple(fv.docs_configs or ()))
     if fv.config is None or fv.topology is None:
         print("error: --config and --topology are required (or --docs PATH)", file=sys.stderr)
         return 2

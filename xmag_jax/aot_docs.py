@@ -216,11 +216,11 @@ def rerender(out: str, *, mfu: float = aot.DEFAULT_MFU) -> int:
 
 
 def main(out: str, *, mfu: float = aot.DEFAULT_MFU, part: str = "all", resume: bool = False,
-         only_topologies: tuple[str, ...] = ()) -> int:
+         only_topologies: tuple[str, ...] = (), only_configs: tuple[str, ...] = ()) -> int:
     """Compiles in order of value, rewriting the page after each compile. `part`: "rows" (every
     combination at its config's batch, then the batch search for each), "knobs" (the knob variants), or
     "all" (rows at the config's batch, knobs, searches). `resume`: keep what the page's JSON already holds
-    and compile only what is missing. `only_topologies`: rows for these topologies only. Several processes
+    and compile only what is missing. `only_topologies`, `only_configs`: rows for these only. Several processes
     may fill one page at once (different parts or topologies): each merges its results into the JSON."""
     if part not in ("all", "rows", "knobs"):
         raise ValueError(f"docs part must be all, rows or knobs, got {part!r}")
@@ -261,6 +261,8 @@ def main(out: str, *, mfu: float = aot.DEFAULT_MFU, part: str = "all", resume: b
 
     if part != "knobs":
         for config_path, label in CONFIGS:
+            if only_configs and config_path not in only_configs:
+                continue
             for topology in wanted:
                 if any((r.config_path, r.topology) == (config_path, topology) for r in rows):
                     continue
