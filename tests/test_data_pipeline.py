@@ -125,6 +125,17 @@ def test_processes_read_disjoint_complete_slices(clean_dir):
     assert sorted(seen[0] + seen[1]) == list(range(NUM_RECORDS))
 
 
+def test_augmentation_draws_follow_the_global_stream_not_the_process(clean_dir):
+    """Two processes' augmented pairs interleave into exactly the one-process stream: draws are per pair,
+    not per local position (which would repeat the same draw on every host)."""
+    kwargs = dict(seed=7, batch_size=1, num_epochs=1)
+    data = _data(clean_dir, d4=True, color=True, hed=True)
+    single = _take(make_iterator(data, process_index=0, process_count=1, **kwargs), 8)
+    per_process = [_take(make_iterator(data, process_index=i, process_count=2, **kwargs), 4) for i in range(2)]
+    interleaved = [per_process[i % 2][i // 2] for i in range(8)]
+    _assert_batches_equal(single, interleaved)
+
+
 def test_get_state_set_state_resumes_exactly(clean_dir):
     data = _data(clean_dir, d4=True, color=True)
     kwargs = dict(seed=5, batch_size=4, process_index=0, process_count=1)

@@ -96,7 +96,9 @@ def build_dataset(
         .shuffle()
         .repeat(num_epochs)
     )
-    ds = ds[process_index::process_count].random_map(DecodeAndAugment(options))
+    # Augment before slicing: each pair's draw follows its position in the global stream, so processes
+    # draw independently and a run regrouped onto another process count replays the same draws.
+    ds = ds.random_map(DecodeAndAugment(options))[process_index::process_count]
     read_ahead = max(1, data["prefetch_buffer"]) * batch_size
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_ahead))
     it = SkipBadRecordsIterDataset(it, max_in_a_row=max_bad_in_a_row).batch(batch_size, drop_remainder=True)
