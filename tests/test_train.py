@@ -49,6 +49,8 @@ def run(tmp_path_factory):
     final params)."""
     root = tmp_path_factory.mktemp("train")
     write_pair_shards(root / "pairs", 24, num_shards=2)
+    (root / "work").mkdir()  # lines of an earlier run killed before its first checkpoint: not this run's
+    (root / "work" / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss/total": 99.0}}\n' for s in (1, 2, 3)))
     state = train.train(_config(root / "pairs"), str(root / "work"))
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
     return root / "pairs", root / "work", _leaves(state)

@@ -114,9 +114,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
         logging.info("starting from scratch in %s", workdir)
     else:
         state, start = restored.state, restored.step
-        writer.resume_at(start)
         logging.info("resumed from checkpoint step %d in %s", start, workdir)
         _warn_config_changes(restored.metadata.get("config", {}), config)
+    writer.resume_at(start)  # drops lines a killed run wrote after its last checkpoint (all, if it had none)
     teacher = trainer.teacher_state()
 
     throughput = Throughput(batch_size=config.batch_size, flops_per_step=trainer.flops_per_step().total,
