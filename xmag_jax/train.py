@@ -14,6 +14,7 @@ batches become global arrays sharded over the mesh.
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 from typing import Any
 
@@ -153,9 +154,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
     return state
 
 
+class _DropOrbaxInfo(std_logging.Filter):
+    """Orbax logs every stage of every save at INFO; keep its warnings and errors, and our progress lines."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_DropOrbaxInfo())
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
     epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
     try:
