@@ -81,7 +81,7 @@ def make_scene(side_um: float, label: int, rng: np.random.Generator) -> Scene:
         return field[ij[:, 1], ij[:, 0]]
 
     area_mm2 = (side_um / 1000) ** 2
-    per_mm2 = 1500 if label == 0 else 3000
+    per_mm2 = 4000 if label == 0 else 8000
     centres = rng.uniform(0, side_um, (int(per_mm2 * area_mm2), 2))
     if label == 0:
         a = rng.uniform(3.0, 4.5, len(centres))
