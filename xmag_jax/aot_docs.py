@@ -139,7 +139,7 @@ def render(rows: list[Row], knob_rows: list[aot.Report], pending: list[str], mfu
             f"{r.pairs_per_second:.0f} ({r.pairs_per_second_per_chip:.1f}) | {xla} | {_duration(r.epoch_hours)} |")
     for name in pending:
         cells = name.split(" | ")
-        note = cells[2] if len(cells) > 2 else "not compiled yet"
+        note = cells[2].split(". ")[0] + "." if len(cells) > 2 else "not compiled yet"
         lines.append(f"| {cells[0]} | {cells[1]} | {note} |  |  |  |  |  |  |")
     lines += ["", "## What dominates HBM (per chip, at the config's batch)", ""]
     for row in rows:
@@ -236,7 +236,7 @@ def main(out: str, *, mfu: float = aot.DEFAULT_MFU, part: str = "all", resume: b
             if stale.exists() and part in ("all", "knobs" if stale == knobs_json else "rows"):
                 stale.unlink()
     rows, knob_rows, failed = _load(path, mfu) if resume else ([], [], [])
-    rows = [r for r in rows if r.topology in wanted]
+    rows = [r for r in rows if r.topology in wanted and (not only_configs or r.config_path in only_configs)]
     failed.clear()  # failures are retried
 
     def flush() -> None:
@@ -274,6 +274,7 @@ def main(out: str, *, mfu: float = aot.DEFAULT_MFU, part: str = "all", resume: b
                     log(f"  FAILED: {type(error).__name__}: {error}")
                     failed.append(f"{label} | {topology} | failed: {type(error).__name__}: "
                                   f"{str(error).splitlines()[0]}")
+                    flush()
                     continue
                 log(aot.format_report(report))
                 rows.append(Row(label, config_path, topology, report, report if report.fits else None, [report]))
