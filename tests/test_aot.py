@@ -168,3 +168,19 @@ def test_docs_processes_fill_one_page(monkeypatch, tmp_path):
     # The knob base reuses the row's compile; the four variants compile once each.
     knob_calls = [c for c in calls if c[1] == "v5e-8" and c[2] == _debug_config().batch_size]
     assert len(knob_calls) == 1 + 4
+
+
+@pytest.mark.parametrize("fsdp", [4, 16])
+def test_mesh_maps_onto_the_v6e_torus_splitting_an_axis_only_when_needed(fsdp):
+    import ml_collections
+    import numpy as np
+
+    from xmag_jax import sharding
+
+    devices = topologies.compile_devices(topologies.parse("v6e-256"))
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": fsdp}), devices)
+    assert dict(mesh.shape) == {"data": 256 // fsdp, "fsdp": fsdp}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+    group = np.array([d.coords for d in mesh.devices[0]])  # one fsdp group: a line of neighbouring chips
+    varying = [axis for axis in range(group.shape[1]) if len(set(group[:, axis])) > 1]
+    assert len(varying) == 1 and len(set(group[:, varying[0]])) == fsdp
