@@ -43,7 +43,7 @@ import numpy as np
 import tqdm
 
 from data_prep import inputs, slide_reader, tissue
-from xmag_jax import encoders
+from xmag_jax import atomic, encoders
 
 FAILURES_FILE = "failures.jsonl"
 READING_FILE = ".reading.json"  # the slide being read; left behind only if the process died
@@ -246,17 +246,12 @@ def h5_attrs(plan: SlidePlan, tiling: Tiling, encoder_name: str, embed_dim: int)
 
 def write_h5(path: pathlib.Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
     """`features [N, D]` float32 and `coords [N, 2]` int64 with `attrs`, written to a temp file and renamed."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=np.asarray(features, np.float32))
-            c = f.create_dataset("coords", data=np.asarray(coords, np.int64))
-            for k, v in attrs.items():
-                f.attrs[k] = v
-                c.attrs[k] = v
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.target(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=np.asarray(features, np.float32))
+        c = f.create_dataset("coords", data=np.asarray(coords, np.int64))
+        for k, v in attrs.items():
+            f.attrs[k] = v
+            c.attrs[k] = v
 
 
 def is_done(path: pathlib.Path, encoder_name: str, tiling: Tiling) -> bool:
@@ -364,9 +359,8 @@ class ProcessDiedError(RuntimeError):
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    with atomic.target(path) as tmp:
+        tmp.write_text(json.dumps(obj))
 
 
 def _count_deaths(out_dir: pathlib.Path) -> dict[str, int]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xmag_jax import atomic
 from xmag_jax.convert.mapping import from_timm, to_timm
 from xmag_jax.models.checkpoint import load_model, save_model
 from xmag_jax.models.registry import Arch, get_arch, timm_model_args
@@ -110,15 +109,7 @@ def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overwr
     model, arch = load_model(checkpoint)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     state_dict = to_timm(params)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.target(out, directory=True) as tmp:
         save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(timm_config(arch), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out

@@ -15,6 +15,7 @@ import simplejpeg
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_prep import records
+from xmag_jax import atomic
 
 REGION_PX = records.REGION_20X_PX
 TILE_PX = records.TILE_5X_PX
@@ -84,11 +85,10 @@ def write_pair_shards(
     paths = []
     for shard in range(num_shards):
         path = os.path.join(os.fspath(out_dir), records.shard_name(split, shard, num_shards))
-        tmp = path + ".tmp"
-        writer = ArrayRecordWriter(tmp, "group_size:1")
-        for index in range(bounds[shard], bounds[shard + 1]):
-            writer.write(_record(index, rng, corrupt.get(index)))
-        writer.close()
-        os.replace(tmp, path)
+        with atomic.target(path) as tmp:
+            writer = ArrayRecordWriter(str(tmp), "group_size:1")
+            for index in range(bounds[shard], bounds[shard + 1]):
+                writer.write(_record(index, rng, corrupt.get(index)))
+            writer.close()
         paths.append(path)
     return paths

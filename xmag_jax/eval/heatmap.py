@@ -17,6 +17,7 @@ from PIL import Image
 from scipy import stats
 
 from data_prep import inputs, slide_reader
+from xmag_jax import atomic
 from xmag_jax.eval.features import SlideBag
 
 _JET = np.array([[0, 0, .5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [.5, 0, 0]], np.float32)
@@ -83,7 +84,6 @@ def write_heatmap(bag: SlideBag, attention: np.ndarray, out_dir: str | os.PathLi
     thumb, downsample = thumbnail_of(bag, slides, max_side)
     image = render(bag.coords, attention, float(bag.attrs.get("patch_size_level0", 1)), thumb, downsample)
     path = out_dir / f"{bag.slide_id}_attention.png"
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic.target(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

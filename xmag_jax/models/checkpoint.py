@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from xmag_jax import atomic
 from xmag_jax.models.registry import Arch, get_arch
 from xmag_jax.models.vit import ViTConfig, VisionTransformer
 
@@ -36,19 +35,11 @@ def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str
     get_arch(arch_name)
     if path.exists() and not overwrite:
         raise FileExistsError(f"checkpoint directory {path} already exists")
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.target(path, directory=True) as tmp:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
         (tmp / ARCH_FILE).write_text(json.dumps({"name": arch_name, "vit": model.cfg.to_dict()}, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 
