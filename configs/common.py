@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.student.name = "vit_s14"  # ViT-S/14, 224 px -> 16x16 tokens
     c.student.dtype = "bfloat16"  # compute dtype; parameters stay float32
     c.student.remat = False
+    # Initial LayerScale gamma; None keeps the registry's (1e-5, DINOv2's choice for long runs). Only the
+    # initial value changes: the trained student has the registry architecture and exports unchanged.
+    c.student.layer_scale_init = ml_collections.config_dict.placeholder(float)
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""
@@ -56,6 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.token_weight = 1.0
     c.loss.projector_hidden = 2048
     c.loss.mode = "dual"  # "dual" | "global_only" | "local_only"
+    # Subtract a running mean of the teacher's embeddings / tokens from the targets (DINO-style centering):
+    # center <- m * center + (1 - m) * batch mean, set to the first batch's mean by step 0 (which the warmup
+    # gives learning rate 0, so no update ever sees the zero initial center).
+    c.loss.center_targets = False  # the paper's loss; configs/debug.py turns it on (see there)
+    c.loss.center_momentum = 0.9
 
     # AdamW with linear warmup then cosine decay to lr * min_lr_ratio.
     c.optim = ml_collections.ConfigDict()

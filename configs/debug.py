@@ -26,10 +26,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.student.name = "vit_test"
     c.student.dtype = "float32"
+    # LayerScale at the registry's 1e-5 leaves a tiny student's blocks inert for a short run (its CLS token
+    # barely sees the image); starting gamma at 1 lets 60 CPU steps move it. The architecture is unchanged.
+    c.student.layer_scale_init = 1.0
 
     c.data.dir = "demo_out/pairs"
     c.data.worker_count = 0
     c.loss.projector_hidden = 256
+    # The stand-in teacher's embeddings share a large common part (mean pairwise cosine 0.72); uncentred, the
+    # cosine loss is met by a near-constant prediction. Measured on the 8-slide demo (300 steps, lr 3e-3): linear
+    # balanced accuracy of the student 0.54 uncentred, 0.64 centred.
+    c.loss.center_targets = True
 
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 5

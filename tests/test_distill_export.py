@@ -3,6 +3,7 @@ loadable by `models.checkpoint.load_model` (and so by `convert export` and `embe
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from configs import debug
@@ -10,6 +11,7 @@ from xmag_jax import train
 from xmag_jax.data.synthetic_pairs import write_pair_shards
 from xmag_jax.distill import export
 from xmag_jax.models import checkpoint as model_checkpoint
+from xmag_jax.models import registry
 
 
 def test_export_writes_the_ema_student(tmp_path):
@@ -32,6 +34,14 @@ def test_export_writes_the_ema_student(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(not np.array_equal(a, b) for a, b in zip(expected, trained)), "EMA equals raw params: test is void"
 
+    # --initial: the run's student before its first update, with the config's LayerScale init (not the registry's).
+    assert export.main(["--workdir", str(tmp_path / "run"), "--initial", "--out", str(tmp_path / "initial")]) == 0
+    initial, _ = model_checkpoint.load_model(tmp_path / "initial")
+    params = nnx.to_pure_dict(nnx.state(initial, nnx.Param))
+    np.testing.assert_array_equal(params["blocks"][0]["ls1"]["gamma"], config.student.layer_scale_init)
+    assert config.student.layer_scale_init != registry.get_arch(config.student.name).vit.init_values
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), exported) if a.size > 1)
+
 
 def test_export_errors_name_the_problem(tmp_path, capsys):
     assert export.main(["--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")]) == 1
@@ -40,3 +50,6 @@ def test_export_errors_name_the_problem(tmp_path, capsys):
     assert model_checkpoint.read_arch(tmp_path / "r").name == "vit_test"
     assert export.main(["--random-init", "vit_test", "--out", str(tmp_path / "r")]) == 1
     assert "already exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export.main(["--random-init", "vit_test", "--initial", "--out", str(tmp_path / "i")])
+    assert "--initial needs --workdir" in capsys.readouterr().err

@@ -64,23 +64,57 @@ def test_loss_modes_switch_terms_and_projectors(mode, terms, projectors, student
 
 
 def test_grad_accumulation_matches_the_full_batch():
-    """2 micro-batches of 2 pairs ≈ one batch of 4 (and the student remat option changes no number).
+    """2 micro-batches of 2 pairs ≈ one batch of 4 (and the student remat option changes no number), over two
+    steps so that the second uses the target centers the first set from its whole batch.
 
-    On a 1-device mesh to keep the two compiles small. Parameters are compared to 1e-4 absolute: a first
-    AdamW update moves each by ~lr = 3e-3.
+    On a 1-device mesh to keep the two compiles small. Parameters are compared to 2e-4 absolute: an AdamW
+    update moves each by ~lr = 3e-3.
     """
-    batch = make_batch(4, seed=3)
+    batches = [make_batch(4, seed=3), make_batch(4, seed=4)]
     results = []
     for accum, remat in ((1, False), (2, True)):
         config = small_config(**{"batch_size": 4, "optim.grad_accum": accum, "student.remat": remat,
                                  "optim.warmup_steps": 0, "mesh.fsdp": 1})
         trainer = step.make_trainer(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
-        state, metrics = trainer.step(trainer.init_state(jax.random.key(1)), trainer.teacher_state(), batch)
-        results.append((to_numpy(state.params), {k: float(v) for k, v in metrics.items()}))
-    (p1, m1), (p2, m2) = results
-    for k in m1:
-        np.testing.assert_allclose(m1[k], m2[k], rtol=2e-4, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), p1, p2)
+        state, teacher, metrics = trainer.init_state(jax.random.key(1)), trainer.teacher_state(), []
+        for batch in batches:
+            state, m = trainer.step(state, teacher, batch)
+            metrics.append({k: float(v) for k, v in m.items()})
+        results.append((to_numpy(state.params), to_numpy(state.target_center), metrics))
+    (p1, c1, m1), (p2, c2, m2) = results
+    for a, b in zip(m1, m2):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-4, err_msg=k)
+    assert set(c1) == {"embedding", "token"} and all(np.abs(c).max() > 0 for c in c1.values())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), c1, c2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4), p1, p2)
+
+
+def test_target_centers_start_at_the_first_batch_mean_then_follow_the_momentum():
+    config = small_config(**{"batch_size": 4, "mesh.fsdp": 1, "loss.center_momentum": 0.75,
+                             "teacher.dtype": "float32"})
+    trainer = step.make_trainer(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    teacher_params = trainer.teacher_state()
+    teacher = nnx.merge(trainer.teacher_graphdef, teacher_params)
+    state = trainer.init_state(jax.random.key(0))
+    assert all(not np.any(np.asarray(c)) for c in state.target_center.values())
+    expected = None
+    for seed in (0, 1):
+        batch = make_batch(4, seed=seed)
+        tiles = batch["tiles_20x"].reshape(-1, PX, PX, 3)
+        out = teacher(registry.normalize(trainer.teacher_arch, tiles))
+        means = {"embedding": np.asarray(registry.embed(trainer.teacher_arch, out)).mean(0),
+                 "token": np.asarray(out.patches, np.float32).mean((0, 1, 2))}
+        expected = means if expected is None else {k: 0.75 * expected[k] + 0.25 * means[k] for k in means}
+        state, _ = trainer.step(state, teacher_params, batch)
+        for k in means:
+            np.testing.assert_allclose(state.target_center[k], expected[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_target_centering_can_be_switched_off():
+    config = small_config(**{"loss.center_targets": False})
+    trainer = step.make_trainer(config, sharding.make_mesh(config.mesh))
+    assert trainer.abstract_state().target_center is None
 
 
 def test_grid_mismatch_is_a_config_error_before_compile():

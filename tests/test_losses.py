@@ -111,3 +111,23 @@ def test_grids_that_do_not_divide_raise():
         losses.student_tile_blocks(jnp.zeros((1, 6, 6, 2)))
     with pytest.raises(ValueError, match="student grid"):
         losses.pool_to_grid(jnp.zeros((1, 12, 12, 2)), 5)
+
+
+def test_centering_removes_the_component_all_targets_share():
+    """Two fields whose tiles differ only by a small ±x on top of a large shared y: uncentred, a constant
+    prediction along y scores a near-zero cosine loss; centred, the same constant scores 1 (orthogonal)."""
+    shared = jnp.array([0.0, 10.0])
+    offset = jnp.array([1.0, 0.0])
+    emb = jnp.stack([jnp.tile(shared + offset, (16, 1)), jnp.tile(shared - offset, (16, 1))])
+    tokens = jnp.ones((2, 16, 2, 2, 3)) * jnp.array([1.0, 2.0, 3.0])
+    t = losses.teacher_targets(emb, tokens, student_grid=4)
+    means = losses.target_means(t)
+    np.testing.assert_allclose(means["embedding"], shared)
+    np.testing.assert_allclose(means["token"], [1.0, 2.0, 3.0])
+    centred = losses.center_targets(t, means)
+    np.testing.assert_allclose(centred.global_, [[1.0, 0.0], [-1.0, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(centred.tiles[:, 3], [[1.0, 0.0], [-1.0, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(centred.tokens, 0.0, atol=1e-6)
+    constant = jnp.tile(shared, (2, 1))
+    assert losses.cosine_distance(constant, t.global_) < 0.01
+    np.testing.assert_allclose(losses.cosine_distance(constant, centred.global_), 1.0, atol=1e-6)

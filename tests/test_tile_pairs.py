@@ -122,7 +122,7 @@ def test_bad_slides_are_reported_and_counted(slides, tmp_path):
 
 
 def test_csv_manifest_mpp_and_split_columns(slides, tmp_path):
-    nompp = fx.without_mpp(tmp_path / "nompp.tif")
+    fx.without_mpp(tmp_path / "nompp.tif")  # referenced by the manifest below
     manifest = tmp_path / "slides.csv"
     manifest.write_text(f"path,mpp,split\n{slides / 'slide_000.svs'},,train\n{slides / 'slide_001.tif'},,test\n"
                         f"nompp.tif,0.5,test\n")

@@ -3,8 +3,9 @@
 synthetic slides -> 5x/20x tile pairs (Beam -> ArrayRecord) -> a stand-in 20x teacher (`xmag_jax.demo_teacher`:
 the tiny teacher trained on the 20x tiles' texture classes, since no foundation model can be downloaded here)
 -> short distillation into a tiny 5x student (debug config) -> export of the student to timm -> slide
-embeddings at 5x (TRIDENT h5) -> linear probe and kNN of the distilled student against a random-init student
-on the slides' texture classes (round vs spindle nuclei: clear at 20x, subtle at 5x).
+embeddings at 5x (TRIDENT h5) -> linear probe and kNN of the distilled student against the same student before
+training (its random init, `distill.export --initial`) on the slides' texture classes (round vs spindle nuclei:
+clear at 20x, subtle at 5x).
 
 Each stage is the project's own command line, run as a subprocess, so the demo shows exactly what a user types.
 """
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     slides, pairs, workdir = out / "slides", out / "pairs", out / "workdir"
-    student_dir, timm_dir = out / "student", out / "student_timm"
+    student_dir, timm_dir, initial_dir = out / "student", out / "student_timm", out / "student_initial"
 
     teacher = out / "teacher"
     run_stage("synthetic slides", ["data_prep.synthetic", "--out", str(slides), "--n", str(args.slides),
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         env,
     )
     run_stage("export student", ["xmag_jax.distill.export", "--workdir", str(workdir), "--out", str(student_dir)], env)
+    run_stage("export the same student before training (the random-init baseline)",
+              ["xmag_jax.distill.export", "--workdir", str(workdir), "--initial", "--out", str(initial_dir)], env)
     run_stage("export to timm", ["xmag_jax.convert", "export", "--checkpoint", str(student_dir), "--out", str(timm_dir)], env)
     features = {"distilled": out / "features_distilled", "random_init": out / "features_random_init"}
     run_stage(
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     run_stage(
         "slide embeddings at 5x (random-init student, the baseline)",
         ["xmag_jax.embed", "--slides", str(slides), "--out", str(features["random_init"]),
-         "--model", "vit_test", "--random-init", "--mpp", "2.0", "--no-progress"],
+         "--checkpoint", str(initial_dir), "--mpp", "2.0", "--no-progress"],
         env,
     )
     run_stage(

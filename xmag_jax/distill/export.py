@@ -2,7 +2,8 @@
 
     python -m xmag_jax.distill.export --workdir RUN --out student          # newest step (EMA weights if kept)
     python -m xmag_jax.distill.export --workdir RUN --step 2000 --out student
-    python -m xmag_jax.distill.export --random-init vit_s14 --out baseline  # untrained student, for comparisons
+    python -m xmag_jax.distill.export --workdir RUN --initial --out baseline  # the run's student before training
+    python -m xmag_jax.distill.export --random-init vit_s14 --out baseline  # untrained registry student
 
 The result feeds `python -m xmag_jax.convert export --checkpoint student --out DIR` (timm / PyTorch) and
 `python -m xmag_jax.embed --checkpoint student`.
@@ -28,9 +29,12 @@ from xmag_jax.models import registry
 from xmag_jax.models.vit import VisionTransformer
 
 
-def student_from_workdir(workdir: str, step: int | None = None) -> tuple[VisionTransformer, str]:
+def student_from_workdir(workdir: str, step: int | None = None, initial: bool = False
+                         ) -> tuple[VisionTransformer, str]:
     """Restore the student (EMA parameters when the run kept an EMA) of `workdir`'s checkpoint `step`
-    (default: the newest). Returns `(model, registry name)`; the model lives on one device."""
+    (default: the newest). With `initial`, the student the run started from instead: its config's init
+    (seed, `student.layer_scale_init`) before any update, the fair random-init baseline for that run.
+    Returns `(model, registry name)`; the model lives on one device."""
     directory = epath.Path(workdir) / CHECKPOINT_DIR
     manager = ocp.CheckpointManager(
         directory, item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
@@ -48,7 +52,11 @@ def student_from_workdir(workdir: str, step: int | None = None) -> tuple[VisionT
     config.batch_size = config.optim.grad_accum
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     trainer = step_lib.make_trainer(config, mesh)
-    state = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(trainer.abstract_state())}))[STATE]
+    if initial:
+        state = trainer.init_state(jax.random.key(config.seed))
+    else:
+        state = manager.restore(step, args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardRestore(trainer.abstract_state())}))[STATE]
     manager.close()
     student = registry.create_model(config.student.name, rngs=nnx.Rngs(0))
     nnx.update(student, state.student_params)
@@ -61,12 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--workdir", help="distillation run directory (the train command's --workdir)")
     source.add_argument("--random-init", metavar="NAME", help="registry name of an untrained student to write")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    parser.add_argument("--initial", action="store_true",
+                        help="with --workdir: the run's student before its first update (same config and seed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-init")
     parser.add_argument("--out", required=True, help="model checkpoint directory to write (must not exist)")
     args = parser.parse_args(argv)
+    if args.initial and not args.workdir:
+        parser.error("--initial needs --workdir")
     try:
         if args.workdir:
-            model, name = student_from_workdir(args.workdir, args.step)
+            model, name = student_from_workdir(args.workdir, args.step, args.initial)
         else:
             name = args.random_init
             model = registry.create_model(name, rngs=nnx.Rngs(args.seed))

@@ -140,6 +140,27 @@ def teacher_targets(tile_embeddings: jax.Array, tile_patches: jax.Array | None, 
     return Targets(global_=emb.mean(axis=1), tiles=emb, tokens=tokens)
 
 
+def target_means(targets: Targets) -> dict[str, jax.Array]:
+    """Batch means of the teacher targets: `embedding` `[Et]` over fields and tiles, `token` `[Dt]` over
+    fields and token positions (absent when the token term is off)."""
+    means = {"embedding": targets.tiles.mean(axis=(0, 1))}
+    if targets.tokens is not None:
+        means["token"] = targets.tokens.mean(axis=(0, 1, 2))
+    return means
+
+
+def center_targets(targets: Targets, center: dict[str, jax.Array]) -> Targets:
+    """Targets minus a running mean (`target_means` keys). A trained teacher's embeddings share a large
+    common component (mean pairwise cosine ~0.7 on the demo's stand-in teacher); under a cosine loss a
+    projector that outputs it scores well while the student learns nothing, and centering (as DINO does
+    for its teacher) leaves only what varies from tile to tile as the target."""
+    tokens = targets.tokens
+    if tokens is not None:
+        tokens = tokens - center["token"]
+    return Targets(global_=targets.global_ - center["embedding"], tiles=targets.tiles - center["embedding"],
+                   tokens=tokens)
+
+
 def xmag_losses(pred: Predictions, target: Targets, weights: LossWeights) -> dict[str, jax.Array]:
     """Active loss terms plus their weighted sum under 'total' (scalars, float32)."""
     terms: dict[str, jax.Array] = {}

@@ -12,13 +12,17 @@ class TrainState:
     """step: int32 scalar, optimizer steps taken (one step = one global batch);
     params: `nnx.State` of the trainable `DistillModel` (`student`, `global_proj`, `tile_proj`, `token_proj`);
     opt_state: optax state over `params`;
-    ema: `nnx.State` of the student's parameters averaged with `optim.ema_decay`, or None when disabled.
+    ema: `nnx.State` of the student's parameters averaged with `optim.ema_decay`, or None when disabled;
+    target_center: running means of the teacher targets (`losses.target_means` keys, float32 `[Et]` /
+    `[Dt]`, momentum `loss.center_momentum`) subtracted before the loss, or None when `loss.center_targets`
+    is off.
     """
 
     step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
     ema: nnx.State | None = None
+    target_center: dict[str, jax.Array] | None = None
 
     @property
     def student_params(self) -> nnx.State:

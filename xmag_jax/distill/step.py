@@ -8,7 +8,9 @@
 One step = one global batch of `config.batch_size` pairs, split into `optim.grad_accum` micro-batches
 (a `lax.scan`) whose gradients are averaged before one AdamW update. Inputs are uint8; each architecture's
 own normalisation runs on device. The teacher (frozen, `teacher.dtype`) runs under `stop_gradient` and is
-never differentiated; gradients flow to the student and the projectors only. The state is donated.
+never differentiated; gradients flow to the student and the projectors only. With `loss.center_targets`
+the teacher targets are centred by running means kept in the state (`losses.center_targets`). The state
+is donated.
 
 Metrics (float32 scalars): `loss/<term>` for each active term and `loss/total`, `grad_norm` (before
 clipping), `param_norm` (after the update), `lr` (the rate this update used).
@@ -77,6 +79,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           f"{config.total_steps}")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")
+    if not 0.0 <= config.loss.center_momentum < 1.0:
+        raise ConfigError(f"loss.center_momentum: must be in [0, 1), got {config.loss.center_momentum}")
     if config.loss.projector_hidden < 1:
         raise ConfigError(f"loss.projector_hidden: must be >= 1, got {config.loss.projector_hidden}")
 
@@ -156,10 +160,15 @@ class Trainer:
         return flops.step_flops(self.config, global_batch)
 
 
-def _state_from_model(model: DistillModel, tx: optax.GradientTransformation, ema: bool) -> TrainState:
+def _state_from_model(model: DistillModel, tx: optax.GradientTransformation, ema: bool,
+                      center_dims: dict[str, int] | None) -> TrainState:
+    """Step 0: fresh optimizer state, EMA = the initial student, target centers zero for `center_dims`
+    ({'embedding': Et, 'token': Dt}) or None. Step 0 (learning rate 0 under warmup) sets the centers to its
+    batch's means; later steps move them with momentum `loss.center_momentum`."""
     params = nnx.state(model, nnx.Param)
+    center = None if center_dims is None else {k: jnp.zeros((d,), jnp.float32) for k, d in center_dims.items()}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=jax.tree.map(jnp.copy, params["student"]) if ema else None)
+                      ema=jax.tree.map(jnp.copy, params["student"]) if ema else None, target_center=center)
 
 
 def _split_microbatches(x: jax.Array, accum: int) -> jax.Array:
@@ -181,11 +190,19 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     tx = make_optimizer(config.optim, int(config.total_steps))
     schedule = learning_rate_schedule(config.optim, int(config.total_steps))
     ema_decay = float(config.optim.ema_decay)
+    center_momentum = float(config.loss.center_momentum)
+    center_dims = None
+    if config.loss.center_targets:
+        center_dims = {"embedding": teacher_arch.embed_dim}
+        if weights.token > 0:
+            center_dims["token"] = teacher_arch.vit.embed_dim
 
     def build_model(rng: jax.Array) -> DistillModel:
         rngs = nnx.Rngs(rng)
+        layer_scale = config.student.get("layer_scale_init")  # absent in configs saved before the key existed
+        overrides = {} if layer_scale is None else {"init_values": float(layer_scale)}
         student = registry.create_model(config.student.name, rngs=rngs, dtype=config.student.dtype,
-                                        remat=bool(config.student.remat))
+                                        remat=bool(config.student.remat), **overrides)
         return DistillModel(student, student_embed_dim=student_arch.vit.embed_dim,
                             teacher_embed_dim=teacher_arch.embed_dim, teacher_token_dim=teacher_arch.vit.embed_dim,
                             hidden=int(config.loss.projector_hidden), weights=weights, rngs=rngs)
@@ -195,7 +212,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
                                      param_dtype=config.teacher.dtype)
 
     def init(rng: jax.Array) -> TrainState:
-        return _state_from_model(build_model(rng), tx, ema_decay > 0)
+        return _state_from_model(build_model(rng), tx, ema_decay > 0, center_dims)
 
     def init_teacher(rng: jax.Array) -> nnx.State:
         return nnx.state(build_teacher(rng), nnx.Param)
@@ -235,18 +252,27 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
         micro = {k: jax.lax.with_sharding_constraint(_split_microbatches(v, accum), micro_shardings[k])
                  for k, v in batch.items()}
 
+        first_step = state.step == 0
+
         def accumulate(carry, mb):
-            grad_sum, term_sum = carry
+            grad_sum, term_sum, mean_sum = carry
             grid = mb["image_5x"].shape[1] // student_arch.vit.patch_size
             targets = teacher_targets(teacher_params, mb["tiles_20x"], grid)
+            if state.target_center is not None:
+                mean_sum = jax.tree.map(jnp.add, mean_sum, losses.target_means(targets))
+                targets = losses.center_targets(targets, state.target_center)
             (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb["image_5x"], targets)
             grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
-            return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, term_sum, terms)), None
+            return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, term_sum, terms), mean_sum), None
 
         zero_terms = {name: jnp.zeros((), jnp.float32) for name in weights.term_names}
         zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-        (grad_sum, term_sum), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms), micro)
+        zero_means = jax.tree.map(jnp.zeros_like, state.target_center)
+        (grad_sum, term_sum, mean_sum), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms, zero_means), micro)
         grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        target_center = jax.tree.map(
+            lambda c, m: jnp.where(first_step, m / accum, center_momentum * c + (1.0 - center_momentum) * m / accum),
+            state.target_center, mean_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
@@ -255,7 +281,8 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
         metrics = {f"loss/{name}": value / accum for name, value in term_sum.items()}
         metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                        lr=jnp.asarray(schedule(state.step), jnp.float32))
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                               target_center=target_center)
         return new_state, metrics
 
     replicated = sharding.replicated(mesh)
