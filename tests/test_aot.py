@@ -92,6 +92,12 @@ def test_cli_unknown_topology_lists_known_names(capsys):
     assert "known v5p names: v5p-8, v5p-16" in capsys.readouterr().err
 
 
+def test_cli_help_lists_the_flags(capsys):
+    assert aot.main(["aot", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--topology" in out and "--find_batch" in out and "--require_fit" in out
+
+
 def _linear_hbm_compile(calls: list):
     """Stands in for XLA in tests of the search and the page: fixed 2 GiB + 0.3 GiB per pair per chip."""
 

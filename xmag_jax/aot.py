@@ -369,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     fv = flags.FlagValues()
     _define_flags(fv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(f"usage: python -m xmag_jax.aot --config=configs/NAME.py --topology=v5p-256 [flags]\n\n"
+              f"{fv.get_help()}")
+        return 0
     try:
         rest = fv([argv[0], *[a.replace("--find-batch", "--find_batch").replace("--require-fit", "--require_fit")
                               .replace("--global-batch", "--global_batch").replace("--max-batch", "--max_batch")
