@@ -95,7 +95,7 @@ def test_cli_unknown_topology_lists_known_names(capsys):
 def test_cli_help_lists_the_flags(capsys):
     assert aot.main(["aot", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--topology" in out and "--find_batch" in out and "--require_fit" in out
+    assert "--topology" in out and "find_batch" in out and "require_fit" in out
 
 
 def _linear_hbm_compile(calls: list):
