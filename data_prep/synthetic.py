@@ -20,6 +20,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import functools
+import multiprocessing
 import os
 from collections.abc import Iterator
 
@@ -205,12 +206,13 @@ def _write_one(job: tuple[str, int, int, int]) -> tuple[str, int]:
 def write_dataset(out: str, n: int, size_px: int = DEFAULT_SIZE_PX, seed: int = 0, workers: int = 1
                   ) -> list[tuple[str, int]]:
     """N slides (even index: 40x SVS, odd: 20x TIFF; labels 0/1 alternating in pairs) + labels.csv,
-    written by `workers` processes."""
+    written by `workers` processes (spawned: the caller may hold JAX or Beam threads that a fork would copy)."""
     os.makedirs(out, exist_ok=True)
     side_px = max(size_px // (TILE_PX * DOWNSAMPLES[-1]), 1) * TILE_PX * DOWNSAMPLES[-1]
     jobs = [(out, i, side_px, seed) for i in range(n)]
     if workers > 1 and n > 1:
-        with concurrent.futures.ProcessPoolExecutor(min(workers, n)) as pool:
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(workers, n), mp_context=spawn) as pool:
             rows = list(pool.map(_write_one, jobs))
     else:
         rows = [_write_one(job) for job in jobs]
