@@ -117,6 +117,16 @@ def test_target_centering_can_be_switched_off():
     assert trainer.abstract_state().target_center is None
 
 
+def test_layer_scale_init_needs_a_student_with_layer_scale(monkeypatch):
+    import dataclasses
+
+    plain = registry.get_arch("vit_test", init_values=None)
+    monkeypatch.setitem(registry.ARCHS, "vit_plain", dataclasses.replace(plain, name="vit_plain"))
+    with pytest.raises(ConfigError, match="student.layer_scale_init: is set but 'vit_plain' has no LayerScale"):
+        step.validate(small_config(**{"student.name": "vit_plain"}))
+    step.validate(small_config(**{"student.name": "vit_plain", "student.layer_scale_init": None}))
+
+
 def test_grid_mismatch_is_a_config_error_before_compile():
     # UNI's 16 px patches give a 14x14 grid on 224 px tiles: not 4x4 blocks.
     with pytest.raises(ConfigError, match="student.name: uni's 14x14 token grid"):

@@ -15,7 +15,6 @@ import ml_collections
 from etils import epath
 
 from configs import common
-from xmag_jax.models import registry
 
 LOSS_MODES = ("dual", "global_only", "local_only")
 TEACHER_SHARDINGS = ("replicate", "fsdp")
@@ -77,11 +76,6 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     layer_scale = config.student.layer_scale_init
     _require(layer_scale is None or layer_scale > 0, "student.layer_scale_init",
              f"must be None (the registry's) or > 0, got {layer_scale}")
-    for key in ("teacher.name", "student.name"):
-        name = flatten(config)[key]
-        _require(name in registry.ARCHS, key, f"unknown model {name!r}; known: {', '.join(sorted(registry.ARCHS))}")
-    _require(layer_scale is None or bool(registry.ARCHS[config.student.name].vit.init_values),
-             "student.layer_scale_init", f"is set but {config.student.name!r} has no LayerScale to initialise")
     for key in ("mesh.data", "mesh.fsdp"):
         value = flatten(config)[key]
         _require(value == -1 or value >= 1, key, f"must be -1 (remaining devices) or >= 1, got {value}")

@@ -58,6 +58,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if name not in registry.ARCHS:
             raise ConfigError(f"{key}: unknown model {name!r}; known models: {', '.join(sorted(registry.ARCHS))}")
     student, teacher = _archs(config)
+    if config.student.get("layer_scale_init") is not None and not student.vit.init_values:
+        raise ConfigError(f"student.layer_scale_init: is set but {student.name!r} has no LayerScale to initialise")
     weights = losses.LossWeights.from_config(config.loss)
     for key, arch in (("student.name", student), ("teacher.name", teacher)):
         if TILE_PX % arch.vit.patch_size:
