@@ -3,7 +3,7 @@
     python -m xmag_jax.train --config configs/debug.py --workdir /tmp/xmag_debug \
         --config.data.dir=demo_out/pairs --config.total_steps=20
 
-This is what `make demo` trains. `arg` is unused; overrides go through `--config.KEY=VALUE`.
+`configs/demo.py` (what `make demo` trains) starts from it. `arg` is unused; overrides go through `--config.KEY=VALUE`.
 Every key, with its meaning and units, is in `configs/common.py` (the schema); this file only changes values.
 """
 

@@ -11,7 +11,7 @@ from xmag_jax.distill import config_validation as cv
 REAL_CONFIGS = ("uni2h_vits14", "virchow2_vits14", "hoptimus1_vits14")
 
 
-@pytest.mark.parametrize("name", ("debug",) + REAL_CONFIGS)
+@pytest.mark.parametrize("name", ("debug", "demo") + REAL_CONFIGS)
 def test_configs_follow_the_schema(name):
     config = importlib.import_module(f"configs.{name}").get_config()
     cv.check_schema(config)

@@ -1,8 +1,8 @@
-"""`python -m xmag_jax.demo --out DIR`: the whole XMAG loop on synthetic slides, on CPU, in a few minutes.
+"""`python -m xmag_jax.demo --out DIR`: the whole XMAG loop on synthetic slides, on CPU, in about 7 minutes on 2 cores.
 
 synthetic slides -> 5x/20x tile pairs (Beam -> ArrayRecord) -> a stand-in 20x teacher (`xmag_jax.demo_teacher`:
 the tiny teacher trained on the 20x tiles' texture classes, since no foundation model can be downloaded here)
--> short distillation into a tiny 5x student (debug config) -> export of the student to timm -> slide
+-> a 400-step distillation into a tiny 5x student (configs/demo.py) -> export of the student to timm -> slide
 embeddings at 5x (TRIDENT h5) -> linear probe and kNN of the distilled student against the same student before
 training (its random init, `distill.export --initial`) on the slides' texture classes (round vs spindle nuclei:
 clear at 20x, subtle at 5x).
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slides", type=int, default=8, help="number of synthetic slides")
     parser.add_argument("--slide-size", type=int, default=8192, help="slide side in px at 0.25 µm/px")
     parser.add_argument("--teacher-steps", type=int, default=80, help="stand-in teacher training steps")
-    parser.add_argument("--steps", type=int, default=60, help="distillation steps")
-    parser.add_argument("--lr", type=float, default=1e-3, help="distillation peak learning rate")
+    parser.add_argument("--steps", type=int, help="distillation steps (default: configs/demo.py's)")
+    parser.add_argument("--lr", type=float, help="distillation peak learning rate (default: configs/demo.py's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the slides, teacher and distillation")
     args = parser.parse_args(argv)
 
@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     run_stage(
         "distillation",
         [
-            "xmag_jax.train", "--config", "configs/debug.py", "--workdir", str(workdir),
-            f"--config.data.dir={pairs}", f"--config.total_steps={args.steps}", f"--config.optim.lr={args.lr}",
-            f"--config.seed={args.seed}", f"--config.teacher.checkpoint={teacher}",
-            "--config.teacher.allow_random_teacher=False",
+            "xmag_jax.train", "--config", "configs/demo.py", "--workdir", str(workdir),
+            f"--config.data.dir={pairs}", f"--config.seed={args.seed}", f"--config.teacher.checkpoint={teacher}",
+            *([f"--config.total_steps={args.steps}"] if args.steps is not None else []),
+            *([f"--config.optim.lr={args.lr}"] if args.lr is not None else []),
         ],
         env,
     )
