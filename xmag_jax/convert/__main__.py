@@ -12,7 +12,7 @@ from xmag_jax.models.registry import ARCHS
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xmag_jax.convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="timm weights -> Orbax model checkpoint")
+    imp = sub.add_parser("import", help="timm (or transformers Dinov2) weights -> Orbax model checkpoint")
     imp.add_argument("--model", required=True, help=f"registry name: {', '.join(ARCHS)}")
     imp.add_argument("--weights", required=True, help="model.safetensors or pytorch_model.bin")
     imp.add_argument("--out", required=True, help="checkpoint directory to create")

@@ -1,8 +1,9 @@
 """timm <-> Flax conversion: import downloaded timm weights into a model checkpoint, export one to timm.
 
 Import reads `model.safetensors`, or `pytorch_model.bin` through `torch.load(weights_only=True)` (torch
-is imported only for .bin). Export writes `config.json` + `model.safetensors` that
-`timm.create_model("local-dir:DIR", pretrained=True)` loads without xmag_jax installed.
+is imported only for .bin), with timm's key names or a transformers Dinov2Model's (Phikon-v2). Export writes
+`config.json` + `model.safetensors` that `timm.create_model("local-dir:DIR", pretrained=True)` loads without
+xmag_jax installed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from xmag_jax import atomic
+from xmag_jax.convert import hf_dinov2
 from xmag_jax.convert.mapping import from_timm, to_timm
 from xmag_jax.models.checkpoint import load_model, save_model
 from xmag_jax.models.registry import Arch, get_arch, timm_model_args
@@ -63,10 +65,14 @@ def flax_from_state_dict(arch: Arch, state_dict: dict[str, np.ndarray], source: 
 
 def import_timm(name: str, weights: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                 **vit_overrides: Any) -> tuple[VisionTransformer, Path]:
-    """Convert timm weights for registry entry `name` (ViTConfig fields overridable, e.g. depth=2) into
-    an Orbax model checkpoint at `out`. Returns the model and the checkpoint path."""
+    """Convert timm weights (or a transformers Dinov2Model's, see `hf_dinov2`) for registry entry `name`
+    (ViTConfig fields overridable, e.g. depth=2) into an Orbax model checkpoint at `out`. Returns the model and
+    the checkpoint path."""
     arch = get_arch(name, **vit_overrides)
-    model = flax_from_state_dict(arch, read_state_dict(weights), source=str(weights))
+    state_dict = read_state_dict(weights)
+    if hf_dinov2.is_hf_dinov2(state_dict):
+        state_dict = hf_dinov2.to_timm(state_dict, source=str(weights))
+    model = flax_from_state_dict(arch, state_dict, source=str(weights))
     return model, save_model(out, model, name, overwrite=overwrite)
 
 

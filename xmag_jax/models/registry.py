@@ -114,8 +114,8 @@ _ENTRIES = [
          "huggingface.co/prov-gigapath/prov-gigapath model card + config.json"),
     # https://huggingface.co/owkin/phikon-v2: transformers Dinov2Model ViT-L/16 (hidden 1024, 24 layers, 16
     # heads, mlp_ratio 4, GELU, LayerScale, layer_norm_eps 1e-6, 224 px, no registers); users take CLS of
-    # last_hidden_state. Assumption: represented by the timm-equivalent layout below (HF key names are not
-    # mapped; HF's own pos-embed interpolation differs from timm's at non-native sizes).
+    # last_hidden_state. The timm-equivalent layout below; `convert import` maps the transformers key names
+    # (xmag_jax/convert/hf_dinov2.py). HF's own pos-embed interpolation differs from timm's at non-native sizes.
     Arch("phikon_v2", _vit(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16, init_values=1e-5),
          IMAGENET_MEAN, IMAGENET_STD, "pooled", "vit_large_patch16_224",
          "huggingface.co/owkin/phikon-v2 model card + config.json (Dinov2, layer_norm_eps 1e-6); timm-equivalent"),
