@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.grad_accum = 1
     c.optim.ema_decay = 0.0  # 0 disables the EMA student
+    c.optim.ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step)): the init is soon forgotten
 
     # Mesh axes; -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict()

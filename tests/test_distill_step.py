@@ -13,7 +13,7 @@ from flax import nnx
 
 from configs import debug
 from xmag_jax import sharding
-from xmag_jax.distill import flops, step
+from xmag_jax.distill import flops, optim, step
 from xmag_jax.distill.config_validation import ConfigError
 from xmag_jax.models import registry
 
@@ -115,6 +115,17 @@ def test_target_centering_can_be_switched_off():
     config = small_config(**{"loss.center_targets": False})
     trainer = step.make_trainer(config, sharding.make_mesh(config.mesh))
     assert trainer.abstract_state().target_center is None
+
+
+def test_ema_decay_warms_up_then_holds():
+    config = debug.get_config()
+    config.optim.ema_decay = 0.999
+    decay = optim.ema_decay_schedule(config.optim)
+    np.testing.assert_allclose([float(decay(n)) for n in (0, 10, 90, 10_000)], [0.1, 0.55, 0.91, 0.999], rtol=1e-6)
+    config.optim.ema_warmup = False
+    assert float(optim.ema_decay_schedule(config.optim)(0)) == np.float32(0.999)
+    del config.optim["ema_warmup"]  # a run saved before the key existed had no warmup
+    assert float(optim.ema_decay_schedule(config.optim)(0)) == np.float32(0.999)
 
 
 def test_layer_scale_init_needs_a_student_with_layer_scale(monkeypatch):

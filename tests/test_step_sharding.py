@@ -106,8 +106,9 @@ def test_teacher_is_frozen_and_only_student_and_projectors_train(runs):
 
 
 def test_ema_follows_the_student(runs):
+    """The last of 3 updates (step 2) averages with decay min(0.5, 3 / 12) = 0.25 under the EMA warmup."""
     (_, _, _, states, _), _ = runs
-    expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, states[-2].ema, states[-1].params["student"])
+    expected = jax.tree.map(lambda e, p: 0.25 * e + 0.75 * p, states[-2].ema, states[-1].params["student"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), states[-1].ema, expected)
 
 

@@ -7,6 +7,7 @@ register tokens (timm's `no_weight_decay`) are not decayed.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -19,6 +20,16 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=int(optim_cfg.warmup_steps),
         decay_steps=int(total_steps), end_value=lr * float(optim_cfg.min_lr_ratio))
+
+
+def ema_decay_schedule(optim_cfg) -> optax.Schedule:
+    """EMA decay for the update at (0-based) step n: `optim.ema_decay`, or with `optim.ema_warmup`
+    min(ema_decay, (1 + n) / (10 + n)) (TensorFlow's ExponentialMovingAverage `num_updates`), so the average
+    forgets the random init within a few hundred updates instead of keeping ema_decay ** total_steps of it."""
+    decay = float(optim_cfg.ema_decay)
+    if not optim_cfg.get("ema_warmup", False):  # absent in configs saved before the key existed: no warmup then
+        return lambda step: jnp.asarray(decay, jnp.float32)
+    return lambda step: jnp.minimum(decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
 
 
 def _decay_mask(params: nnx.State):

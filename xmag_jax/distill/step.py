@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from xmag_jax import sharding
 from xmag_jax.distill import flops, losses
 from xmag_jax.distill.config_validation import ConfigError
-from xmag_jax.distill.optim import learning_rate_schedule, make_optimizer
+from xmag_jax.distill.optim import ema_decay_schedule, learning_rate_schedule, make_optimizer
 from xmag_jax.distill.projectors import DistillModel
 from xmag_jax.distill.state import TrainState
 from xmag_jax.models import checkpoint as model_checkpoint
@@ -192,6 +192,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     tx = make_optimizer(config.optim, int(config.total_steps))
     schedule = learning_rate_schedule(config.optim, int(config.total_steps))
     ema_decay = float(config.optim.ema_decay)
+    ema_decay_at = ema_decay_schedule(config.optim)
     center_momentum = float(config.loss.center_momentum)
     center_dims = None
     if config.loss.center_targets:
@@ -279,7 +280,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
         if ema is not None:
-            ema = optax.incremental_update(params["student"], ema, step_size=1.0 - ema_decay)
+            ema = optax.incremental_update(params["student"], ema, step_size=1.0 - ema_decay_at(state.step))
         metrics = {f"loss/{name}": value / accum for name, value in term_sum.items()}
         metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                        lr=jnp.asarray(schedule(state.step), jnp.float32))
