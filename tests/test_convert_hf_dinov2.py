@@ -48,8 +48,10 @@ def test_import_computes_the_transformers_cls(hf_model, layout, tmp_path):
         hf_model.save_pretrained(tmp_path)
     else:
         prefix = "dinov2." if layout == "prefixed" else ""
-        save_file({prefix + k: v.contiguous() for k, v in hf_model.state_dict().items()},
-                  str(tmp_path / "model.safetensors"))
+        tensors = {prefix + k: v.contiguous() for k, v in hf_model.state_dict().items()}
+        if layout == "prefixed":  # as a Dinov2ForImageClassification saves it: the backbone under dinov2., a head
+            tensors["classifier.weight"] = torch.zeros(2, 2 * hf_model.config.hidden_size)
+        save_file(tensors, str(tmp_path / "model.safetensors"))
     keys = set(read_state_dict(tmp_path / "model.safetensors"))
     assert any(".attention.attention.query." in k for k in keys) == (layout == "save_pretrained")
     model, _ = import_timm("phikon_v2", tmp_path / "model.safetensors", tmp_path / "ckpt", depth=DEPTH)

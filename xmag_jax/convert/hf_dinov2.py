@@ -33,19 +33,18 @@ _QKV = {  # HF projection name -> (q|k|v) for the old and the transformers >= 5 
     "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
     "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
 }
-_PREFIXES = ("dinov2.", "model.")
 
 
 def is_hf_dinov2(state_dict: dict[str, np.ndarray]) -> bool:
-    """True when `state_dict` has a transformers Dinov2 patch embedding (with or without a `dinov2.` prefix)."""
+    """True when `state_dict` has a transformers Dinov2 patch embedding (under any prefix, e.g. `dinov2.`)."""
     return any(k.endswith(_EMBEDDINGS) for k in state_dict)
 
 
-def _strip_prefix(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    for prefix in _PREFIXES:
-        if f"{prefix}{_EMBEDDINGS}" in state_dict:
-            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return state_dict
+def _backbone(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The Dinov2Model's tensors without the prefix its patch embedding has (`dinov2.` in a
+    Dinov2ForImageClassification); keys outside that prefix (a classification head) are not the backbone's."""
+    prefix = next(k for k in state_dict if k.endswith(_EMBEDDINGS))[:-len(_EMBEDDINGS)]
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def to_timm(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
@@ -57,7 +56,7 @@ def to_timm(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndar
     out: dict[str, np.ndarray] = {}
     qkv: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     unknown = []
-    for key, value in _strip_prefix(state_dict).items():
+    for key, value in _backbone(state_dict).items():
         if key == "embeddings.mask_token":
             continue
         if key in _RENAMES:
