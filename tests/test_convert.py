@@ -17,7 +17,7 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
-from xmag_jax.bench.parity import randomize_timm_, timm_embedding
+from xmag_jax.bench.parity import randomize_init_constants_, timm_embedding
 from xmag_jax.convert import StateDictMismatch, flax_from_state_dict, import_timm, read_state_dict
 from xmag_jax.convert.__main__ import main as convert_main
 from xmag_jax.models import ARCHS, embed, get_arch
@@ -50,7 +50,7 @@ def converted(tmp_path_factory):
     for i, name in enumerate(PARITY):
         arch = get_arch(name, **({"depth": DEPTH[name]} if name in DEPTH else {}))
         model = timm.create_model(arch.timm_arch, **arch.timm_kwargs).eval()
-        randomize_timm_(model, i)
+        randomize_init_constants_(model, i)
         d = tmp_path_factory.mktemp(name)
         save_file(model.state_dict(), str(d / "model.safetensors"))
         flax_model, ckpt = import_timm(name, d / "model.safetensors", d / "ckpt", depth=arch.vit.depth)
@@ -82,7 +82,7 @@ def test_flax_matches_timm(converted, name, size):
 def test_pooling_and_mlp_variants_match_timm(overrides):
     arch = get_arch("vit_test", **overrides)
     model = timm.create_model(arch.timm_arch, **arch.timm_kwargs).eval()
-    randomize_timm_(model, 11)
+    randomize_init_constants_(model, 11)
     flax_model = flax_from_state_dict(arch, {k: v.numpy() for k, v in model.state_dict().items()}, "timm")
     x = _images(224, seed=3)
     with torch.inference_mode():

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import Dinov2Config, Dinov2Model
 
+from xmag_jax.bench.parity import randomize_init_constants_
 from xmag_jax.convert import hf_dinov2, import_timm, read_state_dict
 from xmag_jax.models import embed, get_arch
 
@@ -23,16 +24,7 @@ def hf_model():
     config = Dinov2Config(hidden_size=vit.embed_dim, num_hidden_layers=DEPTH, num_attention_heads=vit.num_heads,
                           mlp_ratio=4, patch_size=vit.patch_size, image_size=vit.img_size, layer_norm_eps=1e-6)
     model = Dinov2Model(config).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # what transformers initialises to constants gets random values, so every tensor counts
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("lambda1"):
-                p.copy_(0.3 * noise)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias") or "token" in name or "position" in name:
-                p.copy_(0.2 * noise)
+    randomize_init_constants_(model, 0)
     return model
 
 

@@ -16,20 +16,25 @@ from flax import nnx
 from xmag_jax.models.registry import ARCHS, embed, get_arch
 
 
-def randomize_timm_(model, seed: int = 0) -> None:
-    """In place: give what timm initialises to constants (LayerScale 1e-5, norms, biases, tokens) random
-    values so every parameter matters numerically in a parity check."""
+LAYER_SCALES = ("gamma", "lambda1")  # timm's LayerScale, transformers Dinov2's
+TOKENS = ("cls_token", "reg_token", "pos_embed", "mask_token", "position_embeddings")
+
+
+def randomize_init_constants_(model, seed: int = 0) -> None:
+    """In place: give what timm or transformers initialise to constants (LayerScale 1e-5 or 1, norms, biases,
+    tokens) random values so every parameter matters numerically in a parity check."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            if name.endswith("gamma"):
+            leaf = name.rpartition(".")[2]
+            if leaf in LAYER_SCALES:
                 p.copy_(0.3 * noise)
-            elif "norm" in name and name.endswith("weight"):
+            elif "norm" in name and leaf == "weight":
                 p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias") or name in ("cls_token", "reg_token", "pos_embed"):
+            elif leaf == "bias" or leaf in TOKENS:
                 p.copy_(0.2 * noise)
 
 
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     arch = get_arch(args.model) if args.full else get_arch(args.model, depth=args.depth)
     t0 = time.perf_counter()
     tmodel = timm.create_model(arch.timm_arch, **arch.timm_kwargs).eval()
-    randomize_timm_(tmodel)
+    randomize_init_constants_(tmodel)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in tmodel.parameters())
 
