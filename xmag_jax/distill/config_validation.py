@@ -15,14 +15,11 @@ import ml_collections
 from etils import epath
 
 from configs import common
+from xmag_jax.errors import ConfigError
 
 LOSS_MODES = ("dual", "global_only", "local_only")
 TEACHER_SHARDINGS = ("replicate", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot run; the message starts with the offending key."""
 
 
 def flatten(config: ml_collections.ConfigDict | Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
