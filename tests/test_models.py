@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
+from xmag_jax.models import vit
 from xmag_jax.models import ARCHS, ViTConfig, VisionTransformer, create_model, embed, get_arch, normalize
 from xmag_jax.models.checkpoint import load_model, load_params, save_model
 from xmag_jax.models.pos_embed import resample_pos_embed
@@ -110,6 +111,42 @@ def test_remat_gives_same_output(teacher):
     x = normalize(get_arch("vit_test_teacher"), _images(1))
     remat = create_model("vit_test_teacher", rngs=nnx.Rngs(0), remat=True)
     np.testing.assert_allclose(forward(remat, x).patches, forward(teacher, x).patches, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_layers_compute_the_unrolled_model(teacher, remat):
+    x = normalize(get_arch("vit_test_teacher"), _images(2))
+    scanned = create_model("vit_test_teacher", rngs=nnx.Rngs(5), scan_layers=True, remat=remat)
+    qkv = nnx.state(scanned, nnx.Param)["blocks"]["attn"]["qkv"]["kernel"]
+    assert qkv.shape[0] == teacher.cfg.depth and qkv.get_metadata()["out_sharding"][0] == "layers"
+    params = nnx.state(scanned, nnx.Param)
+    nnx.replace_by_pure_dict(params, vit.stack_blocks(nnx.to_pure_dict(nnx.state(teacher, nnx.Param))))
+    nnx.update(scanned, params)
+    ref, out = forward(teacher, x), forward(scanned, x)
+    np.testing.assert_allclose(out.patches, ref.patches, atol=1e-5)
+    np.testing.assert_allclose(out.pooled, ref.pooled, atol=1e-5)
+
+
+def test_scanned_model_checkpoints_in_timm_per_block_layout(tmp_path):
+    scanned = create_model("vit_test_teacher", rngs=nnx.Rngs(6), scan_layers=True)
+    path = save_model(tmp_path / "ck", scanned, "vit_test_teacher")
+    loaded, arch = load_model(path)  # per-block, as convert/export and embed see it
+    assert not arch.vit.scan_layers and isinstance(loaded.blocks[1].attn.qkv.kernel[...], jax.Array)
+    x = normalize(arch, _images(1))
+    np.testing.assert_allclose(forward(loaded, x).patches, forward(scanned, x).patches, atol=1e-5)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("fsdp",))
+    abstract = nnx.eval_shape(lambda: create_model("vit_test_teacher", rngs=nnx.Rngs(0), scan_layers=True))
+    _, params, _ = nnx.split(abstract, nnx.Param, ...)
+
+    def shard(v):
+        names = v.get_metadata().get("out_sharding") or ()
+        spec = jax.sharding.PartitionSpec(*["fsdp" if n == "embed" else None for n in names])
+        return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
+
+    params = load_params(path, jax.tree.map(shard, params, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+    qkv = params["blocks"]["attn"]["qkv"]["kernel"][...]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    np.testing.assert_array_equal(qkv, nnx.state(scanned, nnx.Param)["blocks"]["attn"]["qkv"]["kernel"][...])
 
 
 def test_checkpoint_round_trip_with_overrides(tmp_path):

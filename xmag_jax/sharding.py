@@ -4,7 +4,8 @@ Mesh axes: `data` (pure data parallel: parameters replicated) and `fsdp` (data p
 gradients and optimizer state sharded along their `embed` dimension). The batch is split over both.
 
 Logical axis names come from the models' parameter annotations (`nnx.with_partitioning`): `embed`
-(model width), `mlp` (MLP hidden), `heads` (attention qkv/proj), None elsewhere; activations use `batch`.
+(model width), `mlp` (MLP hidden), `heads` (attention qkv/proj), `layers` (stacked blocks of a scanned
+model: never sharded), None elsewhere; activations use `batch`.
 A logical name without a rule stays unsharded.
 """
 

@@ -2,7 +2,9 @@
 
 Layout of `path/`: `params/` (Orbax StandardCheckpointer, the `nnx.Param` state as a nested dict keyed
 like timm: `blocks/0/attn/qkv/kernel`, ...) and `arch.json` (`{"name": ..., "vit": ViTConfig fields}`),
-so non-registry overrides such as a reduced depth round-trip. The directory is written under a temporary
+so non-registry overrides such as a reduced depth round-trip. The blocks are always stored per block, as
+timm has them; a scanned model (`ViTConfig.scan_layers`) is unstacked on save and restored onto a scanned
+target by stacking (`vit.stack_blocks`), so the layout on disk does not depend on how a model runs. The directory is written under a temporary
 name and renamed, so a present `path/arch.json` means a complete checkpoint. Checkpoints are written to a
 local (or mounted) path and read from a local path or Cloud Storage (`gs://`, through etils.epath).
 """
@@ -22,7 +24,7 @@ from flax import nnx
 
 from xmag_jax import atomic
 from xmag_jax.models.registry import Arch, get_arch
-from xmag_jax.models.vit import ViTConfig, VisionTransformer
+from xmag_jax.models.vit import ViTConfig, VisionTransformer, stack_blocks, unstack_blocks
 
 ARCH_FILE = "arch.json"
 PARAMS_DIR = "params"
@@ -36,10 +38,11 @@ def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str
     if path.exists() and not overwrite:
         raise FileExistsError(f"checkpoint directory {path} already exists")
     with atomic.target(path, directory=True) as tmp:
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        params = unstack_blocks(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg.depth)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
-        (tmp / ARCH_FILE).write_text(json.dumps({"name": arch_name, "vit": model.cfg.to_dict()}, indent=2))
+        vit = dataclasses.replace(model.cfg, scan_layers=False)
+        (tmp / ARCH_FILE).write_text(json.dumps({"name": arch_name, "vit": vit.to_dict()}, indent=2))
     return path
 
 
@@ -68,11 +71,27 @@ def read_arch(path: str | os.PathLike, **vit_overrides: Any) -> Arch:
 def load_params(path: str | os.PathLike, abstract_state: nnx.State) -> nnx.State:
     """Restore the parameters of checkpoint `path` onto `abstract_state` (an `nnx.State` of Params whose
     values are `jax.ShapeDtypeStruct`s, with `.sharding` set for a sharded restore, else on the default
-    device). Arrays are restored in the abstract dtypes. Returns the filled state."""
+    device). Arrays are restored in the abstract dtypes. A scanned target (stacked `blocks`) is filled from
+    the per-block checkpoint and stacked on its own shardings. Returns the filled state."""
     params_dir = _readable(path) / PARAMS_DIR
     if not params_dir.is_dir():
         raise FileNotFoundError(f"model checkpoint parameters {params_dir} do not exist")
     target = nnx.to_pure_dict(abstract_state)
+    stacked = target.get("blocks")
+    if stacked is not None and not all(isinstance(k, int) for k in stacked):
+        depth = jax.tree.leaves(stacked)[0].shape[0]
+        per_block = {**target, "blocks": {i: jax.tree.map(_drop_leading_axis, stacked) for i in range(depth)}}
+        restored = _restore(params_dir, per_block)
+        shardings = jax.tree.map(_sharding_of, stacked)
+        restored["blocks"] = jax.jit(lambda b: stack_blocks({"blocks": b})["blocks"],
+                                     out_shardings=shardings)(restored["blocks"])
+        nnx.replace_by_pure_dict(abstract_state, restored)
+        return abstract_state
+    nnx.replace_by_pure_dict(abstract_state, _restore(params_dir, target))
+    return abstract_state
+
+
+def _restore(params_dir: epath.Path, target: dict) -> dict:
     with ocp.StandardCheckpointer() as ckptr:
         try:
             restore_target = jax.tree.map(
@@ -80,8 +99,16 @@ def load_params(path: str | os.PathLike, abstract_state: nnx.State) -> nnx.State
             restored = ckptr.restore(params_dir, restore_target)
         except Exception as e:  # orbax raises many types for mismatched or corrupt trees
             raise ValueError(f"cannot restore parameters from {params_dir}: {type(e).__name__}: {e}") from e
-    nnx.replace_by_pure_dict(abstract_state, restored)
-    return abstract_state
+    return restored
+
+
+def _drop_leading_axis(t: Any) -> jax.ShapeDtypeStruct:
+    """The abstract of one block's slice of a stacked `[depth, ...]` parameter, on the matching sharding."""
+    sharding = getattr(t, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (len(t.shape) - len(sharding.spec))
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    return jax.ShapeDtypeStruct(t.shape[1:], t.dtype, sharding=sharding)
 
 
 def load_model(path: str | os.PathLike, *, dtype: str | None = None,

@@ -6,7 +6,14 @@ model is timm's `[cls, registers, patches]`; module and parameter names mirror t
 mlp.fc1,mlp.fc2,ls2}`, `norm`, `fc_norm`) so the conversion table in `xmag_jax.convert` stays trivial.
 
 Parameters carry logical axis names: `embed` (model width D), `mlp` (MLP hidden), `heads` (attention
-qkv output / proj input), None elsewhere. `xmag_jax.sharding` maps them to mesh axes.
+qkv output / proj input), `layers` (the stacked block axis of a scanned model), None elsewhere.
+`xmag_jax.sharding` maps them to mesh axes.
+
+`scan_layers=True` (MaxText style) creates the blocks once with stacked parameters (`blocks.attn.qkv.kernel
+[depth, D, 3D]`) and runs them under `nnx.scan`, so the step compiles one block instead of `depth`.
+It is a way of running the model, not an architecture: model checkpoints, timm import/export and
+everything a user sees keep timm's per-block layout (`blocks.N...`); `stack_blocks` / `unstack_blocks`
+convert at that boundary.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class ViTConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
@@ -144,13 +152,10 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         head_dim = d // self.num_heads
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * jnp.asarray(head_dim ** -0.5, x.dtype), qkv[1], qkv[2]  # [B, heads, N, head_dim]
-        scores = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)
-        weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-        # Softmax normalisation after the value product: fewer passes over [B, heads, N, N] on CPU.
-        out = (weights.astype(v.dtype) @ v) / weights.sum(axis=-1, keepdims=True).astype(v.dtype)
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, head_dim)
+        # [B, N, heads, head_dim] each; XLA on CPU/TPU, cuDNN flash attention on GPUs where it applies.
+        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        return self.proj(out.reshape(b, n, d))
 
 
 class Mlp(nnx.Module):
@@ -195,6 +200,48 @@ def _apply_block(block: Block, x: jax.Array) -> jax.Array:
 _apply_block_remat = nnx.remat(_apply_block)
 
 
+@nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+def _scan_blocks(x: jax.Array, block: Block) -> jax.Array:
+    return block(x)
+
+
+@nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+def _scan_blocks_remat(x: jax.Array, block: Block) -> jax.Array:
+    return _apply_block_remat(block, x)
+
+
+def _stacked_blocks(cfg: ViTConfig, rngs: nnx.Rngs) -> Block:
+    """One `Block` whose parameters carry a leading `[depth]` axis (logical name `layers`)."""
+
+    @nnx.split_rngs(splits=cfg.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs)
+
+    return create(rngs)
+
+
+def unstack_blocks(params: dict, depth: int) -> dict:
+    """Pure parameter dict of a scanned model -> timm's per-block layout (`blocks: {0: ..., 1: ...}`)."""
+    if "blocks" not in params or _is_per_block(params["blocks"]):
+        return params
+    stacked = params["blocks"]
+    return {**params, "blocks": {i: jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(depth)}}
+
+
+def stack_blocks(params: dict) -> dict:
+    """Pure parameter dict in timm's per-block layout -> the scanned model's (`[depth, ...]` leaves)."""
+    if "blocks" not in params or not _is_per_block(params["blocks"]):
+        return params
+    blocks = params["blocks"]
+    ordered = [blocks[i] for i in sorted(blocks)]
+    return {**params, "blocks": jax.tree.map(lambda *a: jnp.stack(a), *ordered)}
+
+
+def _is_per_block(blocks: dict) -> bool:
+    return all(isinstance(k, int) for k in blocks)
+
+
 class PatchEmbed(nnx.Module):
     """Non-overlapping p x p px patches -> D channels: `[B, H, W, 3]` -> `[B, H/p, W/p, D]`."""
 
@@ -222,7 +269,8 @@ class VisionTransformer(nnx.Module):
                           if cfg.reg_tokens else None)
         self.pos_embed = nnx.Param(_param(_normal, None, None, "embed")(
             rngs.params(), (1, cfg.pos_embed_len, d), cfg.param_dtype))
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
+        self.blocks = (_stacked_blocks(cfg, rngs) if cfg.scan_layers
+                       else nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)]))
         self.norm = None if cfg.use_fc_norm else _layer_norm(cfg, rngs)
         self.fc_norm = _layer_norm(cfg, rngs) if cfg.use_fc_norm else None
 
@@ -260,8 +308,11 @@ class VisionTransformer(nnx.Module):
         b, h, w, _ = x.shape
         gh, gw = self._check_size(h, w)
         x = self._embed_tokens(x)
-        for block in self.blocks:
-            x = _apply_block_remat(block, x) if cfg.remat else block(x)
+        if cfg.scan_layers:
+            x = (_scan_blocks_remat if cfg.remat else _scan_blocks)(x, self.blocks)
+        else:
+            for block in self.blocks:
+                x = _apply_block_remat(block, x) if cfg.remat else block(x)
         if self.norm is not None:
             x = self.norm(x)
         n_cls = int(cfg.class_token)
