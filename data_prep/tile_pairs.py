@@ -43,12 +43,15 @@ import shutil
 import threading
 import time
 
-import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 from tqdm import tqdm
 
-from data_prep import assemble, inputs, isolation, pairs, records, tissue
-from xmag_jax import errors, workdir_lock
+# apache_beam logs on import that its optional BigQuery client is absent: noise on every command line here.
+logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
+import apache_beam as beam  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+
+from data_prep import assemble, inputs, isolation, pairs, records, tissue  # noqa: E402
+from xmag_jax import errors, workdir_lock  # noqa: E402
 
 PROG = "python -m data_prep.tile_pairs"
 
