@@ -46,9 +46,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prefetch_buffer = 2
     c.data.max_bad_record_fraction = 0.01
     c.data.augment = ml_collections.ConfigDict()
-    c.data.augment.d4 = True
-    c.data.augment.color = True
-    c.data.augment.hed = True
+    # "d4_color_hed" (D4 + colour + HED jitter) or "xmag" (XMAG's released recipe: h/v flips, colour jitter
+    # with p = 0.5); see xmag_jax/data/augment.py. The keys below override the preset; None keeps its choice.
+    c.data.augment.preset = "d4_color_hed"
+    c.data.augment.d4 = ml_collections.config_dict.placeholder(bool)
+    c.data.augment.color = ml_collections.config_dict.placeholder(bool)
+    c.data.augment.hed = ml_collections.config_dict.placeholder(bool)
     c.data.augment.student_only = False
 
     # XMAG dual-level loss: global representation + local spatial token mapping (tile and token level).

@@ -65,9 +65,10 @@ def _old_dataset_files(out_dir: str) -> list[str]:
     return [n for n in os.listdir(out_dir) if pattern.match(n)]
 
 
-def assemble(out_dir: str, split_shards: dict[str, list[str]], examples_per_shard: int, description: str = ""
-             ) -> dict[str, int]:
-    """Write the TFDS dataset for {split: [per-slide shard paths]} into `out_dir`; returns {split: examples}."""
+def assemble(out_dir: str, split_shards: dict[str, list[str]], examples_per_shard: int, description: str = "",
+             metadata: dict | None = None) -> dict[str, int]:
+    """Write the TFDS dataset for {split: [per-slide shard paths]} into `out_dir`; returns {split: examples}.
+    `metadata` (JSON-able) becomes the TFDS `metadata.json` (`records.read_metadata`)."""
     stage = os.path.join(out_dir, f".assemble-tmp-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(stage)
@@ -81,7 +82,8 @@ def assemble(out_dir: str, split_shards: dict[str, list[str]], examples_per_shar
         if not any(name.startswith(f"{records.DATASET_NAME}-{s.name}.") for s in split_infos):
             os.remove(os.path.join(stage, name))
     tfds.folder_dataset.write_metadata(data_dir=stage, features=records.features(), split_infos=split_infos,
-                                       check_data=False, description=description)
+                                       check_data=False, description=description,
+                                       metadata=tfds.core.MetadataDict(metadata or {}))
     if os.path.exists(os.path.join(out_dir, "dataset_info.json")):
         os.remove(os.path.join(out_dir, "dataset_info.json"))
     for name in _old_dataset_files(out_dir):

@@ -21,6 +21,7 @@ import openslide
 import simplejpeg
 
 from data_prep import records, slide_reader, synthetic, tile_pairs
+from xmag_jax import errors
 
 
 def _bare_cost(slides_dir: str, pairs: list[dict], quality: int) -> dict[str, tuple[float, int]]:
@@ -68,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="side of the synthetic slides, px at 0.25 µm/px")
     parser.add_argument("--jpeg-quality", type=int, default=90)
     args = parser.parse_args(argv)
+    if args.slides is not None and not os.path.isdir(args.slides):
+        raise errors.UserError(f"--slides {args.slides}: expected a folder of slides")
+    if args.size < synthetic.TILE_PX * synthetic.DOWNSAMPLES[-1]:
+        raise errors.UserError(f"--size {args.size}: expected at least {synthetic.TILE_PX * synthetic.DOWNSAMPLES[-1]} px")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise errors.UserError(f"--jpeg-quality {args.jpeg_quality}: expected a JPEG quality in 1..100")
     with tempfile.TemporaryDirectory(prefix="xmag_prep_bench_") as tmp:
         slides = args.slides
         if slides is None:
@@ -96,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    errors.run_cli(main, prog="python -m data_prep.bench")

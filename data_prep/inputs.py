@@ -2,6 +2,12 @@
 
 CSV manifest columns: `path` (required; relative to the CSV's folder), optional `slide_id` (default: file
 stem), `mpp` (level-0 µm/px, overrides the file), `split` (e.g. train/val/test), `coords` (TRIDENT/CLAM h5).
+Any other column is refused (a misspelled `split` would otherwise be silently ignored). The file is read as
+UTF-8 with or without a byte-order mark (Excel writes one).
+
+Slide ids name files (`work/{slide_id}.array_record`, `overlays/{slide_id}.png`) and are the key that labels
+and embeddings are joined on, so an id that is not a safe file name is refused rather than renamed: one
+path component, printable, no leading `.`, at most 200 characters.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ import h5py
 import numpy as np
 
 from data_prep import slide_reader
+from xmag_jax.errors import UserError
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+CSV_COLUMNS = ("path", "slide_id", "mpp", "split", "coords")
+MAX_SLIDE_ID = 200
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """The slide list itself is wrong (bad CSV, duplicate slide ids): nothing is processed."""
 
 
@@ -40,20 +49,37 @@ class SlideSpec:
     coords: str | None = None
 
 
+def check_slide_id(slide_id: str, where: str) -> str:
+    """`slide_id` if it is a safe file name (see the module doc), else ManifestError naming `where`."""
+    problem = ("is empty" if not slide_id else
+               f"is longer than {MAX_SLIDE_ID} characters" if len(slide_id) > MAX_SLIDE_ID else
+               "has a path separator" if "/" in slide_id or "\\" in slide_id else
+               "starts with '.'" if slide_id.startswith(".") else
+               "has a non-printable character" if not slide_id.isprintable() else None)
+    if problem:
+        raise ManifestError(f"{where}: slide id {slide_id!r} {problem}; slide ids must be one file-name component "
+                            f"(printable, no '/', no leading '.', at most {MAX_SLIDE_ID} characters)")
+    return slide_id
+
+
 def _from_folder(folder: str) -> list[SlideSpec]:
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(SLIDE_EXTENSIONS))
     if not names:
         raise ManifestError(f"{folder}: no slide files ({' '.join(SLIDE_EXTENSIONS)})")
-    return [SlideSpec(os.path.join(folder, n), slide_reader.slide_id_of(n)) for n in names]
+    return [SlideSpec(os.path.join(folder, n), check_slide_id(slide_reader.slide_id_of(n), os.path.join(folder, n)))
+            for n in names]
 
 
 def _from_csv(path: str) -> list[SlideSpec]:
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "path" not in reader.fieldnames:
             raise ManifestError(f"{path}: CSV manifest needs a `path` column (optional: slide_id, mpp, split, "
                                 f"coords); found columns {reader.fieldnames}")
+        unknown = [c for c in reader.fieldnames if c not in CSV_COLUMNS]
+        if unknown:
+            raise ManifestError(f"{path}: unknown column(s) {unknown}; the manifest columns are {list(CSV_COLUMNS)}")
         specs = []
         for line, row in enumerate(reader, start=2):
             slide_path = (row.get("path") or "").strip()
@@ -71,8 +97,9 @@ def _from_csv(path: str) -> list[SlideSpec]:
                 raise ManifestError(f"{path}:{line}: `split` {split!r} must be lowercase letters, digits, _")
             coords = (row.get("coords") or "").strip() or None
             slide_path = os.path.join(base, slide_path)
-            specs.append(SlideSpec(slide_path, (row.get("slide_id") or "").strip() or slide_reader.slide_id_of(slide_path),
-                                   mpp, split, os.path.join(base, coords) if coords else None))
+            slide_id = (row.get("slide_id") or "").strip() or slide_reader.slide_id_of(slide_path)
+            specs.append(SlideSpec(slide_path, check_slide_id(slide_id, f"{path}:{line}"), mpp, split,
+                                   os.path.join(base, coords) if coords else None))
     if not specs:
         raise ManifestError(f"{path}: CSV manifest lists no slides")
     return specs
@@ -109,7 +136,8 @@ def list_slides(slides: str, coords_dir: str | None = None) -> list[SlideSpec]:
 
 def assign_splits(specs: list[SlideSpec], val_fraction: float, seed: int = 0) -> dict[str, str]:
     """slide_id -> split. CSV `split` wins; the others go to 'val' by a seeded hash order
-    (round(val_fraction * n) slides, at least one when val_fraction > 0 and n ≥ 2), else 'train'."""
+    (round(val_fraction * n) slides, at least one when val_fraction > 0 and n ≥ 2), else 'train'.
+    Pass only the slides that produced pairs: a failed slide must not take a place in the val quota."""
     free = [s.slide_id for s in specs if s.split is None]
     order = sorted(free, key=lambda sid: hashlib.sha256(f"{seed}:{sid}".encode()).hexdigest())
     n_val = round(val_fraction * len(order))

@@ -1,7 +1,8 @@
 """One slide -> its tile pairs: a per-slide ArrayRecord shard + a done marker, both written atomically.
 
 Work layout under `work_dir`: `{slide_id}.array_record` (the pairs), `{slide_id}.done.json` (written last:
-the slide is complete iff it exists and its fingerprint matches), `{slide_id}.failed.json` (error kind +
+the slide is complete iff it exists, its fingerprint matches the options and the slide file, and the shard
+still has the size and head/tail digest the marker vouches for), `{slide_id}.failed.json` (error kind +
 message), overlays under `overlay_dir/{slide_id}.png`.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 import traceback
@@ -27,11 +29,15 @@ from data_prep import inputs, records, slide_reader, tissue
 
 @dataclasses.dataclass(frozen=True)
 class PairConfig:
-    """Targets in µm/px; `mpp_tolerance`: relative slack before a slide counts as too coarse for 20x."""
+    """Targets in µm/px; `mpp_tolerance`: relative slack before a slide counts as too coarse for 20x;
+    `allow_upsample`: tile such a slide anyway (its 20x regions upsampled); `low_mag_source`: the 5x tile read
+    from the pyramid ('pyramid') or Lanczos-resized from the 20x region ('resize', XMAG's way)."""
 
     mpp_5x: float = 2.0
     mpp_20x: float = 0.5
     mpp_tolerance: float = 0.1
+    allow_upsample: bool = False
+    low_mag_source: str = "pyramid"
     min_tissue: float = 0.25
     jpeg_quality: int = 90
     resample: str = "area"
@@ -71,24 +77,53 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+DIGEST_SPAN = 1 << 20  # bytes hashed at each end of a shard
+
+
+def shard_digest(path: str) -> str:
+    """sha256 of the file's size and its first and last DIGEST_SPAN bytes: catches a truncated or overwritten
+    shard without reading a multi-GB file on every rerun."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(DIGEST_SPAN))
+        f.seek(max(size - DIGEST_SPAN, 0))
+        digest.update(f.read(DIGEST_SPAN))
+    return digest.hexdigest()[:32]
+
+
 def read_done(work_dir: str, spec: inputs.SlideSpec, config: PairConfig) -> dict | None:
-    """The done marker of `spec` if it is complete for `config`, else None."""
+    """The done marker of `spec` if it is complete for `config` and its shard is what it vouches for, else
+    None (with a warning when the shard changed: the slide is then tiled again)."""
     try:
         with open(done_path(work_dir, spec.slide_id)) as f:
             done = json.load(f)
     except (OSError, ValueError):
         return None
-    if done.get("fingerprint") != config.fingerprint(spec) or not os.path.isfile(shard_path(work_dir, spec.slide_id)):
+    if done.get("fingerprint") != config.fingerprint(spec):
+        return None
+    shard = shard_path(work_dir, spec.slide_id)
+    try:
+        size, digest = os.path.getsize(shard), shard_digest(shard)
+    except OSError:
+        size, digest = None, None
+    if (size, digest) != (done.get("num_bytes"), done.get("digest")):
+        logging.warning("%s: %s is not what its done marker vouches for (%s bytes, digest %s; found %s bytes, "
+                        "digest %s): tiling the slide again", spec.slide_id, shard, done.get("num_bytes"),
+                        done.get("digest"), size, digest)
         return None
     return done
 
 
 def field_size_level0(slide: slide_reader.Slide, config: PairConfig) -> int:
-    """Level-0 px side of a 5x tile's field; raises ResolutionError if the scan is too coarse for 20x."""
-    if slide.mpp > config.mpp_20x * (1 + config.mpp_tolerance):
+    """Level-0 px side of a 5x tile's field; raises ResolutionError if the scan is too coarse for the 20x
+    region (more than `mpp_tolerance` coarser), unless `allow_upsample`."""
+    mpp_20x = config.mpp_5x * records.TILE_5X_PX / records.REGION_20X_PX
+    if slide.mpp > mpp_20x * (1 + config.mpp_tolerance) and not config.allow_upsample:
         raise slide_reader.ResolutionError(
-            f"{slide.path}: scanned at {slide.mpp:g} µm/px, coarser than the 20x target {config.mpp_20x:g} µm/px "
-            f"(+{config.mpp_tolerance:.0%} tolerance): its 20x regions would be upsampled")
+            f"{slide.path}: scanned at {slide.mpp:g} µm/px, coarser than the 20x target {mpp_20x:g} µm/px "
+            f"(+{config.mpp_tolerance:.0%} tolerance): its 20x regions would be upsampled; rerun with "
+            f"--allow-upsample to tile it anyway")
     return int(round(records.TILE_5X_PX * config.mpp_5x / slide.mpp))
 
 
@@ -129,8 +164,11 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
 
 def pair_record(slide: slide_reader.Slide, x: int, y: int, field: int, fraction: float, config: PairConfig) -> bytes:
     """The encoded record of the field at level-0 (x, y): 5x tile [224, 224, 3] + 20x region [896, 896, 3]."""
-    image_5x = slide_reader.read_field_image(slide, x, y, field, records.TILE_5X_PX, config.resample)
     image_20x = slide_reader.read_field_image(slide, x, y, field, records.REGION_20X_PX, config.resample)
+    if config.low_mag_source == "resize":
+        image_5x = image_20x.resize((records.TILE_5X_PX, records.TILE_5X_PX), Image.LANCZOS)
+    else:
+        image_5x = slide_reader.read_field_image(slide, x, y, field, records.TILE_5X_PX, config.resample)
     return records.encode_pair({
         "image_5x": encode_jpeg(image_5x, config.jpeg_quality),
         "image_20x": encode_jpeg(image_20x, config.jpeg_quality),
@@ -164,7 +202,7 @@ def process_slide(spec: inputs.SlideSpec, config: PairConfig, work_dir: str, ove
             os.replace(tmp, final)
             done = {
                 "slide_id": spec.slide_id, "path": spec.path, "status": "done", "num_pairs": len(grid.coords),
-                "num_bytes": os.path.getsize(final), "mpp_level0": slide.mpp, "mpp_source": slide.mpp_source,
+                "num_bytes": os.path.getsize(final), "digest": shard_digest(final), "mpp_level0": slide.mpp, "mpp_source": slide.mpp_source,
                 "backend": slide.backend, "field_level0": grid.field_level0, "tiles_from": source,
                 "seconds": round(time.time() - start, 3), "fingerprint": config.fingerprint(spec),
             }

@@ -12,18 +12,32 @@ Shards live as `DIR/xmag_pairs-{split}.array_record-{i:05d}-of-{n:05d}` next to 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from typing import Any
 
 import numpy as np
+from array_record.python import array_record_module
 from tensorflow_datasets.core import example_parser, example_serializer
 from tensorflow_datasets.core import features as tfds_features
+
+from xmag_jax.errors import UserError
 
 DATASET_NAME = "xmag_pairs"
 FILE_FORMAT = "array_record"
 TILE_5X_PX = 224
 REGION_20X_PX = 896
+# The field geometry: the 20x region is the 5x tile's field as 4 x 4 tiles, so mpp_5x / mpp_20x = 4.
+FIELD_RATIO = REGION_20X_PX / TILE_5X_PX
+GEOMETRY_TOLERANCE = 0.01
+# How the 5x tile is made: read from the slide's pyramid at mpp_5x, or XMAG's Lanczos resize of the 20x region.
+LOW_MAG_SOURCES = ("pyramid", "resize")
+METADATA_FILE = "metadata.json"  # TFDS `MetadataDict` beside dataset_info.json
+
+
+class GeometryError(UserError, ValueError):
+    """µm/px of the two magnifications that are not the 4 x 4 field geometry."""
 
 FIELDS = ("image_5x", "image_20x", "slide_id", "x", "y", "mpp_5x", "mpp_20x", "tissue_fraction")
 
@@ -122,3 +136,61 @@ def shard_paths(dataset_dir: str | os.PathLike, split: str) -> list[str]:
         raise ValueError(f"{dataset_dir}: incomplete shard set for split {split!r}: {sorted(found.items())}")
     num = next(iter(found))
     return [os.path.join(dataset_dir, shard_name(split, i, num)) for i in range(num)]
+
+
+def check_ratio(mpp_5x: float, mpp_20x: float, where: str) -> None:
+    """Raises GeometryError unless mpp_5x / mpp_20x is FIELD_RATIO (4) within GEOMETRY_TOLERANCE."""
+    if not (mpp_5x > 0 and mpp_20x > 0) or abs(mpp_5x / mpp_20x / FIELD_RATIO - 1) > GEOMETRY_TOLERANCE:
+        raise GeometryError(f"{where}: mpp_5x {mpp_5x:g} / mpp_20x {mpp_20x:g} µm/px is not the field geometry "
+                            f"(one {TILE_5X_PX} px 5x tile = {FIELD_RATIO:g} x {FIELD_RATIO:g} tiles of the "
+                            f"{REGION_20X_PX} px 20x region: the ratio must be {FIELD_RATIO:g}, e.g. 2.0 and 0.5)")
+
+
+def dataset_metadata(*, mpp_5x: float, mpp_20x: float, low_mag_source: str, resample: str,
+                     allow_upsample: bool) -> dict[str, Any]:
+    """What `metadata.json` records about how the pairs were made (µm/px targets, px sizes, 5x source)."""
+    if low_mag_source not in LOW_MAG_SOURCES:
+        raise ValueError(f"low_mag_source {low_mag_source!r}: expected one of {LOW_MAG_SOURCES}")
+    return {"mpp_5x": float(mpp_5x), "mpp_20x": float(mpp_20x), "tile_5x_px": TILE_5X_PX,
+            "region_20x_px": REGION_20X_PX, "low_mag_source": low_mag_source, "resample": resample,
+            "allow_upsample": bool(allow_upsample)}
+
+
+def read_metadata(dataset_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The dataset's `metadata.json` (µm/px targets, 5x source, ...) written by tile_pairs; None if absent."""
+    try:
+        with open(os.path.join(os.fspath(dataset_dir), METADATA_FILE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise GeometryError(f"{os.path.join(os.fspath(dataset_dir), METADATA_FILE)}: unreadable: {err}") from None
+
+
+def check_field_geometry(dataset_dir: str | os.PathLike, split: str) -> dict[str, float]:
+    """Refuses a dataset whose µm/px are not the 4 x 4 field geometry; returns {'mpp_5x', 'mpp_20x'}.
+
+    Checks the targets in `metadata.json` (datasets written before it existed have none) and the µm/px
+    stored in the first decodable record of `split` (a bad record is the bad-record budget's business).
+    Raises GeometryError naming the dataset.
+    """
+    dataset_dir = os.fspath(dataset_dir)
+    meta = read_metadata(dataset_dir)
+    if meta is not None:
+        check_ratio(float(meta.get("mpp_5x", 0)), float(meta.get("mpp_20x", 0)),
+                    f"{os.path.join(dataset_dir, METADATA_FILE)}")
+    reader = array_record_module.ArrayRecordReader(shard_paths(dataset_dir, split)[0])
+    try:
+        head = reader.read(list(range(min(reader.num_records(), 8))))
+    finally:
+        reader.close()
+    for index, data in enumerate(head):
+        try:
+            pair = decode_pair(data)
+        except Exception:  # noqa: BLE001 - any parse failure: a bad record, try the next one
+            continue
+        check_ratio(pair["mpp_5x"], pair["mpp_20x"],
+                    f"{dataset_dir} split {split!r} record {index} (slide {pair['slide_id']})")
+        return {"mpp_5x": pair["mpp_5x"], "mpp_20x": pair["mpp_20x"]}
+    return {"mpp_5x": float(meta["mpp_5x"]), "mpp_20x": float(meta["mpp_20x"])} if meta else {}
+

@@ -21,12 +21,14 @@ import openslide
 import tiffslide
 from PIL import Image
 
+from xmag_jax.errors import UserError
+
 PLAUSIBLE_MPP = (0.02, 20.0)
 LEVEL_SLACK = 1.01
 _UNIT_UM = {"centimeter": 1e4, "inch": 25400.0}
 
 
-class SlideError(Exception):
+class SlideError(UserError):
     """A slide that cannot be used; the class name is the failure kind reported in failures.jsonl."""
 
 
@@ -205,14 +207,33 @@ def read_field(slide: Slide, x0: int, y0: int, size_level0: float, out_px: int, 
     return np.asarray(read_field_image(slide, x0, y0, size_level0, out_px, resample).convert("RGB"))
 
 
+THUMB_READ_PX = 2048  # side of the level region read at a time for a thumbnail, px
+
+
 def read_level_image(slide: Slide, target_mpp: float) -> tuple[np.ndarray, float]:
-    """The whole slide at about `target_mpp` µm/px: (RGB uint8 [H, W, 3], its downsample from level 0)."""
+    """The whole slide at about `target_mpp` µm/px: (RGB uint8 [H, W, 3], its downsample from level 0).
+
+    Reads the best pyramid level in blocks of at most THUMB_READ_PX x THUMB_READ_PX level px, each box-filtered
+    into its part of the thumbnail, so peak memory is the thumbnail plus one block whatever the slide's size
+    (a slide without a pyramid would otherwise be read whole: ~7 bytes per level-0 px).
+    """
     width, height = slide.dimensions
     ds = target_mpp / slide.mpp
     level = best_level(slide.level_downsamples, ds)
     lw, lh = slide.handle.level_dimensions[level]
-    image = _to_rgb(_read(slide, 0, 0, level, (lw, lh)))
-    out = (max(int(round(width / ds)), 1), max(int(round(height / ds)), 1))
-    if out != (lw, lh):
-        image = image.resize(out, Image.BOX)
-    return np.asarray(image), width / out[0]
+    level_ds = slide.level_downsamples[level]
+    out_w, out_h = max(int(round(width / ds)), 1), max(int(round(height / ds)), 1)
+    sx, sy = lw / out_w, lh / out_h  # level px per thumbnail px
+    block_w, block_h = max(int(THUMB_READ_PX // sx), 1), max(int(THUMB_READ_PX // sy), 1)  # thumbnail px
+    thumb = np.empty((out_h, out_w, 3), np.uint8)
+    for ty in range(0, out_h, block_h):
+        for tx in range(0, out_w, block_w):
+            tw, th = min(block_w, out_w - tx), min(block_h, out_h - ty)
+            x0, y0 = int(tx * sx), int(ty * sy)
+            x1, y1 = min(int(math.ceil((tx + tw) * sx)), lw), min(int(math.ceil((ty + th) * sy)), lh)
+            region = _to_rgb(_read(slide, round(x0 * level_ds), round(y0 * level_ds), level, (x1 - x0, y1 - y0)))
+            if region.size != (tw, th):
+                box = (tx * sx - x0, ty * sy - y0, (tx + tw) * sx - x0, (ty + th) * sy - y0)
+                region = region.resize((tw, th), Image.BOX, box=box)
+            thumb[ty:ty + th, tx:tx + tw] = np.asarray(region)
+    return thumb, width / out_w

@@ -29,6 +29,8 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
+from xmag_jax import errors
+
 RENDER_MPP = 0.5
 TILE_PX = 256
 DOWNSAMPLES = (1, 4, 16)
@@ -235,10 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     args = parser.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise errors.UserError(f"--out {args.out}: expected a folder (this is a file)")
+    for flag, value, least in (("--n", args.n, 1), ("--size", args.size, TILE_PX * DOWNSAMPLES[-1]),
+                               ("--workers", args.workers, 1)):
+        if value < least:
+            raise errors.UserError(f"{flag} {value}: expected an integer >= {least}")
     rows = write_dataset(args.out, args.n, args.size, args.seed, args.workers)
     print(f"wrote {len(rows)} slides and labels.csv to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    errors.run_cli(main, prog="python -m data_prep.synthetic")

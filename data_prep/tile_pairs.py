@@ -5,18 +5,26 @@ For every slide: find the tissue, lay a grid of 5x tiles (224 px at --mpp-5x µm
 (896 px at --mpp-20x µm/px = 4 x 4 tiles of 224 px). Pixel sizes come from the slide file (or the CSV
 `mpp` column), never from the "magnification" label.
 
+The 5x tile is read from the slide's pyramid at --mpp-5x (default, --low-mag-source pyramid) or, as XMAG's
+released code does, made by Lanczos-resizing the 896 px 20x region to 224 px (--low-mag-source resize).
+--mpp-5x / --mpp-20x must be 4 (the 4 x 4 field geometry). A slide scanned coarser than the 20x target (beyond
+--mpp-tolerance) fails with ResolutionError rather than being upsampled, unless --allow-upsample.
+
 Output folder (pass it as the data dir to Grain / tfds.builder_from_directory):
   xmag_pairs-train.array_record-00000-of-0000N ...   the pairs, TFDS shard names
   xmag_pairs-val.array_record-00000-of-0000M ...
   dataset_info.json, features.json                  TFDS metadata (splits, example counts, features)
+  metadata.json                                     µm/px targets, 5x source, resampling (training checks it)
   slides.csv                                        slide_id, split, pairs, level-0 µm/px, path
   summary.json, failures.jsonl                      what happened; one JSON line per failed slide
   overlays/SLIDE.png                                thumbnail + tissue (green) + kept tiles (blue)
   work/                                             per-slide shards and done markers (resume state)
 
-A rerun with the same options skips slides already done; a failed slide is retried. Slides that fail
-(not a slide, truncated, no pixel size, unreadable region) are listed in failures.jsonl; the job fails
-when more than --max-failure-fraction of the slides failed.
+A rerun with the same options skips slides already done (a shard that no longer matches its done marker's
+size and digest is tiled again, with a warning); a failed slide is retried. Slides that fail (not a slide,
+truncated, no pixel size, unreadable region, too coarse) are listed in failures.jsonl; the job fails when more
+than --max-failure-fraction of the slides failed. Splits are drawn among the slides that produced pairs; a job
+left without a `train` split fails. One job at a time per --out (a lock file names the holder).
 
 Any other option is an Apache Beam pipeline option, e.g. `--runner DataflowRunner --project P ...`;
 by default the local DirectRunner uses one process per CPU core (`--direct_num_workers N` to change).
@@ -32,15 +40,20 @@ import json
 import logging
 import os
 import shutil
-import sys
 import threading
 import time
 
-import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 from tqdm import tqdm
 
-from data_prep import assemble, inputs, isolation, pairs, tissue
+# apache_beam logs on import that its optional BigQuery client is absent: noise on every command line here.
+logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
+import apache_beam as beam  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+
+from data_prep import assemble, inputs, isolation, pairs, records, tissue  # noqa: E402
+from xmag_jax import errors, workdir_lock  # noqa: E402
+
+PROG = "python -m data_prep.tile_pairs"
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +81,7 @@ class SlideToPairs(beam.DoFn):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep.tile_pairs", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--slides", required=True, help="folder of slides (.svs .tif .tiff .ndpi .mrxs .scn ...) or a "
                    "CSV manifest with columns path [, slide_id, mpp, split, coords]")
@@ -78,8 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mpp-20x", type=float, default=0.5, help="µm/px of the 896 px high-magnification region (0.5)")
     g.add_argument("--mpp-tolerance", type=float, default=0.1, help="a slide scanned up to this fraction coarser "
                    "than --mpp-20x is still used, slightly upsampled (0.1 = 10%%)")
+    g.add_argument("--allow-upsample", action="store_true", help="tile slides scanned coarser than the 20x "
+                   "target too (their 20x regions upsampled); without it they fail with ResolutionError")
     g.add_argument("--resample", choices=("area", "lanczos"), default="area",
                    help="filter from the pyramid level to the target µm/px (area)")
+    g.add_argument("--low-mag-source", choices=records.LOW_MAG_SOURCES, default="pyramid",
+                   help="the 5x tile: 'pyramid' (the default) reads the slide at --mpp-5x; 'resize' "
+                   "Lanczos-resizes the 896 px 20x region to 224 px, as XMAG's released code does")
     g = p.add_argument_group("tissue")
     g.add_argument("--min-tissue", type=float, default=0.25, help="keep 5x tiles whose field is at least this "
                    "fraction tissue (0.25)")
@@ -99,6 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-isolation", action="store_true", help="read slides in the Beam worker itself, not in a "
                    "child process (a crashing decoder then stops the job)")
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raises UserError (one line) for option values no job can run with; before anything is read."""
+    def need(ok: bool, flag: str, expected: str, value) -> None:
+        if not ok:
+            raise errors.UserError(f"{flag} {value}: expected {expected}")
+
+    need(not os.path.exists(args.out) or os.path.isdir(args.out), "--out", "a folder (this is a file)", args.out)
+    for flag in ("mpp_5x", "mpp_20x", "thumbnail_mpp"):
+        need(getattr(args, flag) > 0, f"--{flag.replace('_', '-')}", "a pixel size > 0 µm/px", getattr(args, flag))
+    records.check_ratio(args.mpp_5x, args.mpp_20x, "--mpp-5x / --mpp-20x")
+    need(args.mpp_tolerance >= 0, "--mpp-tolerance", "a fraction >= 0", args.mpp_tolerance)
+    need(0 <= args.min_tissue <= 1, "--min-tissue", "a fraction in [0, 1]", args.min_tissue)
+    need(1 <= args.jpeg_quality <= 100, "--jpeg-quality", "a JPEG quality in 1..100", args.jpeg_quality)
+    need(0 <= args.val_fraction < 1, "--val-fraction", "a fraction in [0, 1)", args.val_fraction)
+    need(args.examples_per_shard >= 1, "--examples-per-shard", "at least 1 pair per shard", args.examples_per_shard)
+    need(0 <= args.max_failure_fraction <= 1, "--max-failure-fraction", "a fraction in [0, 1]",
+         args.max_failure_fraction)
 
 
 def pipeline_options(beam_args: list[str]) -> PipelineOptions:
@@ -160,15 +197,24 @@ def _write_text_atomic(path: str, text: str) -> None:
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> dict:
-    """Tile, assemble and report; returns the summary. Raises SystemExit past --max-failure-fraction."""
-    start = time.time()
+    """Tile, assemble and report; returns the summary. Raises SystemExit past --max-failure-fraction or
+    without a train split, `workdir_lock.WorkdirLocked` while another job works on --out."""
+    check_args(args)
     options = pipeline_options(beam_args)
     out_dir = os.path.abspath(args.out)
+    specs = inputs.list_slides(args.slides, args.coords_dir)
+    with workdir_lock.hold(out_dir, job="tile_pairs"):
+        return _run_locked(args, options, out_dir, specs)
+
+
+def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str, specs: list[inputs.SlideSpec]
+                ) -> dict:
+    start = time.time()
     work_dir, overlay_dir = os.path.join(out_dir, "work"), os.path.join(out_dir, "overlays")
     os.makedirs(work_dir, exist_ok=True)
     _clean_stale_temps(out_dir, work_dir)
-    specs = inputs.list_slides(args.slides, args.coords_dir)
     config = pairs.PairConfig(mpp_5x=args.mpp_5x, mpp_20x=args.mpp_20x, mpp_tolerance=args.mpp_tolerance,
+                              allow_upsample=args.allow_upsample, low_mag_source=args.low_mag_source,
                               min_tissue=args.min_tissue, jpeg_quality=args.jpeg_quality, resample=args.resample,
                               thumb_mpp=args.thumbnail_mpp, progress=not args.no_progress)
     already = {s.slide_id for s in specs if pairs.read_done(work_dir, s, config)}
@@ -186,7 +232,8 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> dict:
                 failures.append({"slide": spec.path, "slide_id": spec.slide_id, "status": "failed",
                                  "error_type": "WorkerCrash", "message": "no result: the worker died on this slide"})
     _write_text_atomic(os.path.join(out_dir, "failures.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
-    splits = inputs.assign_splits(specs, args.val_fraction, args.split_seed)
+    productive = [s for s in specs if done[s.slide_id] and done[s.slide_id]["num_pairs"] > 0]
+    splits = inputs.assign_splits(productive, args.val_fraction, args.split_seed)
     summary = {
         "slides": len(specs), "skipped_already_done": len(already), "tiled_now": len(todo) - len(failures),
         "failed": len(failures), "failures_by_type": {}, "pairs": {}, "slides_per_split": {},
@@ -194,43 +241,50 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> dict:
     }
     for f in failures:
         summary["failures_by_type"][f["error_type"]] = summary["failures_by_type"].get(f["error_type"], 0) + 1
+    summary_path = os.path.join(out_dir, "summary.json")
     if failures and len(failures) > args.max_failure_fraction * len(specs):
         summary["seconds"] = round(time.time() - start, 2)
-        pairs.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+        pairs.write_json_atomic(summary_path, summary)
         raise SystemExit(f"FAILED: {len(failures)} of {len(specs)} slides failed "
                          f"({summary['failures_by_type']}), more than --max-failure-fraction "
                          f"{args.max_failure_fraction}; see {os.path.join(out_dir, 'failures.jsonl')}. "
                          f"Fix or remove them and rerun: finished slides are kept.")
     split_shards: dict[str, list[str]] = {}
-    for spec in specs:
-        if done[spec.slide_id] is not None:
-            split_shards.setdefault(splits[spec.slide_id], []).append(pairs.shard_path(work_dir, spec.slide_id))
-    summary["pairs"] = assemble.assemble(out_dir, split_shards, args.examples_per_shard,
-                                         description="5x/20x tile pairs written by data_prep.tile_pairs")
+    for spec in productive:
+        split_shards.setdefault(splits[spec.slide_id], []).append(pairs.shard_path(work_dir, spec.slide_id))
     summary["slides_per_split"] = {k: len(v) for k, v in sorted(split_shards.items())}
+    if "train" not in split_shards:
+        summary["seconds"] = round(time.time() - start, 2)
+        pairs.write_json_atomic(summary_path, summary)
+        raise SystemExit(f"FAILED: no train split: {len(productive)} of {len(specs)} slides produced pairs, split "
+                         f"{summary['slides_per_split'] or 'none'}; see {summary_path}. Add slides, lower "
+                         f"--val-fraction or fix the manifest's `split` column and rerun: finished slides are kept.")
+    metadata = records.dataset_metadata(mpp_5x=args.mpp_5x, mpp_20x=args.mpp_20x,
+                                        low_mag_source=args.low_mag_source, resample=args.resample,
+                                        allow_upsample=args.allow_upsample)
+    summary["pairs"] = assemble.assemble(out_dir, split_shards, args.examples_per_shard, metadata=metadata,
+                                         description=f"5x/20x tile pairs written by data_prep.tile_pairs: "
+                                                     f"{json.dumps(metadata, sort_keys=True)}")
     table = io.StringIO()
     csv.writer(table, lineterminator="\n").writerows(
         [("slide_id", "split", "pairs", "mpp_level0", "path")]
         + [(s.slide_id, splits[s.slide_id], done[s.slide_id]["num_pairs"], done[s.slide_id]["mpp_level0"], s.path)
-           for s in specs if done[s.slide_id] is not None])
+           for s in productive])
     _write_text_atomic(os.path.join(out_dir, "slides.csv"), table.getvalue())
     summary["seconds"] = round(time.time() - start, 2)
-    pairs.write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    pairs.write_json_atomic(summary_path, summary)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; bad input raises `errors.UserError` (one line, exit 2 through `errors.run_cli`)."""
     args, beam_args = build_parser().parse_known_args(argv)
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
-    try:
-        summary = run(args, beam_args)
-    except inputs.ManifestError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = run(args, beam_args)
     print(json.dumps(summary, indent=1))
     print(f"dataset: {os.path.abspath(args.out)} (splits {summary['pairs']})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run_cli(main, prog=PROG)

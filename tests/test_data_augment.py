@@ -7,6 +7,7 @@ import pytest
 
 from xmag_jax.data import augment
 from xmag_jax.data.pairs import cut_tiles
+from xmag_jax.errors import ConfigError
 
 PX5, PX20, BLOCK = 224, 896, 56  # 5x tile, 20x region, 5x block under one 20x tile (px)
 
@@ -131,3 +132,54 @@ def test_colour_jitter_factors():
 def test_unknown_augment_key_is_named():
     with pytest.raises(ValueError, match="colour"):
         augment.AugmentOptions.from_config({"d4": True, "colour": True})
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"'xmag2'.*\['d4_color_hed', 'xmag'\]"):
+        augment.AugmentOptions.from_config({"preset": "xmag2"})
+
+
+def test_config_presets_and_overrides():
+    from configs.debug import get_config
+
+    data = get_config().data
+    assert augment.AugmentOptions.from_config(data.augment) == augment.AugmentOptions()
+    data.augment.preset = "xmag"
+    xmag = augment.AugmentOptions.from_config(data.augment)
+    assert (xmag.flips_only, xmag.color_p, xmag.hed, xmag.d4, xmag.color) == (True, 0.5, False, True, True)
+    data.augment.color = False  # an explicit key overrides the preset; None keeps the preset's
+    assert augment.AugmentOptions.from_config(data.augment).color is False
+
+
+def test_xmag_preset_parameter_ranges_match_the_released_recipe():
+    options = augment.PRESETS["xmag"]
+    draws = [augment.draw(options, np.random.default_rng(seed)) for seed in range(4000)]
+    flips = np.array([[d.d4 in (4, 2), d.d4 in (6, 2)] for d in draws])  # (horizontal, vertical)
+    assert {d.d4 for d in draws} == {0, 2, 4, 6}, "flips only: no quarter turns"
+    assert np.allclose(flips.mean(0), 0.5, atol=0.03)
+    assert abs(np.corrcoef(flips.T)[0, 1]) < 0.05, "the two flips are independent"
+    jittered = [d for d in draws if d.color is not None]
+    assert abs(len(jittered) / len(draws) - 0.5) < 0.03 and all(d.hed is None for d in draws)
+    for name, bound in (("brightness", 0.05), ("contrast", 0.05), ("saturation", 0.05), ("hue", 0.05)):
+        values = np.array([getattr(d, name) for d in jittered]) - (0.0 if name == "hue" else 1.0)
+        assert np.abs(values).max() <= bound and values.min() < -0.95 * bound and values.max() > 0.95 * bound, name
+    # The horizontal flip mirrors left-right, the vertical one top-bottom.
+    image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    np.testing.assert_array_equal(augment.apply_d4(image, augment.FLIPS_TO_D4[True, False]), image[:, ::-1])
+    np.testing.assert_array_equal(augment.apply_d4(image, augment.FLIPS_TO_D4[False, True]), image[::-1])
+
+
+def test_xmag_preset_draw_is_shared_by_both_magnifications():
+    options = augment.PRESETS["xmag"]
+    image_5x, image_20x = _same_field(np.random.default_rng(5))
+    image_5x[:BLOCK, :BLOCK] = 250
+    image_20x[: 4 * BLOCK, : 4 * BLOCK] = 250
+    seen = set()
+    for seed in range(24):
+        d = augment.draw(options, np.random.default_rng(seed))
+        out_5x, out_20x = augment.augment_pair(image_5x, image_20x, options, np.random.default_rng(seed))
+        assert np.abs(out_20x[::4, ::4].astype(int) - out_5x).max() <= 1
+        changed = np.abs(out_5x.astype(int) - augment.apply_d4(image_5x, d.d4)).mean() > 0.3
+        assert changed == (d.color is not None), seed  # no jitter: the flip alone, exactly
+        seen.add((d.d4, d.color is not None))
+    assert len(seen) >= 6

@@ -16,6 +16,7 @@ from PIL import Image
 
 import data_prep_fixtures as fx
 from data_prep import records, tile_pairs
+from xmag_jax.errors import UserError
 
 FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1", "--no-progress", "--no-isolation"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,8 +75,18 @@ def test_split_by_slide(dataset):
     assert ids["train"].isdisjoint(ids["val"]) and len(ids["train"] | ids["val"]) == 4
 
 
-def test_pairs_are_aligned_and_on_tissue_at_both_scan_magnifications(dataset):
-    out, _ = dataset
+@pytest.fixture(scope="module")
+def resized_dataset(slides, tmp_path_factory):
+    """XMAG's 5x view: the 5x tile Lanczos-resized from the 20x region (in-process runner)."""
+    out = tmp_path_factory.mktemp("pairs_resize")
+    return out, run(slides, out, "--val-fraction", "0.25", "--low-mag-source", "resize")
+
+
+@pytest.mark.parametrize("source", ["pyramid", "resize"])
+def test_pairs_are_aligned_and_on_tissue_at_both_scan_magnifications(source, request):
+    out, _ = request.getfixturevalue({"pyramid": "dataset", "resize": "resized_dataset"}[source])
+    assert records.read_metadata(out)["low_mag_source"] == source
+    assert source in tfds.builder_from_directory(str(out)).info.description
     pairs = read_split(out, "train") + read_split(out, "val")
     assert {round(p["mpp_5x"], 4) for p in pairs} == {2.0} and {round(p["mpp_20x"], 4) for p in pairs} == {0.5}
     for p in pairs:
@@ -131,7 +142,8 @@ def test_csv_manifest_mpp_and_split_columns(slides, tmp_path):
     assert {p["slide_id"] for p in read_split(tmp_path / "out", "test")} == {"slide_001", "nompp"}
     bad = tmp_path / "bad.csv"
     bad.write_text("file,mpp\nx.svs,0.25\n")
-    assert tile_pairs.main(["--slides", str(bad), "--out", str(tmp_path / "o"), *FAST]) == 2
+    with pytest.raises(UserError, match="needs a `path` column"):
+        tile_pairs.main(["--slides", str(bad), "--out", str(tmp_path / "o"), *FAST])
 
 
 def test_trident_and_clam_coordinates_replace_tissue_detection(slides, tmp_path):
@@ -191,9 +203,14 @@ def test_help_and_unknown_options(tmp_path, capsys):
         tile_pairs.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for phrase in ("µm/px", "--mpp-5x", "--max-failure-fraction", "DataflowRunner", "failures.jsonl"):
+    for phrase in ("µm/px", "--mpp-5x", "--max-failure-fraction", "DataflowRunner", "failures.jsonl",
+                   "'pyramid' (the default)", "--allow-upsample"):
         assert phrase in help_text
-    assert tile_pairs.main(["--slides", str(tmp_path), "--out", str(tmp_path / "o"), "--min-tisue", "0.3"]) == 2
+    with pytest.raises(UserError, match="min_tisue"):
+        tile_pairs.main(["--slides", str(tmp_path), "--out", str(tmp_path / "o"), "--min-tisue", "0.3"])
+    with pytest.raises(SystemExit) as exit_info:
+        tile_pairs.main(["--slides", str(tmp_path), "--out", str(tmp_path / "o"), "--low-mag-source", "crop"])
+    assert exit_info.value.code == 2 and "invalid choice: 'crop'" in capsys.readouterr().err
 
 
 def test_a_crashing_decoder_fails_only_its_slide(tmp_path):
@@ -226,3 +243,19 @@ def test_mpp_tolerance(slides, tmp_path):
         assert p["mpp_5x"] == pytest.approx(field * 0.52 / 224, rel=1e-6) and p["x"] % field == 0
         region = simplejpeg.decode_jpeg(p["image_20x"])
         assert psnr(np.asarray(Image.fromarray(region).reduce(4)), simplejpeg.decode_jpeg(p["image_5x"])) > 30
+
+
+def test_resize_source_is_the_lanczos_resize_of_the_20x_region(resized_dataset):
+    from data_prep import pairs, slide_reader
+
+    out, _ = resized_dataset
+    p = read_split(out, "train")[0]
+    with open(out / "slides.csv") as f:
+        paths = {row.split(",")[0]: row.strip().split(",")[-1] for row in f.readlines()[1:]}
+    with slide_reader.open_slide(paths[p["slide_id"]]) as slide:
+        field = round(224 * 2.0 / slide.mpp)
+        region = slide_reader.read_field_image(slide, p["x"], p["y"], field, 896)
+        pyramid_5x = slide_reader.read_field_image(slide, p["x"], p["y"], field, 224)
+    assert p["image_20x"] == pairs.encode_jpeg(region, 90)
+    assert p["image_5x"] == pairs.encode_jpeg(region.resize((224, 224), Image.LANCZOS), 90)
+    assert p["image_5x"] != pairs.encode_jpeg(pyramid_5x, 90)

@@ -11,6 +11,17 @@ Both images show the same level-0 field (5x: `[224, 224, 3]` at ~2.0 µm/px, 20x
 - HED stain jitter (`hed`, Tellez et al. 2018): optical density → Ruifrok–Johnston H/E/DAB stain
   concentrations → per-stain scale α and shift β → back to RGB.
 
+Presets (`preset`, the config's `data.augment.preset`) name a whole recipe; the other keys override it:
+
+- `d4_color_hed` (default): all 8 D4 elements, colour jitter on every pair (factors in [0.9, 1.1], hue
+  in [-0.03, 0.03] turns) and HED stain jitter.
+- `xmag`: XMAG's released recipe: horizontal flip p = 0.5 and vertical flip p = 0.5 (independent; so the
+  identity, the two mirrors and the half turn, no quarter turns), and with p = 0.5 colour jitter with
+  brightness, contrast, saturation factors in [0.95, 1.05] and hue in [-0.05, 0.05] turns (torchvision's
+  `ColorJitter(0.05, 0.05, 0.05, 0.05)`: its hue is a fraction of the hue circle); no HED, no crop. Two
+  named differences from torchvision remain: the hue turns about the RGB grey axis rather than shifting the
+  HSV hue channel, and the four jitters run in one fixed order instead of a random one.
+
 `student_only`: the photometric jitter (colour, HED) goes to the 5x image only; the teacher sees the clean
 20x field. The D4 transform stays shared, because the teacher's tile targets must stay aligned with the
 student's token grid.
@@ -26,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from xmag_jax.errors import ConfigError
+
 # Ruifrok & Johnston (2001) stain optical-density vectors, rows H, E, DAB (as scikit-image's rgb_from_hed).
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
@@ -36,10 +49,17 @@ LN_255 = float(np.log(255.0))
 
 @dataclasses.dataclass(frozen=True)
 class AugmentOptions:
-    """Which augmentations run, and their strengths (each drawn uniformly in the stated range)."""
+    """Which augmentations run, and their strengths (each drawn uniformly in the stated range).
 
+    `d4`: geometric augmentation: the full D4 group, or only the flips (each p = 0.5) with `flips_only`.
+    `color_p`: probability that a pair gets the colour jitter at all (1: every pair).
+    """
+
+    preset: str = "d4_color_hed"
     d4: bool = True
+    flips_only: bool = False
     color: bool = True
+    color_p: float = 1.0
     hed: bool = True
     student_only: bool = False
     brightness: float = 0.1  # factor in [1 - b, 1 + b]
@@ -51,12 +71,25 @@ class AugmentOptions:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> AugmentOptions:
-        """From the config's `data.augment` section; unknown keys are an error naming them."""
+        """From the config's `data.augment` section: its `preset` (default `d4_color_hed`), with every other
+        key that is not None overriding the preset's value. Unknown keys or presets are a ConfigError."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise ValueError(f"data.augment: unknown keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**{k: cfg[k] for k in cfg})
+            raise ConfigError(f"data.augment: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        name = cfg.get("preset") or cls.preset
+        if name not in PRESETS:
+            raise ConfigError(f"data.augment.preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **{k: cfg[k] for k in cfg if k != "preset" and cfg[k] is not None})
+
+
+PRESETS = {
+    "d4_color_hed": AugmentOptions(),
+    "xmag": AugmentOptions(preset="xmag", flips_only=True, color_p=0.5, hed=False,
+                           brightness=0.05, contrast=0.05, saturation=0.05, hue=0.05),
+}
+# D4 element (see AugmentDraw) of (horizontal flip, vertical flip): a mirror, a half turn + mirror, a half turn.
+FLIPS_TO_D4 = {(False, False): 0, (True, False): 4, (False, True): 6, (True, True): 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +98,8 @@ class AugmentDraw:
 
     `d4`: 0..7, rotate by `d4 % 4` quarter turns counter-clockwise, then mirror left-right if `d4 >= 4`.
     `color`: `[3, 3]` matrix on RGB row vectors (brightness · saturation · hue), with its `brightness` and
-    `contrast` factors (the contrast pivot is the brightness-scaled mean grey).
+    `contrast` factors (the contrast pivot is the brightness-scaled mean grey); `saturation` and `hue`
+    (turns) record the rest of that draw.
     `hed`: `[3, 3]` matrix and `hed_bias [3]` on log-intensity row vectors `ln(max(v, 1))` (v in 0..255):
     the stain jitter in optical density `od = ln 255 - ln v` is affine, so it stays affine in `ln v`.
     Disabled parts are None.
@@ -77,6 +111,8 @@ class AugmentDraw:
     contrast: float
     hed: np.ndarray | None
     hed_bias: np.ndarray | None
+    saturation: float = 1.0
+    hue: float = 0.0
 
 
 def _hue_rotation(turns: float) -> np.ndarray:
@@ -104,8 +140,13 @@ def hed_matrices(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def draw(options: AugmentOptions, rng: np.random.Generator) -> AugmentDraw:
-    """Draws every parameter (always in the same order, so toggling one option leaves the others' draws)."""
-    d4 = int(rng.integers(8))
+    """Draws every parameter (always in the same order, so toggling one option leaves the others' draws;
+    the flips and the colour coin replace or follow the draws of the default preset, which stay as they were)."""
+    if options.flips_only:
+        horizontal, vertical = (rng.random(2) < 0.5).tolist()
+        d4 = FLIPS_TO_D4[horizontal, vertical]
+    else:
+        d4 = int(rng.integers(8))
     brightness, contrast, saturation = 1.0 + rng.uniform(-1.0, 1.0, 3) * np.array(
         [options.brightness, options.contrast, options.saturation]
     )
@@ -113,13 +154,16 @@ def draw(options: AugmentOptions, rng: np.random.Generator) -> AugmentDraw:
     alpha = 1.0 + rng.uniform(-options.hed_scale, options.hed_scale, 3)
     beta = rng.uniform(-options.hed_shift, options.hed_shift, 3)
     hed, hed_bias = hed_matrices(alpha, beta) if options.hed else (None, None)
+    jitter = options.color and (options.color_p >= 1.0 or bool(rng.random() < options.color_p))
     return AugmentDraw(
         d4=d4 if options.d4 else 0,
-        color=color_matrix(brightness, saturation, hue) if options.color else None,
+        color=color_matrix(brightness, saturation, hue) if jitter else None,
         brightness=float(brightness),
         contrast=float(contrast),
         hed=hed,
         hed_bias=hed_bias,
+        saturation=float(saturation),
+        hue=float(hue),
     )
 
 

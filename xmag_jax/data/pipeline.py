@@ -84,6 +84,7 @@ def build_dataset(
     options = augment.AugmentOptions.from_config(data["augment"])
 
     source = grain.sources.ArrayRecordDataSource(records.shard_paths(data["dir"], data["split"]))
+    records.check_field_geometry(data["dir"], data["split"])  # µm/px must be the 4 x 4 field geometry
     if len(source) < process_count * batch_size:
         raise ValueError(
             f"{data['dir']} split {data['split']!r}: {len(source)} records cannot fill a batch of "
