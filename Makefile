@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[test,tpu-aot]"
+	$(PY) -m pip install --no-deps "dinov2==0.0.1.dev2"  # official DINOv2 code for tests; see pyproject's test extra
 	touch $(STAMP)
 
 demo: $(STAMP)
