@@ -77,7 +77,7 @@ def _write(official: DinoVisionTransformer, layout: str, directory) -> str:
         torch.save({f"student_ema.model.{k}": v for k, v in sd.items()}
                    | {"student.model.cls_token": sd["cls_token"], "head_global.0.weight": torch.zeros(4, 4)}, path)
     elif layout == "hub_pth":
-        path = directory / "dinov2_vitb14_pretrain.pth"
+        path = directory / "dinov2_vit14_pretrain.pth"
         torch.save(dict(sd), path)
     else:  # timm's vit_base_patch14_dinov2.lvd142m: timm's own module tree at 518 px, no mask_token
         model = timm.create_model("vit_base_patch14_dinov2", img_size=518, depth=DEPTH, num_classes=0)
@@ -105,8 +105,11 @@ def test_reference_has_the_release_key_layout(official):
 
 
 @pytest.mark.parametrize("layout,name", [("xmag_ckpt", "xmag_vitb14"), ("student_ema_pth", "xmag_vitb14"),
-                                         ("hub_pth", "vit_b14"), ("timm_safetensors", "vit_b14")])
+                                         ("hub_pth", "vit_b14"), ("timm_safetensors", "vit_b14"),
+                                         ("hub_pth", "vit_s14")])
 def test_import_computes_the_official_224px_forward(official, images, layout, name, tmp_path):
+    if name == "vit_s14":
+        official = official_model("vit_s14", seed=1)
     path = _write(official, layout, tmp_path)
     notes = []
     arch = get_arch(name, depth=DEPTH)
@@ -115,8 +118,9 @@ def test_import_computes_the_official_224px_forward(official, images, layout, na
     np.testing.assert_allclose(np.asarray(embed(arch, out)), cls, atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(out.patches), patches, atol=TOL, rtol=0)
     assert np.abs(cls).max() > 0.1
-    assert any("resampled to 16x16 (224 px)" in n and "[1, 1370, 768]" in n for n in notes)
-    assert any("dropped mask_token [1, 768]" in n for n in notes) == (layout != "timm_safetensors")
+    dim = arch.vit.embed_dim
+    assert any("resampled to 16x16 (224 px)" in n and f"[1, 1370, {dim}]" in n for n in notes)
+    assert any(f"dropped mask_token [1, {dim}]" in n for n in notes) == (layout != "timm_safetensors")
     assert any("left out 2 other tensors" in n for n in notes) == (layout == "student_ema_pth")
 
 
