@@ -21,6 +21,7 @@ $(BASE): pyproject.toml
 
 $(FULL): $(BASE)
 	$(PY) -m pip install -e ".[test,tpu-aot]"
+	$(PY) -m pip install --no-deps "dinov2==0.0.1.dev2"  # official DINOv2 code for tests; see pyproject's test extra
 	touch $(FULL)
 
 demo: $(BASE)

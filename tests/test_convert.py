@@ -17,6 +17,7 @@ import torch
 from flax import nnx
 from safetensors.torch import save_file
 
+from xmag_jax import errors
 from xmag_jax.bench.parity import randomize_init_constants_, timm_embedding
 from xmag_jax.convert import StateDictMismatch, flax_from_state_dict, import_timm, read_state_dict
 from xmag_jax.convert.__main__ import main as convert_main
@@ -26,7 +27,7 @@ from xmag_jax.models.checkpoint import load_model
 DEPTH = {"uni": 1, "uni2_h": 1, "virchow2": 1, "h_optimus_0": 1, "gigapath": 1, "vit_s14": 4, "vit_b14": 2}
 PARITY = ["uni", "uni2_h", "virchow2", "h_optimus_0", "gigapath", "vit_s14", "vit_b14", "vit_test",
           "vit_test_teacher"]
-SAME_AS = {"phikon_v2": "uni", "h_optimus_1": "h_optimus_0"}
+SAME_AS = {"phikon_v2": "uni", "h_optimus_1": "h_optimus_0", "xmag_vitb14": "vit_b14"}
 EXPORTED = ["vit_test_teacher", "virchow2", "vit_s14"]
 TOL = 1e-4
 
@@ -168,7 +169,7 @@ def test_pickled_code_is_refused(tmp_path):
         read_state_dict(tmp_path / "evil.bin")
 
 
-def test_wrong_architecture_lists_keys_and_shapes(converted, tmp_path):
+def test_wrong_architecture_lists_keys_and_shapes(converted, tmp_path, capsys):
     model = converted["vit_test"][0]
     save_file(model.state_dict(), str(tmp_path / "student.safetensors"))
     with pytest.raises(StateDictMismatch) as err:
@@ -179,9 +180,14 @@ def test_wrong_architecture_lists_keys_and_shapes(converted, tmp_path):
     assert "blocks.0.mlp.fc1.weight: checkpoint [256, 64] vs model [512, 96]" in msg
     assert "pos_embed: checkpoint [1, 257, 64] vs model [1, 256, 96]" in msg
     assert not (tmp_path / "ck").exists()
-    rc = convert_main(["import", "--model", "nope", "--weights", str(tmp_path / "student.safetensors"),
-                       "--out", str(tmp_path / "ck2")])
-    assert rc == 1
+    for model, expected in (("vit_test_teacher", "missing keys (1): reg_token"), ("nope", "unknown model 'nope'")):
+        with pytest.raises(SystemExit) as exit_:
+            errors.run_cli(convert_main, prog="convert", argv=["import", "--model", model, "--weights",
+                                                               str(tmp_path / "student.safetensors"),
+                                                               "--out", str(tmp_path / "ck2")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("convert: error: ") and err.count("\n") == 1
+        assert expected in err
 
 
 def test_unexpected_keys_are_listed(converted, tmp_path):

@@ -62,7 +62,8 @@ def load_encoder(*, checkpoint_dir: str | None = None, timm_dir: str | None = No
                  dtype: str | None = None, **vit_overrides) -> Encoder:
     """An encoder from exactly one source: a model checkpoint dir (`models.checkpoint`), a timm local dir
     exported by `xmag_jax.convert export` (`config.json` + `model.safetensors`), or a registry name with
-    a weights file (timm `.safetensors`/`.bin` state dict, or a model checkpoint dir) or `random_init`.
+    a weights file (a released file `xmag_jax.convert import` reads: timm `.safetensors`/`.bin`, DINOv2 `.pth`,
+    XMAG's release `.ckpt`; or a model checkpoint dir) or `random_init`.
     `dtype` sets the compute dtype (e.g. 'bfloat16'); `vit_overrides` other ViTConfig fields (e.g. depth)."""
     sources = [s for s in (checkpoint_dir, timm_dir, model) if s]
     if len(sources) != 1:
@@ -94,9 +95,10 @@ def load_encoder(*, checkpoint_dir: str | None = None, timm_dir: str | None = No
 
 
 def _from_timm_weights(arch: models.Arch, path: pathlib.Path) -> models.VisionTransformer:
+    """Through `convert import`'s reader: timm, DINOv2, XMAG release or transformers Dinov2 weights."""
     from xmag_jax.convert import timm_io
 
-    return timm_io.flax_from_state_dict(arch, timm_io.read_state_dict(path), source=str(path))
+    return timm_io.load_weights(arch, path)
 
 
 def _arch_of_timm_dir(directory: pathlib.Path, overrides: dict) -> models.Arch:
@@ -120,7 +122,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", help="model checkpoint directory (models.checkpoint / trainer export)")
     src.add_argument("--timm-dir", help="timm local dir: config.json + model.safetensors")
     src.add_argument("--model", help="registry name (with --weights FILE, or --random-init)")
-    p.add_argument("--weights", help="weights for --model: timm safetensors state dict or model checkpoint dir")
+    p.add_argument("--weights", help="weights for --model: a file `xmag_jax.convert import` reads (timm, DINOv2 "
+                                     ".pth, XMAG release .ckpt) or a model checkpoint dir")
     p.add_argument("--random-init", action="store_true", help="random-init --model (a baseline)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
     p.add_argument("--dtype", help="compute dtype, e.g. bfloat16 (default: the model's)")

@@ -15,6 +15,8 @@ import re
 
 import numpy as np
 
+from xmag_jax.convert.mapping import WeightsError
+
 _EMBEDDINGS = "embeddings.patch_embeddings.projection.weight"
 _RENAMES = {
     "embeddings.cls_token": "cls_token",
@@ -50,7 +52,7 @@ def _backbone(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def to_timm(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """The timm-named state dict of a transformers Dinov2Model's; `source` names the file in errors.
 
-    Raises ValueError listing every key it cannot place (SwiGLU Dinov2 variants, heads, ...) and every layer whose
+    Raises WeightsError listing every key it cannot place (SwiGLU Dinov2 variants, heads, ...) and every layer whose
     q, k or v projection is missing.
     """
     out: dict[str, np.ndarray] = {}
@@ -78,7 +80,7 @@ def to_timm(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndar
     incomplete = sorted(f"encoder.layer.{layer} {leaf}: has {sorted(parts)}"
                         for (layer, leaf), parts in qkv.items() if set(parts) != {"q", "k", "v"})
     if unknown or incomplete:
-        raise ValueError(f"{source}: transformers Dinov2 checkpoint with keys that have no timm ViT counterpart "
+        raise WeightsError(f"{source}: transformers Dinov2 checkpoint with keys that have no timm ViT counterpart "
                          f"{sorted(unknown)}; q/k/v projections incomplete: {incomplete}")
     for (layer, leaf), parts in qkv.items():
         out[f"blocks.{layer}.attn.qkv.{leaf}"] = np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)

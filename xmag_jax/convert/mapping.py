@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from xmag_jax.errors import UserError
+
 _LEAF_TO_TIMM = {"kernel": "weight", "scale": "weight", "bias": "bias", "gamma": "gamma"}
 _TOP_LEVEL = ("cls_token", "reg_token", "pos_embed")
 
@@ -70,7 +72,11 @@ def key_table(flax_params: Mapping) -> list[KeyRule]:
     return rules
 
 
-class StateDictMismatch(ValueError):
+class WeightsError(UserError, ValueError):
+    """A weights file that cannot be imported: the message names the file and what was expected."""
+
+
+class StateDictMismatch(WeightsError):
     """Weights that do not fit the architecture: every missing/unexpected key and shape mismatch, by name."""
 
 

@@ -1,7 +1,8 @@
 """timm <-> Flax conversion: import downloaded timm weights into a model checkpoint, export one to timm.
 
-Import reads `model.safetensors`, or `pytorch_model.bin` through `torch.load(weights_only=True)` (torch
-is imported only for .bin), with timm's key names or a transformers Dinov2Model's (Phikon-v2). Export writes
+Import reads `model.safetensors`, or a PyTorch file (`pytorch_model.bin`, DINOv2's `.pth`, XMAG's `.ckpt`)
+through `torch.load(weights_only=True)` (torch is imported only for those), in any layout `layouts` understands:
+timm's, DINOv2's, XMAG's release, a transformers Dinov2Model's (Phikon-v2). Export writes
 `config.json` + `model.safetensors` that `timm.create_model("local-dir:DIR", pretrained=True)` loads without
 xmag_jax installed.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,37 +22,61 @@ import numpy as np
 from flax import nnx
 
 from xmag_jax import atomic
-from xmag_jax.convert import hf_dinov2
-from xmag_jax.convert.mapping import from_timm, to_timm
+from xmag_jax.convert import layouts
+from xmag_jax.convert.mapping import WeightsError, from_timm, to_timm
 from xmag_jax.models.checkpoint import load_model, save_model
 from xmag_jax.models.registry import Arch, get_arch, timm_model_args
 from xmag_jax.models.vit import VisionTransformer
 
 
+class NonFiniteWeights(WeightsError):
+    """Weights holding NaN or Inf."""
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Tensors of a `.safetensors` or PyTorch `.bin`/`.pth` file as numpy arrays (bfloat16 as ml_dtypes)."""
+    """Tensors of a `.safetensors` or PyTorch `.bin`/`.pth`/`.pt`/`.ckpt` file as numpy arrays (bfloat16 as
+    ml_dtypes). A PyTorch file holds a flat state dict, or a checkpoint dict whose `state_dict` entry is one
+    (XMAG's release, Lightning); it is read with `torch.load(weights_only=True)` only. Raises `WeightsError`
+    for an unreadable file and `NonFiniteWeights`, naming the keys, for NaN/Inf values."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+        raise WeightsError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="flax") as f:
-                return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+                tensors = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
-    if path.suffix in (".bin", ".pth", ".pt"):
-        import torch
+            raise WeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    elif path.suffix in (".bin", ".pth", ".pt", ".ckpt"):
+        tensors = _read_torch(path)
+    else:
+        raise WeightsError(f"weights file {path}: expected a .safetensors or PyTorch .bin/.pth/.pt/.ckpt file")
+    bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
+    if bad:
+        raise NonFiniteWeights(f"{path}: {len(bad)} tensors hold NaN or Inf: {', '.join(bad[:10])}"
+                               f"{', ...' if len(bad) > 10 else ''}")
+    return tensors
 
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses pickled code; corrupt zips raise RuntimeError
-            raise ValueError(f"{path}: not loadable with torch.load(weights_only=True) ({type(e).__name__}: {e})") from e
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise ValueError(f"{path}: expected a flat state dict of tensors, got {type(obj).__name__}")
-        return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in obj.items()}
-    raise ValueError(f"weights file {path}: expected a .safetensors or PyTorch .bin/.pth file")
+
+def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses pickled code; corrupt zips raise RuntimeError
+        raise WeightsError(f"{path}: not loadable with torch.load(weights_only=True) ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a flat state dict of tensors (or a dict with one under 'state_dict'), "
+                           f"got {type(obj).__name__}")
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in obj.items()}
+
+
+def _print_note(line: str) -> None:
+    print(f"note: {line}", file=sys.stderr, flush=True)
 
 
 def flax_from_state_dict(arch: Arch, state_dict: dict[str, np.ndarray], source: str) -> VisionTransformer:
@@ -63,16 +90,23 @@ def flax_from_state_dict(arch: Arch, state_dict: dict[str, np.ndarray], source: 
     return nnx.merge(graphdef, params, rest)
 
 
+def load_weights(arch: Arch, weights: str | os.PathLike,
+                 note: Callable[[str], None] = _print_note) -> VisionTransformer:
+    """`arch`'s Flax model from a released weights file in any layout `layouts.to_timm_layout` understands (timm,
+    DINOv2 torch.hub, XMAG release, transformers Dinov2Model); `note` receives one line per tensor dropped or
+    resampled. The one reader behind `convert import` and `encoders.load_encoder(model=..., weights=FILE)`."""
+    state_dict, notes = layouts.to_timm_layout(read_state_dict(weights), arch, source=str(weights))
+    for line in notes:
+        note(line)
+    return flax_from_state_dict(arch, state_dict, source=str(weights))
+
+
 def import_timm(name: str, weights: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
-                **vit_overrides: Any) -> tuple[VisionTransformer, Path]:
-    """Convert timm weights (or a transformers Dinov2Model's, see `hf_dinov2`) for registry entry `name`
-    (ViTConfig fields overridable, e.g. depth=2) into an Orbax model checkpoint at `out`. Returns the model and
-    the checkpoint path."""
+                note: Callable[[str], None] = _print_note, **vit_overrides: Any) -> tuple[VisionTransformer, Path]:
+    """Convert released weights (see `load_weights`) for registry entry `name` (ViTConfig fields overridable, e.g.
+    depth=2) into an Orbax model checkpoint at `out`. Returns the model and the checkpoint path."""
     arch = get_arch(name, **vit_overrides)
-    state_dict = read_state_dict(weights)
-    if hf_dinov2.is_hf_dinov2(state_dict):
-        state_dict = hf_dinov2.to_timm(state_dict, source=str(weights))
-    model = flax_from_state_dict(arch, state_dict, source=str(weights))
+    model = load_weights(arch, weights, note=note)
     return model, save_model(out, model, name, overwrite=overwrite)
 
 

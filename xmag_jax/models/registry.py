@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from xmag_jax.errors import ConfigError
 from xmag_jax.models.vit import ViTConfig, ViTOutput, VisionTransformer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,7 +34,10 @@ TIMM_SWIGLU_ARCHS = ("vit_giant_patch14_dinov2", "vit_giant_patch14_reg4_dinov2"
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """One registry entry. `embedding`: 'pooled' (ViTOutput.pooled) or 'cls_mean_patch' (Virchow2:
-    concat(CLS, mean of patch tokens without registers)); `embed_dim` is that embedding's size."""
+    concat(CLS, mean of patch tokens without registers)); `embed_dim` is that embedding's size.
+    `dinov2_pos_embed`: released weights whose position table has another grid (DINOv2's 37x37 at 518 px) are
+    resampled at import to `vit.img_size` the way the official DINOv2 code does at that size
+    (`models.pos_embed.dinov2_resample_pos_embed`); otherwise the grids must match."""
 
     name: str
     vit: ViTConfig
@@ -42,6 +46,7 @@ class Arch:
     embedding: str
     timm_arch: str
     source: str
+    dinov2_pos_embed: bool = False
 
     def __post_init__(self):
         if self.embedding not in EMBEDDINGS:
@@ -50,6 +55,8 @@ class Arch:
             raise ValueError(f"Arch {self.name}: timm_arch {self.timm_arch} does not build a {self.vit.mlp_layer} MLP")
         if self.vit.norm_eps != 1e-6:
             raise ValueError(f"Arch {self.name}: timm ViTs use LayerNorm eps 1e-6, got {self.vit.norm_eps}")
+        if self.dinov2_pos_embed and (not self.vit.class_token or self.vit.no_embed_class or self.vit.reg_tokens):
+            raise ValueError(f"Arch {self.name}: DINOv2 position tables have one class position and no registers")
 
     @property
     def embed_dim(self) -> int:
@@ -120,12 +127,21 @@ _ENTRIES = [
          IMAGENET_MEAN, IMAGENET_STD, "pooled", "vit_large_patch16_224",
          "huggingface.co/owkin/phikon-v2 model card + config.json (Dinov2, layer_norm_eps 1e-6); timm-equivalent"),
     # Students (XMAG, arXiv 2509.23097): DINOv2-style ViT-S/14 and ViT-B/14 at 224 px -> 16x16 token grid.
+    # DINOv2's released weights (torch.hub dinov2_vit{s,b}14_pretrain.pth, timm vit_*_patch14_dinov2.lvd142m)
+    # have a 518 px (37x37) position table, resampled at import as DINOv2 itself does at 224 px.
     Arch("vit_s14", _vit(img_size=224, patch_size=14, embed_dim=384, depth=12, num_heads=6, init_values=1e-5),
          IMAGENET_MEAN, IMAGENET_STD, "pooled", "vit_small_patch14_dinov2",
-         "timm vit_small_patch14_dinov2 at img_size=224"),
+         "timm vit_small_patch14_dinov2 at img_size=224", dinov2_pos_embed=True),
     Arch("vit_b14", _vit(img_size=224, patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5),
          IMAGENET_MEAN, IMAGENET_STD, "pooled", "vit_base_patch14_dinov2",
-         "timm vit_base_patch14_dinov2 layout at img_size=224"),
+         "timm vit_base_patch14_dinov2 layout at img_size=224", dinov2_pos_embed=True),
+    # XMAG's released model (arXiv 2509.23097; github.com/AI4Path-Lab/XMAG encoding/encode.py): the EMA student,
+    # a DINOv2 ViT-B/14 (LayerScale) run at 224 px with ImageNet mean/std; embedding = final-norm CLS, 768-d.
+    # Its checkpoint holds {"state_dict": {"model.<DINOv2 key>": tensor}} with the 518 px (37x37) position table.
+    Arch("xmag_vitb14", _vit(img_size=224, patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5),
+         IMAGENET_MEAN, IMAGENET_STD, "pooled", "vit_base_patch14_dinov2",
+         "arXiv 2509.23097 + github.com/AI4Path-Lab/XMAG encoding/encode.py (DINOv2 ViT-B/14, 224 px, CLS)",
+         dinov2_pos_embed=True),
     # Tiny CI models (16x16 grid): a student, and a UNI2-h-like teacher (SwiGLUPacked, registers, no_embed_class).
     Arch("vit_test", _vit(img_size=224, patch_size=14, embed_dim=64, depth=2, num_heads=2, init_values=1e-5),
          IMAGENET_MEAN, IMAGENET_STD, "pooled", "vit_small_patch14_dinov2", "tiny CI student"),
@@ -141,7 +157,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in _ENTRIES}
 def get_arch(name: str, **vit_overrides) -> Arch:
     """Registry entry `name`, its ViTConfig optionally overridden (e.g. depth=2, dtype='bfloat16')."""
     if name not in ARCHS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(ARCHS))}")
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(ARCHS))}")
     arch = ARCHS[name]
     if not vit_overrides:
         return arch
