@@ -107,3 +107,67 @@ def test_eval_help_shows_defaults(module, flags, capsys):
     for flag in flags:
         help_text = re.search(rf" {re.escape(flag)} [A-Z_]+ (.*?)(?= -|$)", options).group(1)
         assert re.search(r"\w+ .*\(default: [^)]+\)$", help_text), (flag, help_text)
+
+
+# ---- item 7: a corrupt or truncated pair shard -----------------------------------------------------------------
+
+
+def _pairs(tmp_path, n=12):
+    from xmag_jax.data.synthetic_pairs import write_pair_shards
+
+    return write_pair_shards(tmp_path / "pairs", n, num_shards=2)
+
+
+def _overwrite_middle(path: str) -> None:
+    """Zeroes 2 kB in the middle of the shard: one record's chunk is corrupt, the index at the end intact."""
+    data = bytearray(pathlib.Path(path).read_bytes())
+    data[len(data) // 2: len(data) // 2 + 2000] = bytes(2000)
+    pathlib.Path(path).write_bytes(data)
+
+
+def test_record_unreadable_in_a_shard_is_a_counted_bad_record(tmp_path):
+    import copy
+
+    from configs.debug import get_config
+    from xmag_jax.data import TooManyBadRecordsError, make_iterator, pairs
+
+    paths = _pairs(tmp_path)
+    _overwrite_middle(paths[0])
+    source = pairs.PairSource(paths)
+    unreadable = [i for i in range(len(source)) if isinstance(source[i], pairs.UnreadableRecord)]
+    assert len(unreadable) == 1 and unreadable[0] < 6
+    with pytest.raises(pairs.BadRecordError, match=rf"record {unreadable[0]}: .*00000-of-00002: record \d cannot be "
+                       r"read \(Corrupted Riegeli"):
+        pairs.decode_images(source[unreadable[0]], unreadable[0])
+    data = copy.deepcopy(get_config().data)
+    data.dir, data.worker_count, data.max_bad_record_fraction = str(tmp_path / "pairs"), 0, 0.2
+    data.augment.d4 = data.augment.color = data.augment.hed = False
+    it = make_iterator(data, seed=0, batch_size=2, process_index=0, process_count=1, num_epochs=1,
+                       min_records_checked=1)
+    batches = list(it)
+    assert it.bad_records == 1 and len(batches) == 5
+    assert unreadable[0] not in {int(i) for b in batches for i in b["record_index"]}
+    data.max_bad_record_fraction = 0.01
+    with pytest.raises(TooManyBadRecordsError, match=r"the latest: record \d: .*00000-of-00002: record \d cannot"):
+        list(make_iterator(data, seed=0, batch_size=2, process_index=0, process_count=1, num_epochs=1,
+                           min_records_checked=1))
+
+
+def test_truncated_shard_stops_with_the_file_named(tmp_path, capsys):
+    from xmag_jax.data import build_dataset, pairs
+
+    paths = _pairs(tmp_path)
+    pathlib.Path(paths[1]).write_bytes(pathlib.Path(paths[1]).read_bytes()[:100_000])
+    with pytest.raises(pairs.ShardError, match=rf"^{re.escape(paths[1])}: pair shard cannot be opened.*re-run "
+                       r"`python -m data_prep.tile_pairs`"):
+        pairs.PairSource(paths)
+    import copy
+
+    from configs.debug import get_config
+
+    data = copy.deepcopy(get_config().data)
+    data.dir, data.worker_count = str(tmp_path / "pairs"), 0
+    with pytest.raises(pairs.ShardError, match="00001-of-00002: pair shard cannot be opened"):
+        build_dataset(data, seed=0, batch_size=2, process_index=0, process_count=1)
+    err = _cli(fidelity.main, ["--pairs", str(tmp_path / "pairs"), "--split", "train"], capsys)
+    assert "00001-of-00002: pair shard cannot be opened" in err
