@@ -171,3 +171,172 @@ def test_truncated_shard_stops_with_the_file_named(tmp_path, capsys):
         build_dataset(data, seed=0, batch_size=2, process_index=0, process_count=1)
     err = _cli(fidelity.main, ["--pairs", str(tmp_path / "pairs"), "--split", "train"], capsys)
     assert "00001-of-00002: pair shard cannot be opened" in err
+
+
+# ---- embed: items 1, 4, 9, 13 ----------------------------------------------------------------------------------
+
+MPP = 1.0  # µm/px: a 1 mm synthetic slide gives a 4x4 grid of 224 px tiles
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> pathlib.Path:
+    from data_prep import synthetic
+
+    d = tmp_path_factory.mktemp("slides")
+    synthetic.write_dataset(str(d), 3, size_px=2048, seed=0)  # slide_000 .. slide_002
+    return d
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from xmag_jax import encoders
+
+    return encoders.load_encoder(model="vit_test", random_init=True, seed=0)
+
+
+def _specs(slides):
+    from data_prep import inputs
+
+    return inputs.list_slides(str(slides))
+
+
+def _embed(slides, encoder, out, **kw):
+    from xmag_jax import embed
+
+    return embed.embed_slides(_specs(slides), encoder, out, embed.Tiling(MPP), batch=8, workers=1, progress=False,
+                              **kw)
+
+
+HOLD_LOCK = """
+import sys
+from xmag_jax import workdir_lock
+with workdir_lock.hold(sys.argv[1], job="embed"):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_embed_holds_the_out_lock(slides, encoder, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from xmag_jax import embed, workdir_lock
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert other.stdout.readline() == "held\n"  # another embed job holds --out
+        with pytest.raises(workdir_lock.WorkdirLocked, match=f"in use by embed .*pid {other.pid}"):
+            _embed(slides, encoder, out)
+        err = _cli(embed.main, ["--slides", str(slides), "--out", str(out), "--model", "vit_test", "--random-init",
+                                "--no-progress"], capsys)
+        assert "in use by embed" in err and f"pid {other.pid}" in err
+    finally:
+        other.communicate("", timeout=60)
+    assert not list(out.glob("*.h5"))
+    assert sorted(_embed(slides, encoder, out).done) == ["slide_000", "slide_001", "slide_002"]
+    assert not (out / workdir_lock.LOCK_NAME).exists()
+
+
+def test_new_weights_at_the_same_path_are_not_taken_for_done(slides, encoder, tmp_path, capsys):
+    from flax import nnx
+
+    from xmag_jax import embed, encoders, models
+    from xmag_jax.models import checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_model(ckpt, models.create_model("vit_test", rngs=nnx.Rngs(1)), "vit_test")
+    out = tmp_path / "out"
+    argv = ["--slides", str(slides), "--out", str(out), "--checkpoint", str(ckpt), "--mpp", str(MPP), "--batch", "8",
+            "--workers", "1", "--no-progress"]
+    assert embed.main(argv) == 0
+    with h5py.File(out / "slide_000.h5", "r") as f:
+        first = f["features"][...]
+        fingerprints = f.attrs["weights_fingerprint"], f.attrs["preprocessing_fingerprint"]
+    assert all(len(fp) == 16 for fp in fingerprints)
+    assert fingerprints[0] == encoders.weights_fingerprint(encoders.load_encoder(checkpoint_dir=str(ckpt)))
+    assert embed.main(argv) == 0 and "0 embedded" in capsys.readouterr().out  # same weights: resume
+    shutil.rmtree(ckpt)
+    checkpoint.save_model(ckpt, models.create_model("vit_test", rngs=nnx.Rngs(2)), "vit_test")  # retrained
+    err = _cli(embed.main, argv, capsys)
+    assert "slide_00" in err and "weights_fingerprint" in err and "use --overwrite" in err
+    assert "preprocessing_fingerprint" not in err
+    assert embed.main([*argv, "--overwrite"]) == 0 and "3 embedded" in capsys.readouterr().out
+    with h5py.File(out / "slide_000.h5", "r") as f:
+        assert f.attrs["weights_fingerprint"] != fingerprints[0]
+        assert f.attrs["preprocessing_fingerprint"] == fingerprints[1]
+        assert not np.allclose(f["features"][...], first)
+    # other preprocessing (here the tissue threshold) at the same µm/px is refused the same way
+    err = _cli(embed.main, [*argv, "--tissue-threshold", "0.5"], capsys)
+    assert "preprocessing_fingerprint" in err and "weights_fingerprint" not in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--slides", "{tmp}/missing"], "neither a folder of slides nor a CSV manifest"),
+    (["--out", "{tmp}/file"], "is a file; expected a folder"),
+    (["--mpp", "0"], "--mpp 0.0: expected a positive µm/px"),
+    (["--mpp", "-2"], "--mpp -2.0: expected a positive µm/px"),
+    (["--model", "vit_test", "--random-init", "--weights", "w.safetensors"], "exclude each other"),
+])
+def test_embed_bad_input_is_one_line_exit_2(slides, tmp_path, capsys, argv, expected):
+    from xmag_jax import embed
+
+    (tmp_path / "file").write_text("")
+    base = {"--slides": str(slides), "--out": str(tmp_path / "out")}
+    args = [a.format(tmp=tmp_path) for a in argv]
+    for flag, value in base.items():
+        if flag not in args:
+            args += [flag, value]
+    if "--model" not in args:
+        args += ["--model", "vit_test", "--random-init"]
+    assert expected in _cli(embed.main, [*args, "--no-progress"], capsys)
+
+
+def test_decoder_crash_in_the_reader_fails_that_slide_only(slides, encoder, tmp_path):
+    import embed_fault_readers as readers
+    from xmag_jax import embed
+
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"slide_001.*ReaderCrash.*died of SIGSEGV"):
+        report = _embed(slides, encoder, out, read=readers.segfault_on_victim)
+    assert sorted(report.done) == ["slide_000", "slide_002"] and report.failed == ["slide_001"]
+    entries = [json.loads(line) for line in (out / embed.FAILURES_FILE).read_text().splitlines()]
+    assert [(e["slide_id"], e["status"], e["error_type"]) for e in entries] == [("slide_001", "failed", "ReaderCrash")]
+    assert set(entries[0]) >= {"slide", "slide_id", "status", "error_type", "message"}  # data_prep's record
+    with h5py.File(out / "slide_002.h5", "r") as f, h5py.File(_reference(slides, encoder, tmp_path), "r") as ref:
+        np.testing.assert_allclose(f["features"][...], ref["features"][...], rtol=1e-5, atol=1e-5)
+
+
+def _reference(slides, encoder, tmp_path) -> pathlib.Path:
+    ref = tmp_path / "ref"
+    _embed(slides, encoder, ref, isolate=False)
+    return ref / "slide_002.h5"
+
+
+def test_reader_killed_from_outside_is_retried_without_blame(slides, encoder, tmp_path, monkeypatch):
+    import embed_fault_readers as readers
+    from xmag_jax import embed
+
+    monkeypatch.setenv(readers.KILLS_ENV, str(tmp_path / "kills"))
+    (tmp_path / "kills").mkdir()
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"died \(SIGKILL\), not of a decoder fault: reading the [23] unfinished"):
+        report = _embed(slides, encoder, out, read=readers.killed_once_on_victim)
+    assert len(list((tmp_path / "kills").iterdir())) == 1
+    assert sorted(report.done) == ["slide_000", "slide_001", "slide_002"] and not report.failed
+    assert not (out / embed.FAILURES_FILE).exists()
+    with h5py.File(out / "slide_002.h5", "r") as f, h5py.File(_reference(slides, encoder, tmp_path), "r") as ref:
+        np.testing.assert_allclose(f["features"][...], ref["features"][...], rtol=1e-5, atol=1e-5)
+
+
+def test_reader_killed_again_and_again_is_a_job_error(slides, encoder, tmp_path):
+    import embed_fault_readers as readers
+    from xmag_jax import embed, embed_read
+
+    out = tmp_path / "out"
+    with pytest.raises(embed_read.ReaderKilledError, match=r"killed 3 times in a row \(SIGKILL\).*out-of-memory"):
+        with pytest.warns(UserWarning, match="SIGKILL"):
+            _embed(slides, encoder, out, read=readers.always_killed_on_victim)
+    assert not (out / embed.FAILURES_FILE).exists()  # nothing blamed on a slide
