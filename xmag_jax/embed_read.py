@@ -1,8 +1,9 @@
 """Reading slides for `xmag_jax.embed`: the tiling plan, threaded tile reads into fixed-shape batches, and
 the same in a child process so that a decoder crash fails one slide, not the job.
 
-`isolated_batches` runs `read_batches` in a spawned child (no JAX in it) and passes its items through a
-pipe. The child's planning thread names the slide it is reading in shared memory, so when the child dies:
+`isolated_batches` runs `read_batches` in a spawned child and passes plans and failures through a pipe,
+and batch images through `prefetch + 2` shared-memory slots (one copy on each side; a pickled batch
+through the pipe was several times slower). The child's planning thread names the slide it is reading in shared memory, so when the child dies:
 - of a fault signal (SIGSEGV, SIGBUS, SIGABRT, SIGFPE, SIGILL: what a decoder crash on a corrupt tile
   does), the slide being read is failed (`ReaderCrash`) and a new child goes on with the slides after it;
 - of anything else (SIGKILL from the kernel's OOM killer or a person, SIGTERM, an exit between slides),
@@ -88,6 +89,14 @@ class ReaderKilledError(errors.UserError):
 
 class _End:
     """Sentinel after the last item."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _SlotBatch:
+    """A batch whose images the child put in shared-memory slot `slot`."""
+
+    slot: int
+    segments: list[tuple[str, int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,12 +246,17 @@ def isolated_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, 
     the module doc for what a death of the child does. `read` must be importable by the child (a
     module-level function)."""
     context = multiprocessing.get_context("spawn")
+    shape = (batch, tiling.patch_px, tiling.patch_px, 3)
+    slots = [context.RawArray("B", int(np.prod(shape))) for _ in range(prefetch + 2)]
     todo, kills = list(specs), 0
     while todo:
         current = context.Value("i", -1, lock=False)
+        free = context.SimpleQueue()  # slots the child may fill
+        for i in range(len(slots)):
+            free.put(i)
         receiver, sender = context.Pipe(duplex=False)
-        child = context.Process(target=_child, args=(sender, read, todo, tiling, batch, workers, prefetch, current),
-                                name="embed-reader", daemon=True)
+        child = context.Process(target=_child, name="embed-reader", daemon=True,
+                                args=(sender, read, todo, tiling, batch, workers, prefetch, current, slots, free))
         child.start()
         sender.close()
         left: dict[str, int | None] = {s.slide_id: None for s in todo}  # slide_id -> tiles still to come
@@ -257,6 +271,10 @@ def isolated_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, 
                     return
                 if isinstance(item, _ChildError):
                     raise RuntimeError(f"the tile reader process failed:\n{item.traceback}")
+                if isinstance(item, _SlotBatch):
+                    images = np.frombuffer(slots[item.slot], np.uint8).reshape(shape).copy()
+                    free.put(item.slot)
+                    item = Batch(images, item.segments)
                 _account(item, left)
                 yield item
         finally:
@@ -300,13 +318,18 @@ def _account(item: SlidePlan | Batch | Failure, left: dict[str, int | None]) -> 
 
 
 def _child(sender, read: Callable[..., Iterator], specs: list[inputs.SlideSpec], tiling: Tiling, batch: int,
-           workers: int, prefetch: int, current) -> None:
-    """The reader process: `read`'s items into the pipe, `current.value` = index of the slide being read."""
+           workers: int, prefetch: int, current, slots: list, free) -> None:
+    """The reader process: `read`'s items into the pipe (batch images into a free slot), `current.value` =
+    index of the slide being read."""
     def on_slide(i: int) -> None:
         current.value = i
 
     try:
         for item in read(specs, tiling, batch, workers=workers, prefetch=prefetch, on_slide=on_slide):
+            if isinstance(item, Batch):
+                slot = free.get()
+                np.frombuffer(slots[slot], np.uint8).reshape(item.images.shape)[...] = item.images
+                item = _SlotBatch(slot, item.segments)
             sender.send(item)
         sender.send(_End())
     except BaseException:  # noqa: BLE001 - a bug here is passed to the parent, which raises it
