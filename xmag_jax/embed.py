@@ -34,6 +34,7 @@ import os
 import pathlib
 import time
 import warnings
+from collections.abc import Callable, Iterator
 
 import h5py
 import jax
@@ -41,7 +42,7 @@ import numpy as np
 import tqdm
 
 from data_prep import inputs, tissue
-from xmag_jax import atomic, encoders, errors, workdir_lock
+from xmag_jax import atomic, encoders, errors, models, workdir_lock
 from xmag_jax.embed_read import Batch, Failure, SlidePlan, Tiling, isolated_batches, read_batches
 
 FAILURES_FILE = "failures.jsonl"
@@ -55,7 +56,7 @@ class StaleFeaturesError(errors.UserError):
     """An h5 in `--out` was made by other weights or settings than this run."""
 
 
-def preprocessing_fingerprint(tiling: Tiling, arch) -> str:
+def preprocessing_fingerprint(tiling: Tiling, arch: models.Arch) -> str:
     """16 hex digits over what turns a slide into the encoder's input and its output into the embedding:
     the tiling (µm/px, patch px, min tissue), the tissue mask settings, the normalisation, the embedding
     kind and the compute dtype."""
@@ -117,7 +118,8 @@ def is_done(path: pathlib.Path, made_by: Provenance, *, overwrite: bool = False)
     except OSError:
         return False  # unreadable: redo it
     found = {k: v.decode() if isinstance(v, bytes) else v for k, v in found.items()}
-    differ = [f"{k} {found[k]} (this run: {v})" for k, v in dataclasses.asdict(made_by).items() if found[k] != v]
+    differ = [f"{k} {found[k] or 'not recorded'} (this run: {v})"
+              for k, v in dataclasses.asdict(made_by).items() if found[k] != v]
     if differ and not overwrite:
         raise StaleFeaturesError(f"{path} was made by other weights or settings: {'; '.join(differ)}; use --overwrite "
                                  "to embed such slides again, or another --out")
@@ -139,7 +141,8 @@ class Report:
 
 def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: str | os.PathLike,
                  tiling: Tiling, *, batch: int = 64, workers: int = 4, prefetch: int = 4, progress: bool = True,
-                 overwrite: bool = False, isolate: bool = True, read=read_batches) -> Report:
+                 overwrite: bool = False, isolate: bool = True,
+                 read: Callable[..., Iterator] = read_batches) -> Report:
     """Embed every slide not already done into `out_dir`, holding its lock; failures go to
     `out_dir/failures.jsonl`. `overwrite`: re-embed slides whose h5 other weights/settings made (else an
     error). `isolate`: read tiles in a child process (`embed_read.isolated_batches`, which runs `read`)."""
@@ -149,7 +152,9 @@ def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_d
                       progress=progress, overwrite=overwrite, isolate=isolate, read=read)
 
 
-def _embed(specs, encoder, out_dir, tiling, *, batch, workers, prefetch, progress, overwrite, isolate, read) -> Report:
+def _embed(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: pathlib.Path, tiling: Tiling, *,
+           batch: int, workers: int, prefetch: int, progress: bool, overwrite: bool, isolate: bool,
+           read: Callable[..., Iterator]) -> Report:
     n_dev = len(jax.local_devices())
     batch = -(-batch // n_dev) * n_dev
     report = Report()

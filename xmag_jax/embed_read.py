@@ -3,9 +3,12 @@ the same in a child process so that a decoder crash fails one slide, not the job
 
 `isolated_batches` runs `read_batches` in a spawned child and passes plans and failures through a pipe,
 and batch images through `prefetch + 2` shared-memory slots (one copy on each side; a pickled batch
-through the pipe was several times slower). The child's planning thread names the slide it is reading in shared memory, so when the child dies:
+through the pipe was ~6x slower). The child's planning thread names the slide it is reading in shared
+memory, so when the child dies:
 - of a fault signal (SIGSEGV, SIGBUS, SIGABRT, SIGFPE, SIGILL: what a decoder crash on a corrupt tile
-  does), the slide being read is failed (`ReaderCrash`) and a new child goes on with the slides after it;
+  does), the slide being read is failed (`ReaderCrash`) and a new child goes on with the slides after it
+  (a fault in a reading thread stops that slide's reads at once, so the blame is exact; the same signal
+  sent by another process can arrive after the reader moved on);
 - of anything else (SIGKILL from the kernel's OOM killer or a person, SIGTERM, an exit between slides),
   nothing is blamed: a new child re-reads the unfinished slides. After `MAX_READER_KILLS` such deaths in a
   row without a slide finishing, the job stops with `ReaderKilledError`.

@@ -60,7 +60,8 @@ class Encoder:
 
 def weights_fingerprint(encoder: Encoder) -> str:
     """16 hex digits of sha256 over every parameter's path, dtype, shape and bytes: new weights at the same
-    path give a new fingerprint. Reads all parameters to the host once (≈0.5 s for a ViT-B on a CPU host)."""
+    path give a new fingerprint. Reads all parameters to the host once: 0.7-0.9 s for a ViT-B (86 M params),
+    2.4-3 s for a ViT-L (303 M) on a busy 2-core CPU host."""
     digest = hashlib.sha256()
     for path, param in sorted(nnx.to_flat_state(nnx.state(encoder.model, nnx.Param)), key=lambda kv: kv[0]):
         value = np.ascontiguousarray(jax.device_get(param[...]))

@@ -73,7 +73,8 @@ def fidelity(student: np.ndarray, teacher_tiles: np.ndarray, *, student_tiles: n
     """Global fidelity of `teacher_tiles [N, 16, Et]`; given `student_tiles [N, 16, Ds]`, also tile-level
     (and token-level with `teacher_tokens [N, 16, Dt]`), with the 16 blocks of a field kept in one fold."""
     if teacher_tiles.ndim != 3 or len(teacher_tiles) != len(student):
-        raise feats.EvalInputError(f"teacher_tiles must be [N, 16, Et] with N={len(student)}, got {teacher_tiles.shape}")
+        raise feats.EvalInputError(
+            f"teacher_tiles must be [N, 16, Et] with N={len(student)}, got {teacher_tiles.shape}")
     out = {"global": linear_fidelity(student, teacher_tiles.mean(axis=1), groups=groups, n_folds=n_folds, seed=seed)}
     if student_tiles is None:
         return out

@@ -127,7 +127,8 @@ def cross_validate(bags: list[np.ndarray], y: np.ndarray, n_classes: int, n_fold
     per_class = np.bincount(y, minlength=n_classes).min()
     k = min(n_folds, int(per_class))
     if k < 2:
-        raise feats.EvalInputError(f"need at least 2 slides per class for {n_folds}-fold cross-validation, got {per_class}")
+        raise feats.EvalInputError(
+            f"need at least 2 slides per class for {n_folds}-fold cross-validation, got {per_class}")
     cv = model_selection.StratifiedKFold(k, shuffle=True, random_state=cfg.seed)
     folds, attention, proba = [], [None] * len(bags), np.zeros((len(bags), n_classes))
     for fold, (tr, te) in enumerate(cv.split(np.zeros(len(y)), y)):

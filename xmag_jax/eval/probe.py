@@ -60,7 +60,8 @@ def tiles_from_npz(path: str | pathlib.Path) -> TileSet:
     z = feats.npz_arrays(path, ("features", "labels"), ("groups",))
     x, labels, groups = z["features"].astype(np.float32), z["labels"], z.get("groups")
     if x.ndim != 2 or len(labels) != len(x) or (groups is not None and len(groups) != len(x)):
-        raise feats.EvalInputError(f"{path}: expected features [N, D], labels [N], groups [N]; got {x.shape}, {labels.shape}")
+        raise feats.EvalInputError(
+            f"{path}: expected features [N, D], labels [N], groups [N]; got {x.shape}, {labels.shape}")
     y, classes = feats.encode_labels([str(l) for l in labels])
     return TileSet(x, y, groups, classes)
 
