@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=4, help="tile reader threads")
     p.add_argument("--prefetch", type=int, default=4, help="batches read ahead")
     p.add_argument("--overwrite", action="store_true",
-                   help="embed again slides whose h5 was made by other weights or settings (default: refuse)")
+                   help="embed again slides whose h5 was made by other weights or settings (else refused)")
     p.add_argument("--no-isolation", action="store_true",
                    help="read tiles in this process (a decoder crash then ends the job)")
     p.add_argument("--no-progress", action="store_true")
