@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from xmag_jax import errors
 from xmag_jax.eval import features as feats
 from xmag_jax.eval import fidelity, mil, probe
 
@@ -217,7 +218,7 @@ def test_fidelity_cli_arrays(tmp_path):
     assert fidelity.main(["--arrays", str(tmp_path / "a.npz"), "--out", str(tmp_path / "f.json")]) == 0
     assert json.loads((tmp_path / "f.json").read_text())["global"]["r2"] > 0.99
     np.savez(tmp_path / "b.npz", student=s)
-    with pytest.raises(KeyError, match=r"b\.npz: missing array\(s\) \['teacher_tiles'\]"):
+    with pytest.raises(feats.EvalInputError, match=r"b\.npz: missing array\(s\) \['teacher_tiles'\]"):
         fidelity.load_arrays(tmp_path / "b.npz")
 
 
@@ -260,6 +261,9 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     rng = np.random.default_rng(0)
     write_bags(tmp_path / "feats", {"a": rng.normal(size=(4, 8)), "b": rng.normal(size=(4, 8))})
     labels = write_labels(tmp_path / "labels.csv", {"a": "x"})
-    assert main(["probe", "--features", str(tmp_path / "feats"), "--labels", str(labels)]) == 1
-    assert "error: labels CSV has no label for 1 slide(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        errors.run_cli(main, prog="python -m xmag_jax.eval probe",
+                       argv=["probe", "--features", str(tmp_path / "feats"), "--labels", str(labels)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("python -m xmag_jax.eval probe: error: labels CSV has no label for 1")
     assert main(["nonsense"]) == 2

@@ -11,223 +11,76 @@ local devices along the batch.
 
 Output `OUT/{slide_id}.h5`: `features [N, D]` float32 and `coords [N, 2]` int64 level-0 top-left (x, y),
 with attrs (on the file and on `coords`, as TRIDENT) `patch_size` (px at the target), `patch_size_level0`,
-`mpp`, `target_magnification`, `level0_mpp`, `level0_magnification`, `encoder`, `name`. Files are
-written under a temp name and renamed; slides whose h5 exists with the same encoder and µm/px are
-skipped (resume); a slide that fails is recorded in `OUT/failures.jsonl` and the job goes on; a slide
-without tissue gets an empty h5 (N = 0) and a warning. A slide that kills the process itself (a segfault
-in a decoder) is named by `OUT/.reading.json`; the next run retries it, and after `MAX_DEATHS` deaths
-records it as failed and skips it.
+`mpp`, `target_magnification`, `level0_mpp`, `level0_magnification`, `encoder`, `name`, and the
+provenance fingerprints `weights_fingerprint` (digest of the encoder's parameters) and
+`preprocessing_fingerprint` (µm/px, patch px, tissue settings, normalisation, embedding, compute dtype).
+
+One job per `--out` (`workdir_lock`). Files are written under a temp name and renamed; a slide whose h5
+exists with the same encoder name and fingerprints is skipped (resume); an h5 made by other weights or
+settings is refused before anything runs (`--overwrite` re-embeds those slides). A slide that fails is
+recorded in `OUT/failures.jsonl` (data_prep's failure record) and the job goes on; a slide without tissue
+gets an empty h5 (N = 0) and a warning. Tiles are read in a child process (`embed_read.isolated_batches`):
+a decoder crash there fails that slide only; a reader killed from outside (OOM) is restarted without
+blaming a slide.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import concurrent.futures
 import dataclasses
-import datetime
+import hashlib
 import json
 import os
 import pathlib
-import queue
-import sys
-import threading
 import time
-import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import h5py
 import jax
 import numpy as np
 import tqdm
 
-from data_prep import inputs, slide_reader, tissue
-from xmag_jax import atomic, encoders
+from data_prep import inputs, tissue
+from xmag_jax import atomic, encoders, errors, models, workdir_lock
+from xmag_jax.embed_read import Batch, Failure, SlidePlan, Tiling, isolated_batches, read_batches
 
 FAILURES_FILE = "failures.jsonl"
-READING_FILE = ".reading.json"  # the slide being read; left behind only if the process died
-DEATHS_FILE = ".deaths.json"  # slide_id -> runs that died while reading it
-MAX_DEATHS = 2  # a slide that killed this many runs is recorded as failed and skipped
+
+
+class EmbedInputError(errors.UserError):
+    """Bad `embed` input: a flag, the slide list, the encoder source, the output folder."""
+
+
+class StaleFeaturesError(errors.UserError):
+    """An h5 in `--out` was made by other weights or settings than this run."""
+
+
+def preprocessing_fingerprint(tiling: Tiling, arch: models.Arch) -> str:
+    """16 hex digits over what turns a slide into the encoder's input and its output into the embedding:
+    the tiling (µm/px, patch px, min tissue), the tissue mask settings, the normalisation, the embedding
+    kind and the compute dtype."""
+    fields = {"tiling": dataclasses.asdict(tiling), "mask": dataclasses.asdict(tissue.MaskParams()),
+              "thumb_mpp": tissue.THUMBNAIL_MPP, "mean": arch.mean, "std": arch.std, "embedding": arch.embedding,
+              "dtype": str(arch.vit.dtype)}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
-class Tiling:
-    """Tiles of `patch_px` px at `mpp` µm/px; fields kept with tissue fraction >= `min_tissue`."""
+class Provenance:
+    """What made an h5: the encoder's name and the two fingerprints (computed once per job)."""
 
-    mpp: float
-    patch_px: int = 224
-    min_tissue: float = 0.25
+    encoder: str
+    weights_fingerprint: str
+    preprocessing_fingerprint: str
 
-
-@dataclasses.dataclass
-class SlidePlan:
-    spec: inputs.SlideSpec
-    coords: np.ndarray  # int64 [N, 2] level-0 top-left (x, y)
-    field_level0: int
-    level0_mpp: float
+    @classmethod
+    def of(cls, encoder: encoders.Encoder, tiling: Tiling) -> Provenance:
+        return cls(encoder.name, encoders.weights_fingerprint(encoder), preprocessing_fingerprint(tiling, encoder.arch))
 
 
-@dataclasses.dataclass
-class Batch:
-    """uint8 `images [B, patch_px, patch_px, 3]`; `segments`: (slide_id, tile count) of its rows in order,
-    across slide boundaries; rows after the last segment are zero padding (only in the job's last batch)."""
-
-    images: np.ndarray
-    segments: list[tuple[str, int]]
-
-
-@dataclasses.dataclass
-class Failure:
-    spec: inputs.SlideSpec
-    error: BaseException
-
-
-class _End:
-    """Sentinel after the last item."""
-
-
-class _BatchBuilder:
-    def __init__(self, batch: int, patch_px: int):
-        self.shape = (batch, patch_px, patch_px, 3)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.images, self.n, self.segments = np.zeros(self.shape, np.uint8), 0, []  # a fresh buffer each time:
-        # the previous one may back a device array still in use
-
-    def add(self, slide_id: str, image: np.ndarray) -> Batch | None:
-        self.images[self.n] = image
-        self.n += 1
-        if self.segments and self.segments[-1][0] == slide_id:
-            self.segments[-1] = (slide_id, self.segments[-1][1] + 1)
-        else:
-            self.segments.append((slide_id, 1))
-        return self.flush() if self.n == self.shape[0] else None
-
-    def drop(self, slide_id: str) -> None:
-        """Forget the not-yet-emitted tiles of `slide_id` (always the last segment)."""
-        if self.segments and self.segments[-1][0] == slide_id:
-            self.n -= self.segments.pop()[1]
-            self.images[self.n:] = 0
-
-    def flush(self) -> Batch | None:
-        batch = Batch(self.images, self.segments) if self.n else None
-        self._reset()
-        return batch
-
-
-def plan_slide(slide: slide_reader.Slide, spec: inputs.SlideSpec, tiling: Tiling) -> SlidePlan:
-    """Tissue mask and the grid of fields of `patch_px · mpp / level0_mpp` level-0 px."""
-    field = int(round(tiling.patch_px * tiling.mpp / slide.mpp))
-    if field < tiling.patch_px * 0.99:
-        raise slide_reader.ResolutionError(
-            f"{spec.path}: level 0 is {slide.mpp:g} µm/px, coarser than the requested {tiling.mpp:g} µm/px")
-    _, mask, downsample = tissue.slide_mask(slide)
-    grid = tissue.tile_grid(slide.dimensions, field, mask, downsample, tiling.min_tissue)
-    return SlidePlan(spec, grid.coords, field, slide.mpp)
-
-
-def read_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, *, workers: int = 4,
-                 prefetch: int = 4, marker: pathlib.Path | None = None) -> Iterator[SlidePlan | Batch | Failure]:
-    """Each slide's `SlidePlan` (or `Failure`) in order, and all tiles as fixed-shape `Batch`es that run
-    across slide boundaries (a batch holds tiles of slides whose plans came before it).
-
-    A background thread opens and plans the slides; `workers` threads (each with its own slide handle)
-    read tiles about two batches ahead; at most `prefetch` items wait in the queue. `marker` (if given)
-    names the slide being read while it is read, and is removed when reading ends in any way short of the
-    process dying (a crash in a codec, a kill), so what it names after a death is the likely culprit.
-    """
-    out: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def put(item) -> None:
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def produce() -> None:
-        builder = _BatchBuilder(batch, tiling.patch_px)
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="embed-read") as pool:
-            for spec in specs:
-                if stop.is_set():
-                    break
-                handles: list[slide_reader.Slide] = []
-                if marker is not None:
-                    _write_json(marker, {"slide_id": spec.slide_id, "path": spec.path})
-                try:
-                    handles.append(slide_reader.open_slide(spec.path, spec.mpp, spec.slide_id))
-                    plan = plan_slide(handles[0], spec, tiling)
-                    handles += [slide_reader.open_slide(spec.path, spec.mpp, spec.slide_id)
-                                for _ in range(min(workers, len(plan.coords)) - 1)]
-                    put(plan)
-                    for image in _read_tiles(pool, handles, plan, tiling, 2 * batch, stop):
-                        if (full := builder.add(spec.slide_id, image)) is not None:
-                            put(full)
-                except Exception as e:  # a bad slide is reported and skipped; the job goes on
-                    builder.drop(spec.slide_id)
-                    put(Failure(spec, e))
-                finally:
-                    for h in handles:
-                        h.close()
-        if (last := builder.flush()) is not None:
-            put(last)
-        put(_End())
-
-    def produce_and_unmark() -> None:
-        try:
-            produce()
-        finally:
-            if marker is not None:
-                marker.unlink(missing_ok=True)
-
-    thread = threading.Thread(target=produce_and_unmark, name="embed-plan", daemon=True)
-    thread.start()
-    try:
-        while not isinstance(item := out.get(), _End):
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _read_tiles(pool, handles: list[slide_reader.Slide], plan: SlidePlan, tiling: Tiling, ahead: int,
-                stop: threading.Event) -> Iterator[np.ndarray]:
-    """The slide's tiles (uint8 `[patch_px, patch_px, 3]`) in grid order, with `ahead` reads in flight."""
-    free: queue.Queue = queue.Queue()
-    for h in handles:
-        free.put(h)
-
-    def read(xy: np.ndarray) -> np.ndarray:
-        handle = free.get()
-        try:
-            return slide_reader.read_field(handle, int(xy[0]), int(xy[1]), plan.field_level0, tiling.patch_px)
-        finally:
-            free.put(handle)
-
-    window: collections.deque = collections.deque()
-    coords = iter(plan.coords)
-    try:
-        for xy in coords:
-            window.append(pool.submit(read, xy))
-            if len(window) >= ahead:
-                break
-        while window and not stop.is_set():
-            image = window.popleft().result()
-            if (xy := next(coords, None)) is not None:
-                window.append(pool.submit(read, xy))
-            yield image
-    finally:  # no read may outlive the slide handles, which the caller closes next
-        for f in window:
-            f.cancel()
-        concurrent.futures.wait(window)
-
-
-def h5_attrs(plan: SlidePlan, tiling: Tiling, encoder_name: str, embed_dim: int) -> dict:
-    """TRIDENT's coords attrs plus the encoder, the µm/px and the embedding size."""
+def h5_attrs(plan: SlidePlan, tiling: Tiling, made_by: Provenance, embed_dim: int) -> dict:
+    """TRIDENT's coords attrs plus the encoder, its fingerprints, the µm/px and the embedding size."""
     return {
         "patch_size": tiling.patch_px,
         "patch_size_level0": plan.field_level0,
@@ -237,7 +90,7 @@ def h5_attrs(plan: SlidePlan, tiling: Tiling, encoder_name: str, embed_dim: int)
         "level0_magnification": round(10.0 / plan.level0_mpp, 3),
         "overlap": 0,
         "min_tissue": tiling.min_tissue,
-        "encoder": encoder_name,
+        **dataclasses.asdict(made_by),
         "embed_dim": embed_dim,
         "name": plan.spec.slide_id,
         "slide_path": os.path.abspath(plan.spec.path),
@@ -254,21 +107,23 @@ def write_h5(path: pathlib.Path, features: np.ndarray, coords: np.ndarray, attrs
             c.attrs[k] = v
 
 
-def is_done(path: pathlib.Path, encoder_name: str, tiling: Tiling) -> bool:
-    """True if `path` is a complete h5 from the same encoder and tiling; an h5 from another one is an error."""
+def is_done(path: pathlib.Path, made_by: Provenance, *, overwrite: bool = False) -> bool:
+    """True if `path` is a complete h5 made by `made_by`. An h5 made otherwise raises StaleFeaturesError,
+    or with `overwrite` is False (to be embedded again)."""
     if not path.exists():
         return False
     try:
         with h5py.File(path, "r") as f:
-            made_by = (f.attrs.get("encoder"), float(f.attrs.get("mpp", -1)), int(f.attrs.get("patch_size", -1)),
-                       float(f.attrs.get("min_tissue", -1)))
+            found = {k: f.attrs.get(k) for k in dataclasses.asdict(made_by)}
     except OSError:
         return False  # unreadable: redo it
-    wanted = (encoder_name, tiling.mpp, tiling.patch_px, tiling.min_tissue)
-    if made_by != wanted:
-        raise FileExistsError(f"{path} was made with (encoder, µm/px, patch px, min tissue) = {made_by}, this run is "
-                              f"{wanted}: use another --out")
-    return True
+    found = {k: v.decode() if isinstance(v, bytes) else v for k, v in found.items()}
+    differ = [f"{k} {found[k] or 'not recorded'} (this run: {v})"
+              for k, v in dataclasses.asdict(made_by).items() if found[k] != v]
+    if differ and not overwrite:
+        raise StaleFeaturesError(f"{path} was made by other weights or settings: {'; '.join(differ)}; use --overwrite "
+                                 "to embed such slides again, or another --out")
+    return not differ
 
 
 @dataclasses.dataclass
@@ -285,23 +140,29 @@ class Report:
 
 
 def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: str | os.PathLike,
-                 tiling: Tiling, *, batch: int = 64, workers: int = 4, prefetch: int = 4,
-                 progress: bool = True) -> Report:
-    """Embed every slide not already done into `out_dir`; failures go to `out_dir/failures.jsonl`."""
+                 tiling: Tiling, *, batch: int = 64, workers: int = 4, prefetch: int = 4, progress: bool = True,
+                 overwrite: bool = False, isolate: bool = True,
+                 read: Callable[..., Iterator] = read_batches) -> Report:
+    """Embed every slide not already done into `out_dir`, holding its lock; failures go to
+    `out_dir/failures.jsonl`. `overwrite`: re-embed slides whose h5 other weights/settings made (else an
+    error). `isolate`: read tiles in a child process (`embed_read.isolated_batches`, which runs `read`)."""
     out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock.hold(out_dir, job="embed"):
+        return _embed(specs, encoder, out_dir, tiling, batch=batch, workers=workers, prefetch=prefetch,
+                      progress=progress, overwrite=overwrite, isolate=isolate, read=read)
+
+
+def _embed(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: pathlib.Path, tiling: Tiling, *,
+           batch: int, workers: int, prefetch: int, progress: bool, overwrite: bool, isolate: bool,
+           read: Callable[..., Iterator]) -> Report:
     n_dev = len(jax.local_devices())
     batch = -(-batch // n_dev) * n_dev
     report = Report()
-    deaths = _count_deaths(out_dir)
+    made_by = Provenance.of(encoder, tiling)
     todo = []
     for spec in specs:
-        if is_done(out_dir / f"{spec.slide_id}.h5", encoder.name, tiling):
+        if is_done(out_dir / f"{spec.slide_id}.h5", made_by, overwrite=overwrite):
             report.skipped.append(spec.slide_id)
-        elif deaths.get(spec.slide_id, 0) >= MAX_DEATHS:
-            _record_failure(out_dir, spec, ProcessDiedError(
-                f"{spec.path}: {deaths[spec.slide_id]} earlier runs died while reading this slide (a crash in a "
-                f"decoder?); remove its entry from {out_dir / DEATHS_FILE} to try again"), report)
         else:
             todo.append(spec)
     if not todo:
@@ -318,9 +179,9 @@ def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_d
         try:
             feats = state.features(encoder.embed_dim)
             write_h5(out_dir / f"{slide_id}.h5", feats, state.plan.coords,
-                     h5_attrs(state.plan, tiling, encoder.name, encoder.embed_dim))
+                     h5_attrs(state.plan, tiling, made_by, encoder.embed_dim))
         except Exception as e:
-            _record_failure(out_dir, state.plan.spec, e, report)
+            _record_failure(out_dir, Failure.of(state.plan.spec, e), report)
         else:
             report.done.append(slide_id)
             report.tiles[slide_id] = len(feats)
@@ -331,8 +192,10 @@ def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_d
         bar.set_postfix(tiles=sum(report.tiles.values()), failed=len(report.failed), refresh=False)
         bar.update(1)
 
-    for item in read_batches(todo, tiling, batch, workers=workers, prefetch=prefetch, marker=out_dir / READING_FILE):
-        if isinstance(item, SlidePlan):
+    items = (isolated_batches(todo, tiling, batch, workers=workers, prefetch=prefetch, read=read) if isolate
+             else read(todo, tiling, batch, workers=workers, prefetch=prefetch))
+    for item in items:
+        if isinstance(item, SlidePlan):  # a second plan for a slide (after a reader restart) starts it over
             slides[item.spec.slide_id] = _SlideFeatures(item)
             if not len(item.coords):
                 finish(item.spec.slide_id)
@@ -344,37 +207,14 @@ def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_d
                 row += n
         else:
             slides.pop(item.spec.slide_id, None)
-            _record_failure(out_dir, item.spec, item.error, report)
+            _record_failure(out_dir, item, report)
             bar.update(1)
     for state in slides.values():  # only if the reader stopped early
-        _record_failure(out_dir, state.plan.spec, RuntimeError(f"{state.count} of {len(state.plan.coords)} tiles read"),
-                        report)
+        _record_failure(out_dir, Failure(state.plan.spec, "IncompleteRead",
+                                         f"{state.count} of {len(state.plan.coords)} tiles read"), report)
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
-
-
-class ProcessDiedError(RuntimeError):
-    """Earlier runs died (segfault, kill) while reading this slide."""
-
-
-def _write_json(path: pathlib.Path, obj) -> None:
-    with atomic.target(path) as tmp:
-        tmp.write_text(json.dumps(obj))
-
-
-def _count_deaths(out_dir: pathlib.Path) -> dict[str, int]:
-    """`slide_id -> deaths`, adding one for the slide a left-behind reading marker names (then removed)."""
-    deaths_file, marker = out_dir / DEATHS_FILE, out_dir / READING_FILE
-    deaths = json.loads(deaths_file.read_text()) if deaths_file.exists() else {}
-    if marker.exists():
-        slide_id = json.loads(marker.read_text())["slide_id"]
-        deaths[slide_id] = deaths.get(slide_id, 0) + 1
-        _write_json(deaths_file, deaths)
-        marker.unlink()
-        warnings.warn(f"the last run in {out_dir} died while reading slide {slide_id!r} "
-                      f"({deaths[slide_id]} time(s); skipped from {MAX_DEATHS})", stacklevel=3)
-    return deaths
 
 
 class _SlideFeatures:
@@ -394,20 +234,34 @@ class _SlideFeatures:
         return np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
 
 
-def _record_failure(out_dir: pathlib.Path, spec: inputs.SlideSpec, error: BaseException, report: Report) -> None:
-    report.failed.append(spec.slide_id)
-    entry = {"slide_id": spec.slide_id, "path": spec.path, "error": type(error).__name__, "message": str(error),
-             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "traceback": "".join(traceback.format_exception(error))[-2000:]}
+def _record_failure(out_dir: pathlib.Path, failure: Failure, report: Report) -> None:
+    report.failed.append(failure.spec.slide_id)
     with open(out_dir / FAILURES_FILE, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-    warnings.warn(f"{spec.path}: {type(error).__name__}: {error} (recorded in {out_dir / FAILURES_FILE})", stacklevel=3)
+        f.write(json.dumps(failure.record()) + "\n")
+    warnings.warn(f"{failure.spec.path}: {failure.error_type}: {failure.message} (recorded in "
+                  f"{out_dir / FAILURES_FILE})", stacklevel=3)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """EmbedInputError for flag values that cannot run, before any slide or weight is read."""
+    for flag, value, ok, expected in (
+            ("--mpp", args.mpp, args.mpp > 0, "a positive µm/px, e.g. 2.0 (5x) or 0.5 (20x)"),
+            ("--patch-px", args.patch_px, args.patch_px > 0, "a positive tile side in px"),
+            ("--tissue-threshold", args.tissue_threshold, 0 <= args.tissue_threshold <= 1, "a fraction in [0, 1]"),
+            ("--batch", args.batch, args.batch > 0, "a positive number of tiles"),
+            ("--workers", args.workers, args.workers > 0, "a positive number of threads"),
+            ("--prefetch", args.prefetch, args.prefetch > 0, "a positive number of batches")):
+        if not ok:
+            raise EmbedInputError(f"{flag} {value}: expected {expected}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise EmbedInputError(f"--out {args.out} is a file; expected a folder for the {{slide_id}}.h5 files")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmag_jax.embed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m xmag_jax.embed", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--slides", required=True, help="folder of slides, or CSV manifest (path[,slide_id,mpp])")
-    p.add_argument("--out", required=True, help="output folder of {slide_id}.h5")
+    p.add_argument("--out", required=True, help="output folder of {slide_id}.h5 (one job at a time)")
     encoders.add_args(p)
     p.add_argument("--mpp", type=float, default=2.0, help="target µm/px (2.0 ≈ 5x, 0.5 ≈ 20x)")
     p.add_argument("--patch-px", type=int, default=224, help="tile side in px at --mpp")
@@ -415,18 +269,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64, help="tiles per forward (rounded up to a multiple of devices)")
     p.add_argument("--workers", type=int, default=4, help="tile reader threads")
     p.add_argument("--prefetch", type=int, default=4, help="batches read ahead")
+    p.add_argument("--overwrite", action="store_true",
+                   help="embed again slides whose h5 was made by other weights or settings (else refused)")
+    p.add_argument("--no-isolation", action="store_true",
+                   help="read tiles in this process (a decoder crash then ends the job)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
+    _check_args(args)
     try:
         specs = inputs.list_slides(args.slides)
         encoder = encoders.from_args(args)
-        tiling = Tiling(args.mpp, args.patch_px, args.tissue_threshold)
-        report = embed_slides(specs, encoder, args.out, tiling, batch=args.batch, workers=args.workers,
-                              prefetch=args.prefetch, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad arguments, not a bad slide
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as e:  # a bad slide list or encoder source (ManifestError included)
+        raise EmbedInputError(str(e)) from e
+    report = embed_slides(specs, encoder, args.out, Tiling(args.mpp, args.patch_px, args.tissue_threshold),
+                          batch=args.batch, workers=args.workers, prefetch=args.prefetch,
+                          progress=not args.no_progress, overwrite=args.overwrite, isolate=not args.no_isolation)
     n_tiles = sum(report.tiles.values())
     print(f"{encoder.name} @ {args.mpp:g} µm/px -> {args.out}: {len(report.done)} embedded ({n_tiles} tiles, "
           f"{len(report.empty)} empty), {len(report.skipped)} already done, {len(report.failed)} failed "
@@ -437,4 +295,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    errors.run_cli(main, prog="python -m xmag_jax.embed")

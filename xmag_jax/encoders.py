@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -55,6 +56,18 @@ class Encoder:
     def forward_with_tokens(self, images: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """`uint8 [B, H, W, 3]` -> (embedding `[B, E]`, patch tokens `[B, H/p, W/p, D]`), float32."""
         return self._forward(self._state, jax.device_put(images, self._batch_sharding), True)
+
+
+def weights_fingerprint(encoder: Encoder) -> str:
+    """16 hex digits of sha256 over every parameter's path, dtype, shape and bytes: new weights at the same
+    path give a new fingerprint. Reads all parameters to the host once: 0.7-0.9 s for a ViT-B (86 M params),
+    2.4-3 s for a ViT-L (303 M) on a busy 2-core CPU host."""
+    digest = hashlib.sha256()
+    for path, param in sorted(nnx.to_flat_state(nnx.state(encoder.model, nnx.Param)), key=lambda kv: kv[0]):
+        value = np.ascontiguousarray(jax.device_get(param[...]))
+        digest.update(f"{'/'.join(map(str, path))}:{value.dtype}:{value.shape};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_encoder(*, checkpoint_dir: str | None = None, timm_dir: str | None = None, model: str | None = None,

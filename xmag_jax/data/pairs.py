@@ -1,16 +1,27 @@
-"""One serialized pair record → checked uint8 images → the training element (decode, augment, cut tiles)."""
+"""Pair shards → one serialized pair record → checked uint8 images → the training element (decode, augment,
+cut tiles).
+
+`PairSource` reads the ArrayRecord shards: a shard that cannot be opened (truncated, its index overwritten)
+stops the job with `ShardError` naming it and what to do; a record that cannot be read from an opened shard
+(a corrupt chunk) becomes an `UnreadableRecord`, which decoding turns into a bad record, counted against
+`data.max_bad_record_fraction` like one that fails to decode.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import os
+from collections.abc import Sequence
+from typing import Any, SupportsIndex
 
 import grain
 import numpy as np
 import simplejpeg
 from absl import logging
+from array_record.python import array_record_module
 
 from data_prep import records
+from xmag_jax import errors
 from xmag_jax.data import augment
 
 TILE_PX = records.TILE_5X_PX  # 224: the 5x tile and each 20x tile, px
@@ -29,6 +40,51 @@ class BadRecord:
     reason: str
 
 
+class ShardError(errors.UserError):
+    """A pair shard that cannot be opened; the message names it and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreadableRecord:
+    """What `PairSource` gives for a record whose bytes cannot be read from its shard; `reason` names both."""
+
+    reason: str
+
+
+class PairSource(grain.sources.ArrayRecordDataSource):
+    """Grain's ArrayRecord source over pair shards (global index = position in the concatenated `paths`),
+    with the shard named in every read failure."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        try:
+            super().__init__([os.fspath(p) for p in paths])
+        except RuntimeError as e:  # Riegeli: a corrupt footer or index (a truncated or overwritten shard)
+            raise ShardError(_unopenable(paths, e)) from e
+
+    def __getitem__(self, record_key: SupportsIndex) -> bytes | UnreadableRecord:
+        try:
+            return super().__getitem__(record_key)
+        except RuntimeError as e:  # Riegeli: a corrupt chunk inside a shard whose index is intact
+            shard, position = self._reader_idx_and_position(record_key)
+            return UnreadableRecord(f"{self.paths[shard]}: record {position} cannot be read ({e})")
+
+
+def _unopenable(paths: Sequence[str | os.PathLike], error: RuntimeError) -> str:
+    """Names the first shard of `paths` that does not open (`error` is what opening them all raised)."""
+    for path in paths:
+        try:
+            array_record_module.ArrayRecordReader(os.fspath(path)).close()
+        except RuntimeError as e:
+            error = e
+            break
+    else:
+        path = f"one of {len(paths)} shards in {os.path.dirname(os.fspath(paths[0]))}"
+    return (f"{path}: pair shard cannot be opened, it is truncated or overwritten ({error}); re-run "
+            "`python -m data_prep.tile_pairs` with the same options: it re-assembles the split from OUT/work "
+            "(finished slides are not tiled again; delete a corrupt work/{slide_id}.array_record and its "
+            ".done.json to tile that slide again)")
+
+
 def _decode_jpeg(data: bytes, field: str, px: int, index: int) -> np.ndarray:
     try:
         image = simplejpeg.decode_jpeg(data, colorspace="RGB")
@@ -40,11 +96,14 @@ def _decode_jpeg(data: bytes, field: str, px: int, index: int) -> np.ndarray:
     return image
 
 
-def decode_images(raw: bytes, index: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_images(raw: bytes | UnreadableRecord, index: int) -> tuple[np.ndarray, np.ndarray]:
     """Serialized pair → (`image_5x` uint8 `[224, 224, 3]`, `image_20x` uint8 `[896, 896, 3]`).
 
-    Raises BadRecordError naming the record's global source `index` and the failing field.
+    Raises BadRecordError naming the record's global source `index` and the failing field (or, for an
+    `UnreadableRecord`, its shard).
     """
+    if isinstance(raw, UnreadableRecord):
+        raise BadRecordError(f"record {index}: {raw.reason}")
     try:
         pair = records.decode_pair(raw)
     except Exception as e:  # noqa: BLE001 - any parser failure on untrusted bytes makes the record bad
@@ -71,7 +130,7 @@ class TagIndex(grain.transforms.MapWithIndex):
 
     num_records: int
 
-    def map_with_index(self, index: int, raw: bytes) -> tuple[int, bytes]:
+    def map_with_index(self, index: int, raw: bytes | UnreadableRecord) -> tuple[int, bytes | UnreadableRecord]:
         return index % self.num_records, raw
 
 

@@ -29,7 +29,7 @@ from absl import flags
 from data_prep import records
 from xmag_jax.data import augment
 from xmag_jax.data.bad_records import BadRecordBudgetIterDataset, BadRecordBudgetIterator, SkipBadRecordsIterDataset
-from xmag_jax.data.pairs import BadRecordError, DecodeAndAugment, TagIndex, decode_images
+from xmag_jax.data.pairs import BadRecordError, DecodeAndAugment, PairSource, TagIndex, decode_images
 
 _DATA_KEYS = frozenset(
     {"dir", "split", "worker_count", "prefetch_buffer", "max_bad_record_fraction", "augment"}
@@ -83,7 +83,7 @@ def build_dataset(
         raise ValueError(f"batch_size must be >= 1 pairs per process, got {batch_size}")
     options = augment.AugmentOptions.from_config(data["augment"])
 
-    source = grain.sources.ArrayRecordDataSource(records.shard_paths(data["dir"], data["split"]))
+    source = PairSource(records.shard_paths(data["dir"], data["split"]))
     records.check_field_geometry(data["dir"], data["split"])  # µm/px must be the 4 x 4 field geometry
     if len(source) < process_count * batch_size:
         raise ValueError(

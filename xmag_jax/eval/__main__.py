@@ -1,7 +1,12 @@
-"""`python -m xmag_jax.eval {probe,mil,fidelity} [args]`: one evaluation per module, each with `main(argv)`."""
+"""`python -m xmag_jax.eval {probe,mil,fidelity} [args]`: one evaluation per module, each with `main(argv)`.
+
+Bad input (a missing folder, a malformed labels CSV, mixed feature files) is one line on stderr and exit 2.
+"""
 
 import importlib
 import sys
+
+from xmag_jax import errors
 
 COMMANDS = {
     "probe": "xmag_jax.eval.probe",
@@ -13,13 +18,10 @@ COMMANDS = {
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m xmag_jax.eval {{{','.join(COMMANDS)}}} [args]", file=sys.stderr)
-        return 2
-    try:
-        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0
-    except (ValueError, KeyError, FileNotFoundError) as e:  # bad input: the message names the file/field
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return errors.EXIT_USER_ERROR
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else ""
+    errors.run_cli(main, prog=f"python -m xmag_jax.eval {command}".strip(), argv=sys.argv[1:])

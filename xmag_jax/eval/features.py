@@ -2,7 +2,12 @@
 
 A feature file `DIR/{slide_id}.h5` holds `features [N, D]` float32 and `coords [N, 2]` int64 (level-0
 top-left x, y in px), with the slide attributes (`patch_size`, `patch_size_level0`, `mpp`, ...) on the
-root and on `coords`. A labels CSV has a header with `slide_id` and `label` columns.
+root and on `coords`. A labels CSV has a header with `slide_id` and `label` columns (a UTF-8 byte-order mark,
+as spreadsheet programs write, is accepted).
+
+The feature files of one evaluation must come from one encoder and one tiling: files whose `encoder`, `mpp`,
+`patch_size`, `weights_fingerprint` or `preprocessing_fingerprint` attrs differ are refused, naming a few
+files of each kind.
 """
 
 from __future__ import annotations
@@ -15,12 +20,21 @@ import warnings
 import h5py
 import numpy as np
 
+from xmag_jax import errors
 
-class FeatureFileError(ValueError):
+# The attrs that must agree across the feature files of one evaluation (written by `xmag_jax.embed`).
+PROVENANCE_ATTRS = ("encoder", "mpp", "patch_size", "weights_fingerprint", "preprocessing_fingerprint")
+
+
+class EvalInputError(errors.UserError, ValueError):
+    """Bad evaluation input (a file, an array, too few slides): the message names it."""
+
+
+class FeatureFileError(EvalInputError):
     """A feature file is unreadable or disagrees with the others (names the file)."""
 
 
-class LabelsError(ValueError):
+class LabelsError(EvalInputError):
     """The labels CSV is malformed or does not cover the slides (lists them)."""
 
 
@@ -38,7 +52,9 @@ class SlideBag:
 def read_labels(path: str | pathlib.Path) -> dict[str, str]:
     """`slide_id -> label` from a CSV with `slide_id` and `label` columns (other columns ignored)."""
     path = pathlib.Path(path)
-    with path.open(newline="") as f:
+    if not path.is_file():
+        raise LabelsError(f"labels CSV {path} does not exist (expected a CSV with slide_id,label columns)")
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         missing = [c for c in ("slide_id", "label") if c not in fields]
@@ -62,10 +78,10 @@ def feature_files(directory: str | pathlib.Path) -> dict[str, pathlib.Path]:
     """`slide_id -> DIR/{slide_id}.h5` for the complete feature files in `directory` (temp files skipped)."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"feature directory {directory} does not exist")
+        raise FeatureFileError(f"feature directory {directory} does not exist")
     files = {p.stem: p for p in sorted(directory.glob("*.h5"))}
     if not files:
-        raise FileNotFoundError(f"no *.h5 feature files in {directory}")
+        raise FeatureFileError(f"no *.h5 feature files in {directory} (expected {{slide_id}}.h5 from xmag_jax.embed)")
     return files
 
 
@@ -126,11 +142,44 @@ def load_labelled_bags(
             empty.append(slide_id)
             continue
         bags.append((bag, labels[slide_id]))
+    check_same_provenance([b for b, _ in bags], directory)
     if empty:
         warnings.warn(f"skipping {len(empty)} slide(s) with no tiles (no tissue): {empty}", stacklevel=2)
     if not bags:
         raise LabelsError(f"no labelled slide with tiles in {directory}")
     return bags
+
+
+def check_same_provenance(bags: list[SlideBag], directory: str | pathlib.Path, shown: int = 3) -> None:
+    """Raises FeatureFileError if the bags' `PROVENANCE_ATTRS` differ, naming up to `shown` files per kind."""
+    groups: dict[tuple, list[str]] = {}
+    for bag in bags:
+        groups.setdefault(tuple(bag.attrs.get(k) for k in PROVENANCE_ATTRS), []).append(bag.path.name)
+    if len(groups) < 2:
+        return
+    kinds = []
+    for key, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        made_by = ", ".join(f"{k}={v}" for k, v in zip(PROVENANCE_ATTRS, key) if v is not None) or "no provenance attrs"
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        kinds.append(f"{len(names)} file(s) with {made_by} ({', '.join(names[:shown])}{more})")
+    raise FeatureFileError(f"{directory}: feature files of {len(groups)} different encoders/tilings cannot be "
+                           f"evaluated together: {'; '.join(kinds)}; put each kind in its own folder")
+
+
+def npz_arrays(path: str | pathlib.Path, required: tuple[str, ...], optional: tuple[str, ...] = ()
+               ) -> dict[str, np.ndarray]:
+    """The `required` and present `optional` arrays of an npz; EvalInputError naming the file if one is missing."""
+    path = pathlib.Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in required if k not in z]
+            if missing:
+                raise EvalInputError(f"{path}: missing array(s) {missing}; has {list(z.keys())}")
+            return {k: z[k] for k in required + optional if k in z}
+    except (OSError, ValueError) as e:
+        if isinstance(e, EvalInputError):
+            raise
+        raise EvalInputError(f"{path}: not a readable npz file ({e})") from e
 
 
 def encode_labels(labels: list[str]) -> tuple[np.ndarray, list[str]]:

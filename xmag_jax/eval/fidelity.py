@@ -29,6 +29,8 @@ import pathlib
 import numpy as np
 from sklearn import linear_model, metrics, model_selection, pipeline, preprocessing
 
+from xmag_jax.eval import features as feats
+
 ALPHAS = np.logspace(-3, 4, 15)
 
 
@@ -43,13 +45,13 @@ def linear_fidelity(x: np.ndarray, y: np.ndarray, *, groups: np.ndarray | None =
     """Cross-validated ridge `x [N, Dx] -> y [N, Dy]`: held-out R², mean cosine, and the mean-predictor cosine."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
-        raise ValueError(f"expected x [N, Dx] and y [N, Dy] with one N, got {x.shape} and {y.shape}")
+        raise feats.EvalInputError(f"expected x [N, Dx] and y [N, Dy] with one N, got {x.shape} and {y.shape}")
     if groups is not None and len(np.unique(groups)) >= 2:
         cv = model_selection.GroupKFold(min(n_folds, len(np.unique(groups))))
         folds = list(cv.split(x, y, groups))
     else:
         if len(x) < 4:
-            raise ValueError(f"need at least 4 samples for cross-validated fidelity, got {len(x)}")
+            raise feats.EvalInputError(f"need at least 4 samples for cross-validated fidelity, got {len(x)}")
         folds = list(model_selection.KFold(min(n_folds, len(x) // 2), shuffle=True, random_state=seed).split(x))
     pred, base = np.zeros_like(y), np.zeros_like(y)
     for train, test in folds:
@@ -71,7 +73,8 @@ def fidelity(student: np.ndarray, teacher_tiles: np.ndarray, *, student_tiles: n
     """Global fidelity of `teacher_tiles [N, 16, Et]`; given `student_tiles [N, 16, Ds]`, also tile-level
     (and token-level with `teacher_tokens [N, 16, Dt]`), with the 16 blocks of a field kept in one fold."""
     if teacher_tiles.ndim != 3 or len(teacher_tiles) != len(student):
-        raise ValueError(f"teacher_tiles must be [N, 16, Et] with N={len(student)}, got {teacher_tiles.shape}")
+        raise feats.EvalInputError(
+            f"teacher_tiles must be [N, 16, Et] with N={len(student)}, got {teacher_tiles.shape}")
     out = {"global": linear_fidelity(student, teacher_tiles.mean(axis=1), groups=groups, n_folds=n_folds, seed=seed)}
     if student_tiles is None:
         return out
@@ -82,7 +85,7 @@ def fidelity(student: np.ndarray, teacher_tiles: np.ndarray, *, student_tiles: n
         if target is None:
             continue
         if student_tiles.shape[:2] != target.shape[:2]:
-            raise ValueError(f"student_tiles {student_tiles.shape} and teacher {level} {target.shape} "
+            raise feats.EvalInputError(f"student_tiles {student_tiles.shape} and teacher {level} {target.shape} "
                              "disagree on [N, 16]")
         out[level] = linear_fidelity(x, target.reshape(-1, target.shape[-1]), groups=field, n_folds=n_folds, seed=seed)
     return out
@@ -90,20 +93,17 @@ def fidelity(student: np.ndarray, teacher_tiles: np.ndarray, *, student_tiles: n
 
 def load_arrays(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     """`student`, `teacher_tiles` and optional `student_tiles`, `teacher_tokens`, `groups` from an npz."""
-    with np.load(path, allow_pickle=False) as z:
-        missing = [k for k in ("student", "teacher_tiles") if k not in z]
-        if missing:
-            raise KeyError(f"{path}: missing array(s) {missing}; has {list(z.keys())}")
-        return {k: z[k] for k in ("student", "teacher_tiles", "student_tiles", "teacher_tokens", "groups") if k in z}
+    return feats.npz_arrays(path, ("student", "teacher_tiles"), ("student_tiles", "teacher_tokens", "groups"))
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmag_jax.eval fidelity", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m xmag_jax.eval fidelity", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--arrays", help="npz with student [N, Es], teacher_tiles [N, 16, Et], ...")
     src.add_argument("--pairs", help="directory of tile-pair ArrayRecord shards (data_prep)")
     p.add_argument("--split", default="val", help="shard split of --pairs (held-out slides: data_prep writes `val`)")
-    p.add_argument("--max-pairs", type=int, default=2048)
+    p.add_argument("--max-pairs", type=int, default=2048, help="random subsample of the split's pairs")
     p.add_argument("--batch", type=int, default=16, help="pairs per forward batch")
     p.add_argument("--student-checkpoint", help="student model checkpoint (models.checkpoint)")
     p.add_argument("--student-timm-dir", help="student as a timm local dir (config.json + model.safetensors)")
@@ -113,8 +113,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--teacher-weights", help="teacher weights file for --teacher")
     p.add_argument("--random-teacher", action="store_true", help="allow a random-init teacher (debug only)")
     p.add_argument("--save-arrays", help="also save the computed arrays to this npz")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the ridge fit (slides kept whole)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pair subsample and the folds")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
 

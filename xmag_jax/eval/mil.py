@@ -127,7 +127,8 @@ def cross_validate(bags: list[np.ndarray], y: np.ndarray, n_classes: int, n_fold
     per_class = np.bincount(y, minlength=n_classes).min()
     k = min(n_folds, int(per_class))
     if k < 2:
-        raise ValueError(f"need at least 2 slides per class for {n_folds}-fold cross-validation, got {per_class}")
+        raise feats.EvalInputError(
+            f"need at least 2 slides per class for {n_folds}-fold cross-validation, got {per_class}")
     cv = model_selection.StratifiedKFold(k, shuffle=True, random_state=cfg.seed)
     folds, attention, proba = [], [None] * len(bags), np.zeros((len(bags), n_classes))
     for fold, (tr, te) in enumerate(cv.split(np.zeros(len(y)), y)):
@@ -157,15 +158,18 @@ def _subsample(bag: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmag_jax.eval mil", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m xmag_jax.eval mil", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--features", required=True, help="directory of slide h5 files (TRIDENT layout)")
     p.add_argument("--labels", required=True, help="CSV with slide_id,label")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=MILConfig.epochs)
-    p.add_argument("--lr", type=float, default=MILConfig.learning_rate)
-    p.add_argument("--batch-size", type=int, default=MILConfig.batch_size)
-    p.add_argument("--max-instances", type=int, default=MILConfig.max_instances)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=int, default=5,
+                   help="stratified cross-validation folds over slides (fewer if a class has fewer slides)")
+    p.add_argument("--epochs", type=int, default=MILConfig.epochs, help="training epochs (passes over the slides)")
+    p.add_argument("--lr", type=float, default=MILConfig.learning_rate, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=MILConfig.batch_size, help="slides per step")
+    p.add_argument("--max-instances", type=int, default=MILConfig.max_instances,
+                   help="tiles sampled per slide per step in training")
+    p.add_argument("--seed", type=int, default=0, help="seed of folds, init and tile sampling")
     p.add_argument("--skip-unlabelled", action="store_true",
                    help="drop feature files without a label instead of failing")
     p.add_argument("--out", help="write the results as JSON here")

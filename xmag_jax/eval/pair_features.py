@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 
-import grain
 import numpy as np
 import tqdm
 
@@ -18,6 +17,7 @@ from data_prep import records
 from xmag_jax import encoders
 from xmag_jax.data import pairs
 from xmag_jax.distill import losses
+from xmag_jax.eval import features as feats
 
 
 def pair_arrays(source, indices: np.ndarray, student: encoders.Encoder, teacher: encoders.Encoder, batch: int,
@@ -49,8 +49,8 @@ def pair_arrays(source, indices: np.ndarray, student: encoders.Encoder, teacher:
         raw = source[int(i)]
         try:
             image_5x, image_20x = pairs.decode_images(raw, int(i))
-        except pairs.BadRecordError:
-            bad += 1
+        except pairs.BadRecordError as e:
+            bad, latest = bad + 1, e
             continue
         out["groups"].append(records.decode_pair(raw)["slide_id"])
         images_5x.append(image_5x)
@@ -60,9 +60,9 @@ def pair_arrays(source, indices: np.ndarray, student: encoders.Encoder, teacher:
     if images_5x:
         flush()
     if not out["student"]:
-        raise ValueError(f"no decodable pair among {len(indices)} records ({bad} bad)")
+        raise feats.EvalInputError(f"no decodable pair among {len(indices)} records ({bad} bad)")
     if bad:
-        print(f"skipped {bad} bad record(s) of {len(indices)}")
+        print(f"skipped {bad} bad record(s) of {len(indices)} (the latest: {latest})")
     arrays = {k: np.concatenate(v) for k, v in out.items() if k != "groups"}
     arrays["groups"] = np.array(out["groups"])
     return arrays
@@ -70,12 +70,20 @@ def pair_arrays(source, indices: np.ndarray, student: encoders.Encoder, teacher:
 
 def from_args(args: argparse.Namespace) -> dict[str, np.ndarray]:
     """The arrays for `eval fidelity --pairs DIR` (encoders from the --student-* / --teacher-* flags)."""
-    source = grain.sources.ArrayRecordDataSource(records.shard_paths(args.pairs, args.split))
+    try:
+        paths = records.shard_paths(args.pairs, args.split)
+    except (FileNotFoundError, ValueError) as e:  # no or an incomplete shard set
+        raise feats.EvalInputError(str(e)) from e
+    source = pairs.PairSource(paths)
     n = len(source)
     indices = np.arange(n)
     if n > args.max_pairs:
         indices = np.sort(np.random.default_rng(args.seed).choice(n, args.max_pairs, replace=False))
-    student = encoders.load_encoder(checkpoint_dir=args.student_checkpoint, timm_dir=args.student_timm_dir)
-    teacher = encoders.load_encoder(checkpoint_dir=args.teacher_checkpoint, timm_dir=args.teacher_timm_dir,
-                                 model=args.teacher, weights=args.teacher_weights, random_init=args.random_teacher)
+    try:
+        student = encoders.load_encoder(checkpoint_dir=args.student_checkpoint, timm_dir=args.student_timm_dir)
+        teacher = encoders.load_encoder(checkpoint_dir=args.teacher_checkpoint, timm_dir=args.teacher_timm_dir,
+                                        model=args.teacher, weights=args.teacher_weights,
+                                        random_init=args.random_teacher)
+    except (ValueError, FileNotFoundError) as e:  # a missing or contradictory encoder source
+        raise feats.EvalInputError(str(e)) from e
     return pair_arrays(source, indices, student, teacher, args.batch)

@@ -57,14 +57,11 @@ def tiles_from_h5(
 
 def tiles_from_npz(path: str | pathlib.Path) -> TileSet:
     """Arrays `features [N, D]`, `labels [N]` (int or str) and optional `groups [N]` from an npz."""
-    with np.load(path, allow_pickle=False) as z:
-        for key in ("features", "labels"):
-            if key not in z:
-                raise KeyError(f"{path}: no array {key!r} (arrays: {list(z.keys())})")
-        x, labels = z["features"].astype(np.float32), z["labels"]
-        groups = z["groups"] if "groups" in z else None
+    z = feats.npz_arrays(path, ("features", "labels"), ("groups",))
+    x, labels, groups = z["features"].astype(np.float32), z["labels"], z.get("groups")
     if x.ndim != 2 or len(labels) != len(x) or (groups is not None and len(groups) != len(x)):
-        raise ValueError(f"{path}: expected features [N, D], labels [N], groups [N]; got {x.shape}, {labels.shape}")
+        raise feats.EvalInputError(
+            f"{path}: expected features [N, D], labels [N], groups [N]; got {x.shape}, {labels.shape}")
     y, classes = feats.encode_labels([str(l) for l in labels])
     return TileSet(x, y, groups, classes)
 
@@ -85,19 +82,19 @@ def splits(tiles: TileSet, n_folds: int, seed: int) -> list[tuple[np.ndarray, np
     """Stratified folds grouped by slide; `n_folds` shrinks to the fewest slides any class has."""
     n_classes = len(tiles.classes)
     if n_classes < 2:
-        raise ValueError(f"need at least two classes, got {tiles.classes}")
+        raise feats.EvalInputError(f"need at least two classes, got {tiles.classes}")
     if tiles.groups is None:
         per_class = np.bincount(tiles.y, minlength=n_classes).min()
         k = min(n_folds, int(per_class))
         if k < 2:
-            raise ValueError(f"need at least 2 samples per class for cross-validation, got {per_class}")
+            raise feats.EvalInputError(f"need at least 2 samples per class for cross-validation, got {per_class}")
         cv = model_selection.StratifiedKFold(k, shuffle=True, random_state=seed)
         return list(cv.split(tiles.x, tiles.y))
     slide_ids, first = np.unique(tiles.groups, return_index=True)
     per_class = np.bincount(tiles.y[first], minlength=n_classes).min()
     k = min(n_folds, int(per_class))
     if k < 2:
-        raise ValueError(f"need at least 2 slides per class for slide-level folds, "
+        raise feats.EvalInputError(f"need at least 2 slides per class for slide-level folds, "
                          f"got {per_class} ({len(slide_ids)} slides)")
     cv = model_selection.StratifiedGroupKFold(k, shuffle=True, random_state=seed)
     return list(cv.split(tiles.x, tiles.y, tiles.groups))
@@ -128,20 +125,24 @@ def run_probe(
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmag_jax.eval probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m xmag_jax.eval probe", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--features", action="append", metavar="[NAME=]DIR",
                      help="directory of slide h5 files (repeatable, to compare encoders)")
     src.add_argument("--npz", help="npz with features [N, D], labels [N], optional groups [N]")
     p.add_argument("--labels", help="CSV with slide_id,label (required with --features)")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--C", dest="c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
-    p.add_argument("--knn-k", type=int, default=20)
-    p.add_argument("--max-tiles-per-slide", type=int, default=None)
+    p.add_argument("--folds", type=int, default=5,
+                   help="cross-validation folds, slides kept whole (fewer if a class has fewer slides)")
+    p.add_argument("--C", dest="c", type=float, default=1.0,
+                   help="inverse L2 strength of the logistic regression (larger = weaker regularisation)")
+    p.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN probe (tiles)")
+    p.add_argument("--max-tiles-per-slide", type=int, default=None,
+                   help="random subsample of each slide's tiles (None: all)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--skip-unlabelled", action="store_true",
                    help="drop feature files without a label instead of failing")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of folds, subsampling and bootstrap")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
 
