@@ -45,6 +45,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 8  # Grain multiprocess workers per host; 0 = in-process
     c.data.prefetch_buffer = 2
     c.data.max_bad_record_fraction = 0.01
+    # Teacher targets from a cache written by `python -m xmag_jax.teacher_cache` instead of running the
+    # teacher in every step ("" = live teacher). The cache holds the teacher's targets of each pair under
+    # each geometric state of the augmentation (flips/D4), computed on the un-jittered field: unlike live
+    # distillation, colour and HED jitter then reach the student's 5x tile only (as with
+    # data.augment.student_only). A cache that does not match this config (teacher, weights, dtype,
+    # dataset, states, tokens) is refused before compiling; teacher.sharding is then unused.
+    c.data.teacher_cache = ""
     c.data.augment = ml_collections.ConfigDict()
     # "d4_color_hed" (D4 + colour + HED jitter) or "xmag" (XMAG's released recipe: h/v flips, colour jitter
     # with p = 0.5); see xmag_jax/data/augment.py. The keys below override the preset; None keeps its choice.

@@ -29,6 +29,7 @@ from xmag_jax import data, sharding
 from xmag_jax.distill import config_validation, step as step_lib
 from xmag_jax.distill.checkpointing import Checkpointer
 from xmag_jax.distill.metrics import MetricWriter, NonFiniteLossError, Throughput, check_finite, log_progress, to_floats
+from xmag_jax.teacher_cache import spec as teacher_cache_spec
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, metrics, TensorBoard.")
@@ -102,6 +103,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
     mesh = sharding.make_mesh(config.mesh)
     config_validation.check_against_mesh(config, mesh)
     step_lib.validate(config)
+    if config.data.teacher_cache:
+        teacher_cache_spec.check(config)  # refuses a cache of another teacher, dataset, states (before compiling)
 
     trainer = step_lib.make_trainer(config, mesh)
     iterator = data.make_iterator(config.data, seed=config.seed, batch_size=config.batch_size // jax.process_count())
@@ -118,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
         logging.info("resumed from checkpoint step %d in %s", start, workdir)
         _warn_config_changes(restored.metadata.get("config", {}), config)
     writer.resume_at(start)  # drops lines a killed run wrote after its last checkpoint (all, if it had none)
-    teacher = trainer.teacher_state()
+    teacher = trainer.teacher_state()  # None with data.teacher_cache
 
     throughput = Throughput(batch_size=config.batch_size, flops_per_step=trainer.flops_per_step().total,
                             peak_tflops_per_device=config.peak_tflops_per_device, device_count=jax.device_count())

@@ -53,13 +53,14 @@ class UnreadableRecord:
 
 class PairSource(grain.sources.ArrayRecordDataSource):
     """Grain's ArrayRecord source over pair shards (global index = position in the concatenated `paths`),
-    with the shard named in every read failure."""
+    with the shard named in every read failure. `what`/`remedy` word the error of a shard that does not open
+    (other shard kinds, e.g. teacher-target caches, reuse this source)."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike]):
+    def __init__(self, paths: Sequence[str | os.PathLike], *, what: str = "pair shard", remedy: str = ""):
         try:
             super().__init__([os.fspath(p) for p in paths])
         except RuntimeError as e:  # Riegeli: a corrupt footer or index (a truncated or overwritten shard)
-            raise ShardError(_unopenable(paths, e)) from e
+            raise ShardError(_unopenable(paths, e, what, remedy or _REPAIR_PAIRS)) from e
 
     def __getitem__(self, record_key: SupportsIndex) -> bytes | UnreadableRecord:
         try:
@@ -69,7 +70,12 @@ class PairSource(grain.sources.ArrayRecordDataSource):
             return UnreadableRecord(f"{self.paths[shard]}: record {position} cannot be read ({e})")
 
 
-def _unopenable(paths: Sequence[str | os.PathLike], error: RuntimeError) -> str:
+_REPAIR_PAIRS = ("re-run `python -m data_prep.tile_pairs` with the same options: it re-assembles the split from "
+                 "OUT/work (finished slides are not tiled again; delete a corrupt work/{slide_id}.array_record and "
+                 "its .done.json to tile that slide again)")
+
+
+def _unopenable(paths: Sequence[str | os.PathLike], error: RuntimeError, what: str, remedy: str) -> str:
     """Names the first shard of `paths` that does not open (`error` is what opening them all raised)."""
     for path in paths:
         try:
@@ -79,10 +85,7 @@ def _unopenable(paths: Sequence[str | os.PathLike], error: RuntimeError) -> str:
             break
     else:
         path = f"one of {len(paths)} shards in {os.path.dirname(os.fspath(paths[0]))}"
-    return (f"{path}: pair shard cannot be opened, it is truncated or overwritten ({error}); re-run "
-            "`python -m data_prep.tile_pairs` with the same options: it re-assembles the split from OUT/work "
-            "(finished slides are not tiled again; delete a corrupt work/{slide_id}.array_record and its "
-            ".done.json to tile that slide again)")
+    return f"{path}: {what} cannot be opened, it is truncated or overwritten ({error}); {remedy}"
 
 
 def _decode_jpeg(data: bytes, field: str, px: int, index: int) -> np.ndarray:
@@ -96,8 +99,10 @@ def _decode_jpeg(data: bytes, field: str, px: int, index: int) -> np.ndarray:
     return image
 
 
-def decode_images(raw: bytes | UnreadableRecord, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Serialized pair → (`image_5x` uint8 `[224, 224, 3]`, `image_20x` uint8 `[896, 896, 3]`).
+def decode_images(raw: bytes | UnreadableRecord, index: int, *, with_20x: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Serialized pair → (`image_5x` uint8 `[224, 224, 3]`, `image_20x` uint8 `[896, 896, 3]`, or None
+    without `with_20x`: its JPEG is then not decoded).
 
     Raises BadRecordError naming the record's global source `index` and the failing field (or, for an
     `UnreadableRecord`, its shard).
@@ -108,10 +113,10 @@ def decode_images(raw: bytes | UnreadableRecord, index: int) -> tuple[np.ndarray
         pair = records.decode_pair(raw)
     except Exception as e:  # noqa: BLE001 - any parser failure on untrusted bytes makes the record bad
         raise BadRecordError(f"record {index}: not a pair record ({type(e).__name__}: {e})") from e
-    return (
-        _decode_jpeg(pair["image_5x"], "image_5x", records.TILE_5X_PX, index),
-        _decode_jpeg(pair["image_20x"], "image_20x", records.REGION_20X_PX, index),
-    )
+    image_5x = _decode_jpeg(pair["image_5x"], "image_5x", records.TILE_5X_PX, index)
+    if not with_20x:
+        return image_5x, None
+    return image_5x, _decode_jpeg(pair["image_20x"], "image_20x", records.REGION_20X_PX, index)
 
 
 def cut_tiles(region: np.ndarray) -> np.ndarray:

@@ -8,6 +8,9 @@
 Each batch is a dict of numpy arrays:
 `image_5x` uint8 `[B, 224, 224, 3]`, `tiles_20x` uint8 `[B, 16, 224, 224, 3]` (row-major 4x4 tiles of the
 20x field), `record_index` int64 `[B]` (global source index: position in the concatenated, sorted shards).
+With `teacher_cache` (a `python -m xmag_jax.teacher_cache` directory) `tiles_20x` is replaced by the cached
+teacher targets of the pair under its drawn geometric state: `target_tiles` float32 `[B, 16, Et]` and, when
+cached, `target_tokens` `[B, G, G, Dt]` (`xmag_jax.teacher_cache.reader`).
 
 Everything random is a function of `seed` and the element's position, so the same seed gives the same
 batches, and `get_state()`/`set_state()` of the iterator resume exactly. The processes of a job take
@@ -30,9 +33,10 @@ from data_prep import records
 from xmag_jax.data import augment
 from xmag_jax.data.bad_records import BadRecordBudgetIterDataset, BadRecordBudgetIterator, SkipBadRecordsIterDataset
 from xmag_jax.data.pairs import BadRecordError, DecodeAndAugment, PairSource, TagIndex, decode_images
+from xmag_jax.teacher_cache import reader as teacher_cache_reader
 
 _DATA_KEYS = frozenset(
-    {"dir", "split", "worker_count", "prefetch_buffer", "max_bad_record_fraction", "augment"}
+    {"dir", "split", "worker_count", "prefetch_buffer", "max_bad_record_fraction", "augment", "teacher_cache"}
 )
 
 
@@ -62,7 +66,7 @@ def build_dataset(
       data: `dir` (shard directory), `split`, `worker_count` (Grain worker processes; 0 = decode in
         threads of this process), `prefetch_buffer` (batches buffered per worker; it also sizes the
         read-ahead of decoded pairs, `prefetch_buffer * batch_size`), `max_bad_record_fraction`,
-        `augment` (`AugmentOptions` fields).
+        `augment` (`AugmentOptions` fields), `teacher_cache` (optional; "" = batches carry the 20x tiles).
       seed: the pipeline seed (shuffle order and augmentation draws).
       batch_size: pairs per batch in this process (the global batch divided by `process_count`).
       process_index, process_count: this process's slice; default `jax.process_index()/process_count()`.
@@ -99,7 +103,11 @@ def build_dataset(
     )
     # Augment before slicing: each pair's draw follows its position in the global stream, so processes
     # draw independently and a run regrouped onto another process count replays the same draws.
-    ds = ds.random_map(DecodeAndAugment(options))[process_index::process_count]
+    transform = DecodeAndAugment(options)
+    if data.get("teacher_cache"):
+        transform = teacher_cache_reader.DecodeStudentAndFetchTargets(
+            options, teacher_cache_reader.TargetCache(data["teacher_cache"]))
+    ds = ds.random_map(transform)[process_index::process_count]
     read_ahead = max(1, data["prefetch_buffer"]) * batch_size
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_ahead))
     it = SkipBadRecordsIterDataset(it, max_in_a_row=max_bad_in_a_row).batch(batch_size, drop_remainder=True)

@@ -8,7 +8,9 @@
 One step = one global batch of `config.batch_size` pairs, split into `optim.grad_accum` micro-batches
 (a `lax.scan`) whose gradients are averaged before one AdamW update. Inputs are uint8; each architecture's
 own normalisation runs on device. The teacher (frozen, `teacher.dtype`) runs under `stop_gradient` and is
-never differentiated; gradients flow to the student and the projectors only. With `loss.center_targets`
+never differentiated; gradients flow to the student and the projectors only. With `data.teacher_cache`
+the teacher is not in the step at all: the batch brings its targets (`xmag_jax.teacher_cache`), the
+teacher argument is None. With `loss.center_targets`
 the teacher targets are centred by running means kept in the state (`losses.center_targets`). The state
 is donated.
 
@@ -39,12 +41,36 @@ from xmag_jax.models import registry
 
 TILE_PX = 224  # both magnifications' tiles are 224 px (5x: ~2.0 µm/px, 20x: ~0.5 µm/px)
 STEP_BATCH_KEYS = ("image_5x", "tiles_20x")
+# With data.teacher_cache: float32 `target_tiles [B, 16, Et]`, and `target_tokens [B, G, G, Dt]` when the
+# token term is on, replace `tiles_20x`.
+CACHED_BATCH_KEYS = ("image_5x", "target_tiles", "target_tokens")
 
 
 def _archs(config) -> tuple[registry.Arch, registry.Arch]:
     student = registry.get_arch(config.student.name, dtype=config.student.dtype, remat=bool(config.student.remat))
     teacher = registry.get_arch(config.teacher.name, dtype=config.teacher.dtype, param_dtype=config.teacher.dtype)
     return student, teacher
+
+
+def teacher_forward_targets(teacher_arch: registry.Arch, teacher_graphdef: Any, with_tokens: bool,
+                            teacher_params: nnx.State, tiles: jax.Array, grid: int) -> losses.Targets:
+    """The loss's targets from the teacher on uint8 `tiles [B, 16, H, W, 3]` (tokens pooled to G = `grid`)."""
+    b = tiles.shape[0]
+    teacher = nnx.merge(teacher_graphdef, teacher_params)
+    out = teacher(registry.normalize(teacher_arch, tiles.reshape(b * losses.FIELD_TILES, *tiles.shape[2:])))
+    emb = registry.embed(teacher_arch, out).reshape(b, losses.FIELD_TILES, -1)
+    patches = None
+    if with_tokens:
+        patches = out.patches.reshape(b, losses.FIELD_TILES, *out.patches.shape[1:])
+    return losses.teacher_targets(emb, patches, grid)
+
+
+def cached_targets(batch: dict[str, jax.Array]) -> losses.Targets:
+    """The loss's targets from a cached batch (`CACHED_BATCH_KEYS`), as `losses.teacher_targets` builds them."""
+    tiles = batch["target_tiles"].astype(jnp.float32)
+    tokens = batch.get("target_tokens")
+    return losses.Targets(global_=tiles.mean(axis=1), tiles=tiles,
+                          tokens=None if tokens is None else tokens.astype(jnp.float32))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -94,6 +120,8 @@ class Trainer:
     `state_shardings` / `teacher_shardings` / `batch_shardings` mirror `abstract_state()`,
     `abstract_teacher_state()` and the batch dict (`image_5x [B, 224, 224, 3]`, `tiles_20x
     [B, 16, 224, 224, 3]` uint8, `record_index [B]` int64 — the last one is not used by the step).
+    `cached` (`data.teacher_cache` set): no teacher in the step (`teacher_shardings`, the abstract teacher
+    and `teacher_state()` are None); the batch carries `target_tiles`/`target_tokens` instead of `tiles_20x`.
     """
 
     config: ml_collections.ConfigDict
@@ -111,6 +139,8 @@ class Trainer:
     _init: Any
     _init_teacher: Any
     _step: Any
+    cached: bool = False
+    step_batch_keys: tuple[str, ...] = STEP_BATCH_KEYS
 
     def abstract_state(self) -> TrainState:
         """`TrainState` of `jax.ShapeDtypeStruct`s carrying `state_shardings` (no arrays allocated)."""
@@ -122,9 +152,13 @@ class Trainer:
 
     def abstract_batch(self, global_batch: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         b = int(self.config.batch_size if global_batch is None else global_batch)
+        grid = TILE_PX // self.student_arch.vit.patch_size
         shapes = {"image_5x": (b, TILE_PX, TILE_PX, 3),
-                  "tiles_20x": (b, losses.FIELD_TILES, TILE_PX, TILE_PX, 3)}
-        return {k: jax.ShapeDtypeStruct(s, jnp.uint8, sharding=self.batch_shardings[k]) for k, s in shapes.items()}
+                  "tiles_20x": (b, losses.FIELD_TILES, TILE_PX, TILE_PX, 3),
+                  "target_tiles": (b, losses.FIELD_TILES, self.teacher_arch.embed_dim),
+                  "target_tokens": (b, grid, grid, self.teacher_arch.vit.embed_dim)}
+        return {k: jax.ShapeDtypeStruct(shapes[k], jnp.uint8 if k in STEP_BATCH_KEYS else jnp.float32,
+                                        sharding=self.batch_shardings[k]) for k in self.step_batch_keys}
 
     def init_state(self, rng: jax.Array) -> TrainState:
         """Fresh student + projectors + optimizer state, created directly in their shardings."""
@@ -133,6 +167,8 @@ class Trainer:
     def teacher_state(self) -> nnx.State:
         """The frozen teacher's parameters on `teacher_shardings`: restored from `teacher.checkpoint`, or a
         seeded random init when the checkpoint is empty and `teacher.allow_random_teacher` is set."""
+        if self.cached:
+            return None
         path = self.config.teacher.checkpoint
         if path:
             saved = model_checkpoint.read_arch(path)
@@ -151,7 +187,7 @@ class Trainer:
 
     def step(self, state: TrainState, teacher: nnx.State, batch: dict[str, Any]) -> tuple[TrainState, dict]:
         """One optimizer step on a global batch; `state` is donated (do not reuse it)."""
-        return self._step(state, teacher, {k: batch[k] for k in STEP_BATCH_KEYS})
+        return self._step(state, teacher, {k: batch[k] for k in self.step_batch_keys})
 
     def lower(self, global_batch: int | None = None) -> jax.stages.Lowered:
         """The step lowered on abstract inputs (for `.compile()`, cost and memory analysis; no arrays)."""
@@ -159,7 +195,13 @@ class Trainer:
                                 self.abstract_batch(global_batch))
 
     def flops_per_step(self, global_batch: int | None = None) -> flops.StepFlops:
-        return flops.step_flops(self.config, global_batch)
+        counted = flops.step_flops(self.config, global_batch)
+        return dataclasses.replace(counted, teacher_forward=0.0) if self.cached else counted
+
+    def teacher_targets(self, teacher_params: nnx.State, tiles: jax.Array) -> losses.Targets:
+        """What the live step's loss uses as targets for uint8 `tiles [B, 16, 224, 224, 3]` (jittable)."""
+        return teacher_forward_targets(self.teacher_arch, self.teacher_graphdef, self.weights.token > 0,
+                                       teacher_params, tiles, TILE_PX // self.student_arch.vit.patch_size)
 
 
 def _state_from_model(model: DistillModel, tx: optax.GradientTransformation, ema: bool,
@@ -185,6 +227,10 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     student_arch, teacher_arch = _archs(config)
     weights = losses.LossWeights.from_config(config.loss)
     accum = int(config.optim.grad_accum)
+    cached = bool(config.data.teacher_cache)
+    step_keys = STEP_BATCH_KEYS
+    if cached:
+        step_keys = CACHED_BATCH_KEYS if weights.token > 0 else CACHED_BATCH_KEYS[:2]
     dp = sharding.data_parallel_size(mesh)
     if config.batch_size % (dp * accum):
         raise ConfigError(f"batch_size: {config.batch_size} pairs does not divide by data-parallel size {dp} "
@@ -224,27 +270,22 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(key)), nnx.Param)
     teacher_graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_teacher(key)), nnx.Param)
     abstract_state = jax.eval_shape(init, key)
-    abstract_teacher = jax.eval_shape(init_teacher, key)
+    abstract_teacher = None if cached else jax.eval_shape(init_teacher, key)
     state_shardings = sharding.tree_shardings(abstract_state, mesh, sharding.FSDP_RULES)
-    teacher_shardings = sharding.tree_shardings(abstract_teacher, mesh, sharding.rules_for(config.teacher.sharding))
+    teacher_shardings = None
+    if not cached:
+        teacher_shardings = sharding.tree_shardings(abstract_teacher, mesh,
+                                                    sharding.rules_for(config.teacher.sharding))
     batch_shardings = {
         "image_5x": sharding.batch_sharding(mesh, 4),
         "tiles_20x": sharding.batch_sharding(mesh, 5),
+        "target_tiles": sharding.batch_sharding(mesh, 3),
+        "target_tokens": sharding.batch_sharding(mesh, 4),
         "record_index": sharding.batch_sharding(mesh, 1),
     }
-    step_batch_shardings = {k: batch_shardings[k] for k in STEP_BATCH_KEYS}
+    step_batch_shardings = {k: batch_shardings[k] for k in step_keys}
     micro_shardings = {k: sharding.batch_sharding(mesh, len(s.spec) + 1, leading=1)
                        for k, s in step_batch_shardings.items()}
-
-    def teacher_targets(teacher_params: nnx.State, tiles: jax.Array, grid: int) -> losses.Targets:
-        b = tiles.shape[0]
-        teacher = nnx.merge(teacher_graphdef, teacher_params)
-        out = teacher(registry.normalize(teacher_arch, tiles.reshape(b * losses.FIELD_TILES, *tiles.shape[2:])))
-        emb = registry.embed(teacher_arch, out).reshape(b, losses.FIELD_TILES, -1)
-        patches = None
-        if weights.token > 0:
-            patches = out.patches.reshape(b, losses.FIELD_TILES, *out.patches.shape[1:])
-        return losses.teacher_targets(emb, patches, grid)
 
     def loss_fn(params: nnx.State, images: jax.Array, targets: losses.Targets):
         model = nnx.merge(graphdef, params)
@@ -260,7 +301,11 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
         def accumulate(carry, mb):
             grad_sum, term_sum, mean_sum = carry
             grid = mb["image_5x"].shape[1] // student_arch.vit.patch_size
-            targets = teacher_targets(teacher_params, mb["tiles_20x"], grid)
+            if cached:
+                targets = cached_targets(mb)
+            else:
+                targets = teacher_forward_targets(teacher_arch, teacher_graphdef, weights.token > 0, teacher_params,
+                                                  mb["tiles_20x"], grid)
             if state.target_center is not None:
                 mean_sum = jax.tree.map(jnp.add, mean_sum, losses.target_means(targets))
                 targets = losses.center_targets(targets, state.target_center)
@@ -298,5 +343,5 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
         _abstract_state=abstract_state, _abstract_teacher=abstract_teacher,
         _init=jax.jit(init, out_shardings=state_shardings),
         _init_teacher=jax.jit(init_teacher, out_shardings=teacher_shardings),
-        _step=step,
+        _step=step, cached=cached, step_batch_keys=step_keys,
     )
