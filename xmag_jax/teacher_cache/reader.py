@@ -38,7 +38,7 @@ class TargetCache:
         self.paths = records.shard_paths(self.cache_dir, self.meta["source"]["split"], len(lengths))
         for path, pairs_in_shard in zip(self.paths, lengths):
             expected = pairs_in_shard * len(self.states)
-            found = _num_records(path)
+            found = num_records(path)
             if found != expected:
                 raise pairs.ShardError(f"{path}: teacher-target shard has {found} records, expected {expected} "
                                        f"({pairs_in_shard} pairs x {len(self.states)} states); {_REPAIR}")
@@ -83,16 +83,17 @@ class TargetCache:
         return {"tiles": rec["tiles"], "tokens": rec["tokens"]}
 
 
-def _num_records(path: str) -> int:
+def num_records(path: str, what: str = "teacher-target shard", remedy: str = _REPAIR) -> int:
+    """Records in one ArrayRecord shard (reads its footer only); ShardError naming it when it does not open."""
     try:
         reader = array_record_module.ArrayRecordReader(path)
-    except (RuntimeError, OSError) as e:
-        raise pairs.ShardError(f"{path}: teacher-target shard cannot be opened, it is missing, truncated or "
-                               f"overwritten ({e}); {_REPAIR}") from e
-    try:
-        return reader.num_records()
-    finally:
-        reader.close()
+        try:
+            return reader.num_records()
+        finally:
+            reader.close()
+    except (RuntimeError, OSError) as e:  # Riegeli: missing, truncated, or a corrupt footer
+        raise pairs.ShardError(f"{path}: {what} cannot be opened, it is missing, truncated or overwritten ({e}); "
+                               f"{remedy}") from e
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,7 @@ FIELD_TILES = 16
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 _STORED = {"float32": np.float32, "bfloat16": np.uint16}  # what the bytes are in features.json
 WORK_DIR = "work"
+COUNTS = ("num_pairs", "bad_pairs", "shard_lengths")  # metadata.json entries the writer adds when it finishes
 
 
 class CacheError(UserError):
@@ -151,7 +152,7 @@ def source_fingerprint(source_dir: str | os.PathLike, split: str) -> dict[str, A
 def spec_digest(metadata: dict[str, Any]) -> str:
     """16 hex digits identifying what a cache holds: every metadata entry except where it was read from
     (`source.dir`) and the counts the writer adds at the end."""
-    keep = {k: v for k, v in metadata.items() if k not in ("bad_pairs", "num_pairs")}
+    keep = {k: v for k, v in metadata.items() if k not in COUNTS}
     keep["source"] = {k: v for k, v in metadata["source"].items() if k != "dir"}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -33,7 +33,7 @@ from data_prep import records as pair_records
 from xmag_jax import encoders, errors, sharding, workdir_lock
 from xmag_jax.data import augment, pairs
 from xmag_jax.distill import config_validation, losses, step as step_lib
-from xmag_jax.teacher_cache import records, spec
+from xmag_jax.teacher_cache import reader, records, spec
 
 
 def _put(host_tree: Any, shardings: Any) -> Any:
@@ -69,7 +69,7 @@ def _refuse_other_cache(cache_dir: str, digest: str, meta: dict[str, Any]) -> No
         existing = None
     if existing is not None and records.spec_digest(existing) != digest:
         diff = sorted(k for k in set(existing) | set(meta)
-                      if k not in ("bad_pairs", "num_pairs", "shard_lengths") and existing.get(k) != meta.get(k))
+                      if k not in records.COUNTS and existing.get(k) != meta.get(k))
         raise errors.UserError(f"--out {cache_dir}: holds a teacher-target cache of another config (differs in "
                                f"{', '.join(diff)}); choose another --out or delete it")
 
@@ -143,7 +143,7 @@ def _write_locked(config, out: str, trainer: step_lib.Trainer, teacher: Any, met
     start = time.time()
     split = config.data.split
     sources = pair_records.shard_paths(config.data.dir, split)
-    lengths = [_count(p) for p in sources]
+    lengths = [reader.num_records(p, "pair shard", "re-run `python -m data_prep.tile_pairs`") for p in sources]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
     targets = records.shard_paths(out, split, len(sources))
     mine = [i for i in range(len(sources)) if i % jax.process_count() == jax.process_index()]
@@ -202,17 +202,6 @@ def _write_locked(config, out: str, trainer: step_lib.Trainer, teacher: Any, met
         summary.update(_publish(config, out, meta, digest, targets, lengths))
     summary["pairs_per_s_now"] = round(summary["pairs_written_now"] / max(summary["seconds"], 1e-9), 2)
     return summary
-
-
-def _count(path: str) -> int:
-    try:
-        reader = array_record_module.ArrayRecordReader(path)
-    except RuntimeError as e:
-        raise pairs.ShardError(f"{path}: pair shard cannot be opened ({e})") from e
-    try:
-        return reader.num_records()
-    finally:
-        reader.close()
 
 
 class _ChunkRunner:
