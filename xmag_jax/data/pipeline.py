@@ -5,12 +5,13 @@
       → to_iter_dataset (threads) → skip bad records → batch → multiprocess prefetch (worker_count > 0)
       → bad-record budget
 
-Each batch is a dict of numpy arrays:
-`image_5x` uint8 `[B, 224, 224, 3]`, `tiles_20x` uint8 `[B, 16, 224, 224, 3]` (row-major 4x4 tiles of the
-20x field), `record_index` int64 `[B]` (global source index: position in the concatenated, sorted shards).
+Each batch is a dict of numpy arrays, V = `data.views` augmented views of each pair:
+`image_5x` uint8 `[B, V, 224, 224, 3]`, `tiles_20x` uint8 `[B, V, 16, 224, 224, 3]` (row-major 4x4 tiles of
+the 20x field; view v of both is one paired draw), `record_index` int64 `[B]` (global source index: position in
+the concatenated, sorted shards).
 
-Everything random is a function of `seed` and the element's position, so the same seed gives the same
-batches, and `get_state()`/`set_state()` of the iterator resume exactly. The processes of a job take
+Everything random is a function of `seed`, the element's position and the view index, so the same seed gives
+the same batches, and `get_state()`/`set_state()` of the iterator resume exactly. The processes of a job take
 interleaved, disjoint slices of each shuffled epoch; together they read every record once per epoch.
 A resume must use the same `worker_count` (Grain slices the stream over its workers before batching; with
 a finite `num_epochs` each worker also drops its own last partial batch).
@@ -32,7 +33,7 @@ from xmag_jax.data.bad_records import BadRecordBudgetIterDataset, BadRecordBudge
 from xmag_jax.data.pairs import BadRecordError, DecodeAndAugment, PairSource, TagIndex, decode_images
 
 _DATA_KEYS = frozenset(
-    {"dir", "split", "worker_count", "prefetch_buffer", "max_bad_record_fraction", "augment"}
+    {"dir", "split", "worker_count", "prefetch_buffer", "max_bad_record_fraction", "augment", "views"}
 )
 
 
@@ -62,7 +63,7 @@ def build_dataset(
       data: `dir` (shard directory), `split`, `worker_count` (Grain worker processes; 0 = decode in
         threads of this process), `prefetch_buffer` (batches buffered per worker; it also sizes the
         read-ahead of decoded pairs, `prefetch_buffer * batch_size`), `max_bad_record_fraction`,
-        `augment` (`AugmentOptions` fields).
+        `augment` (`AugmentOptions` fields), `views` (augmented views per pair, default 1).
       seed: the pipeline seed (shuffle order and augmentation draws).
       batch_size: pairs per batch in this process (the global batch divided by `process_count`).
       process_index, process_count: this process's slice; default `jax.process_index()/process_count()`.
@@ -82,6 +83,9 @@ def build_dataset(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 pairs per process, got {batch_size}")
     options = augment.AugmentOptions.from_config(data["augment"])
+    views = int(data.get("views", 1))
+    if views < 1:
+        raise ValueError(f"data.views must be >= 1 augmented views per pair, got {views}")
 
     source = PairSource(records.shard_paths(data["dir"], data["split"]))
     records.check_field_geometry(data["dir"], data["split"])  # µm/px must be the 4 x 4 field geometry
@@ -99,7 +103,7 @@ def build_dataset(
     )
     # Augment before slicing: each pair's draw follows its position in the global stream, so processes
     # draw independently and a run regrouped onto another process count replays the same draws.
-    ds = ds.random_map(DecodeAndAugment(options))[process_index::process_count]
+    ds = ds.random_map(DecodeAndAugment(options, views))[process_index::process_count]
     read_ahead = max(1, data["prefetch_buffer"]) * batch_size
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_ahead))
     it = SkipBadRecordsIterDataset(it, max_in_a_row=max_bad_in_a_row).batch(batch_size, drop_remainder=True)
