@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.dtype = "bfloat16"
     c.teacher.sharding = "replicate"  # or "fsdp" when the teacher does not fit replicated
 
-    # 5x student, trained from scratch.
+    # 5x student: a random init (seed), or the weights of `init`.
     c.student = ml_collections.ConfigDict()
     c.student.name = "vit_s14"  # ViT-S/14, 224 px -> 16x16 tokens
     c.student.dtype = "bfloat16"  # compute dtype; parameters stay float32
@@ -38,6 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Initial LayerScale gamma; None keeps the registry's (1e-5, DINOv2's choice for long runs). Only the
     # initial value changes: the trained student has the registry architecture and exports unchanged.
     c.student.layer_scale_init = ml_collections.config_dict.placeholder(float)
+    # A model checkpoint directory (`xmag_jax.convert import`, or a run's `xmag_jax.distill.export`) of the
+    # student's architecture whose parameters the student starts from at step 0 (also the EMA's start); the
+    # projectors and the optimizer state start fresh. A resumed run continues from its own checkpoints and
+    # never re-applies it. Empty: random init. Not combinable with layer_scale_init (the init's gammas win).
+    c.student.init = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""
@@ -45,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 8  # Grain multiprocess workers per host; 0 = in-process
     c.data.prefetch_buffer = 2
     c.data.max_bad_record_fraction = 0.01
+    # Augmented views of each pair (XMAG: 2): independent draws, each shared by the 5x tile and its 20x field.
+    # The teacher runs on every view and each view's loss is against the teacher on the same view; the V losses
+    # are averaged. batch_size stays in pairs; a step costs about V times the compute of one view.
+    c.data.views = 1
     # Teacher targets from a cache written by `python -m xmag_jax.teacher_cache` instead of running the
     # teacher in every step ("" = live teacher). The cache holds the teacher's targets of each pair under
     # each geometric state of the augmentation (flips/D4), computed on the un-jittered field: unlike live
@@ -68,6 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.tile_weight = 1.0
     c.loss.token_weight = 1.0
     c.loss.projector_hidden = 2048
+    # Projector heads (xmag_jax/distill/projectors.py): "none" = Linear -> GELU -> Linear; "batch" = XMAG's
+    # Linear -> BatchNorm -> GELU -> Linear, statistics over the global batch (per view, per micro-batch under
+    # optim.grad_accum), running statistics in the train state.
+    c.loss.projector_norm = "none"
     c.loss.mode = "dual"  # "dual" | "global_only" | "local_only"
     # Subtract a running mean of the teacher's embeddings / tokens from the targets (DINO-style centering):
     # center <- m * center + (1 - m) * batch mean, set to the first batch's mean by step 0 (which the warmup
@@ -107,7 +120,13 @@ def base_config() -> ml_collections.ConfigDict:
 def real_size_config(*, teacher: str, teacher_checkpoint: str, epochs: int = 10) -> ml_collections.ConfigDict:
     """A real-size run: `teacher` (registry name, bf16, converted Orbax checkpoint) into a ViT-S/14 student.
 
-    Global batch 1024 pairs; `epochs` passes over the 3.49 M XMAG pairs.
+    Global batch 1024 pairs; `epochs` passes over the 3.49 M XMAG pairs. This is our variant of XMAG's released
+    recipe (`configs/xmag_uni2h_vitb14.py`), which starts from it and sets the recipe's values. What the variant
+    changes: a ViT-S/14 student from a random init (recipe: ViT-B/14 from DINOv2 weights, `student.init`);
+    batch 1024 (1152), lr 1e-3 (5e-4), warmup 5 % (1 epoch), no EMA (0.999); one augmented view (`data.views`
+    2) with our D4 + colour + HED augmentation (XMAG's flips + colour jitter); projector heads without
+    BatchNorm, hidden 2048 (`loss.projector_norm` "batch", 1536); tile weight 1.0 (0.5) and the token-level
+    term on at weight 1.0 (off: XMAG does not use the teacher's patch tokens).
     """
     c = base_config()
     c.teacher.name = teacher

@@ -10,6 +10,10 @@ the Orbax directory as `--config.teacher.checkpoint`. On a TPU v5e-64 pod slice,
         --config.data.dir=/gcs/BUCKET/xmag_pairs --config.teacher.checkpoint=gs://BUCKET/teachers/virchow2"
 
 A restarted command with the same workdir resumes from the latest checkpoint.
+
+Our variant of XMAG's released recipe (`configs/xmag_uni2h_vitb14.py`): what it changes is listed in
+`configs.common.real_size_config` (ViT-S/14 from scratch, one view, our augmentation, no BatchNorm heads, the
+token-level term, batch 1024, lr 1e-3, no EMA), and the teacher is not UNI2-h.
 """
 
 import ml_collections

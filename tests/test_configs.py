@@ -8,7 +8,7 @@ import pytest
 from configs import common
 from xmag_jax.distill import config_validation as cv
 
-REAL_CONFIGS = ("uni2h_vits14", "virchow2_vits14", "hoptimus1_vits14")
+REAL_CONFIGS = ("xmag_uni2h_vitb14", "uni2h_vits14", "virchow2_vits14", "hoptimus1_vits14")
 
 
 @pytest.mark.parametrize("name", ("debug", "demo") + REAL_CONFIGS)
@@ -26,6 +26,22 @@ def test_real_configs_are_real_size(name):
     assert config.teacher.dtype == "bfloat16"
     assert config.teacher.checkpoint and not config.teacher.allow_random_teacher
     assert "python -m xmag_jax.train" in importlib.import_module(f"configs.{name}").__doc__
+
+
+def test_xmag_recipe_config_has_the_released_values():
+    from configs import xmag_uni2h_vitb14 as recipe
+
+    c = recipe.get_config()
+    assert c.data.augment.preset == "xmag" and c.data.views == 2
+    assert (c.teacher.name, c.student.name, c.batch_size, c.total_steps) == ("uni2_h", "vit_b14", 1152, 30295)
+    assert c.student.init and c.student.layer_scale_init is None
+    assert (c.loss.projector_norm, c.loss.projector_hidden, c.data.views) == ("batch", 1536, 2)
+    assert (c.loss.global_weight, c.loss.tile_weight, c.loss.token_weight) == (1.0, 0.5, 0.0)
+    assert (c.optim.lr, c.optim.weight_decay, c.optim.clip_norm, c.optim.ema_decay) == (5e-4, 0.05, 1.0, 0.999)
+    assert c.optim.warmup_steps == 3029  # one epoch of 3.49 M pairs
+    assert recipe.get_config("literal_warmup").optim.warmup_steps == c.total_steps - 1
+    with pytest.raises(ValueError, match="unknown argument 'short'"):
+        recipe.get_config("short")
 
 
 def test_unknown_key_is_named_with_a_suggestion():
@@ -47,6 +63,8 @@ def test_missing_key_is_named():
     ("loss.mode", "both", "loss.mode: must be one of"),
     ("teacher.sharding", "tp", "teacher.sharding: must be one of"),
     ("checkpoint.keep", 0, "checkpoint.keep: must be >= 1"),
+    ("data.views", 0, "data.views: must be >= 1"),
+    ("loss.projector_norm", "layer", "loss.projector_norm: must be one of"),
 ])
 def test_bad_values_are_named(key, value, pattern):
     config = importlib.import_module("configs.debug").get_config()

@@ -37,9 +37,10 @@ def corrupt_dir(tmp_path_factory):
     return str(out)
 
 
-def _data(directory, *, d4=False, color=False, hed=False, workers=0, max_bad=0.01):
+def _data(directory, *, d4=False, color=False, hed=False, workers=0, max_bad=0.01, views=1):
     data = copy.deepcopy(get_config().data)
     data.dir = directory
+    data.views = views
     data.worker_count = workers
     data.max_bad_record_fraction = max_bad
     data.augment.d4, data.augment.color, data.augment.hed = d4, color, hed
@@ -58,19 +59,19 @@ def _assert_batches_equal(a, b):
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
-def _tile_means(batch):
-    """[B, 16, 3] mean colour of each 20x tile and [B, 16, 3] of the 5x block under it."""
-    tiles = batch["tiles_20x"].astype(float).mean(axis=(2, 3))
+def _tile_means(batch, view=0):
+    """[B, 16, 3] mean colour of each 20x tile and [B, 16, 3] of the 5x block under it, in `view`."""
+    tiles = batch["tiles_20x"][:, view].astype(float).mean(axis=(2, 3))
     b = len(batch["image_5x"])
-    blocks = batch["image_5x"].astype(float).reshape(b, 4, 56, 4, 56, 3).mean(axis=(2, 4)).reshape(b, 16, 3)
-    return tiles, blocks
+    blocks = batch["image_5x"][:, view].astype(float).reshape(b, 4, 56, 4, 56, 3).mean(axis=(2, 4))
+    return tiles, blocks.reshape(b, 16, 3)
 
 
 def test_batches_hold_the_records_they_name(clean_dir):
     it = make_iterator(_data(clean_dir), seed=0, batch_size=4, process_index=0, process_count=1)
     batch = next(it)
-    assert batch["image_5x"].shape == (4, 224, 224, 3) and batch["image_5x"].dtype == np.uint8
-    assert batch["tiles_20x"].shape == (4, 16, 224, 224, 3) and batch["tiles_20x"].dtype == np.uint8
+    assert batch["image_5x"].shape == (4, 1, 224, 224, 3) and batch["image_5x"].dtype == np.uint8
+    assert batch["tiles_20x"].shape == (4, 1, 16, 224, 224, 3) and batch["tiles_20x"].dtype == np.uint8
     assert batch["record_index"].shape == (4,) and batch["record_index"].dtype == np.int64
     assert sorted(batch) == ["image_5x", "record_index", "tiles_20x"]
     tiles, blocks = _tile_means(batch)
@@ -92,6 +93,26 @@ def test_augmented_pairs_stay_aligned(clean_dir):
             expected = np.stack([tile_colour(int(index), k) for k in range(16)]).astype(float)
             moved += int(np.abs(tiles[i] - expected).max() > 20)
     assert moved > 0, "no field was rotated or recoloured"
+
+
+def test_views_are_independent_draws_each_shared_by_both_magnifications(clean_dir):
+    """Two views: each aligned (one draw on the 5x tile and its 20x field), the two views drawn differently,
+    view 0 the one-view pipeline's draw, and the same views again from the same seed and position."""
+    kwargs = dict(seed=4, batch_size=4, process_index=0, process_count=1)
+    data = _data(clean_dir, d4=True, color=True, hed=True, views=2)
+    two = _take(make_iterator(data, **kwargs), 2)
+    one = _take(make_iterator(_data(clean_dir, d4=True, color=True, hed=True), **kwargs), 2)
+    _assert_batches_equal(two, _take(make_iterator(data, **kwargs), 2))
+    for batch, single in zip(two, one):
+        assert batch["image_5x"].shape == (4, 2, 224, 224, 3) and batch["tiles_20x"].shape == (4, 2, 16, 224, 224, 3)
+        for view in range(2):
+            tiles, blocks = _tile_means(batch, view)
+            assert np.abs(tiles - blocks).max() < 6
+        for key in ("image_5x", "tiles_20x"):
+            np.testing.assert_array_equal(batch[key][:, :1], single[key], err_msg=key)
+            assert all(not np.array_equal(pair[0], pair[1]) for pair in batch[key]), key
+    with pytest.raises(ValueError, match="data.views must be >= 1"):
+        build_dataset(_data(clean_dir, views=0), seed=0, batch_size=2, process_index=0, process_count=1)
 
 
 def test_same_seed_same_batches_other_seed_other_order(clean_dir):

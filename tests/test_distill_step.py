@@ -37,10 +37,10 @@ def small_config(**overrides):
     return c
 
 
-def make_batch(b: int, seed: int = 0, px: int = PX) -> dict[str, np.ndarray]:
+def make_batch(b: int, seed: int = 0, px: int = PX, views: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return dict(image_5x=rng.integers(0, 256, (b, px, px, 3), dtype=np.uint8),
-                tiles_20x=rng.integers(0, 256, (b, 16, px, px, 3), dtype=np.uint8),
+    return dict(image_5x=rng.integers(0, 256, (b, views, px, px, 3), dtype=np.uint8),
+                tiles_20x=rng.integers(0, 256, (b, views, 16, px, px, 3), dtype=np.uint8),
                 record_index=np.arange(b, dtype=np.int64))
 
 
@@ -188,3 +188,84 @@ def test_teacher_restored_from_checkpoint_onto_fsdp_shardings(tmp_path):
     config.teacher.checkpoint = str(tmp_path / "student")
     with pytest.raises(ConfigError, match="teacher.checkpoint: .* holds a vit_test whose architecture differs"):
         step.make_trainer(config, sharding.make_mesh(config.mesh)).teacher_state()
+
+
+def test_student_init_starts_from_the_checkpoint_with_fresh_projectors_and_optimizer(tmp_path):
+    from xmag_jax.models import checkpoint as model_checkpoint
+
+    saved = registry.create_model("vit_test", rngs=nnx.Rngs(7))
+    model_checkpoint.save_model(tmp_path / "dinov2", saved, "vit_test")
+    overrides = {"student.layer_scale_init": None, "optim.ema_decay": 0.999, "mesh.fsdp": 1}
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    fresh = step.make_trainer(small_config(**overrides), mesh).init_state(jax.random.key(0))
+    config = small_config(**overrides, **{"student.init": str(tmp_path / "dinov2")})
+    state = step.make_trainer(config, mesh).init_state(jax.random.key(0))
+    expected = nnx.state(saved, nnx.Param)
+    for tree in (state.params["student"], state.ema):
+        jax.tree.map(lambda got, want: np.testing.assert_array_equal(np.asarray(got), np.asarray(want)),
+                     tree, expected)
+    assert not np.array_equal(np.asarray(fresh.params["student"]["cls_token"].get_value()),
+                              np.asarray(expected["cls_token"].get_value()))
+    for name in ("global_proj", "tile_proj", "token_proj"):  # as the random init makes them
+        jax.tree.map(np.testing.assert_array_equal, to_numpy(state.params[name]), to_numpy(fresh.params[name]))
+    jax.tree.map(np.testing.assert_array_equal, to_numpy(state.opt_state), to_numpy(fresh.opt_state))
+
+
+def test_student_init_of_another_architecture_or_missing_is_a_config_error(tmp_path):
+    from xmag_jax.models import checkpoint as model_checkpoint
+
+    model_checkpoint.save_model(tmp_path / "teacher", registry.create_model("vit_test_teacher", rngs=nnx.Rngs(0)),
+                                "vit_test_teacher")
+    model_checkpoint.save_model(tmp_path / "student", registry.create_model("vit_test", rngs=nnx.Rngs(0)), "vit_test")
+    with pytest.raises(ConfigError, match=r"student.init: .*teacher holds a vit_test_teacher whose architecture "
+                                          r"differs from student.name='vit_test': .*'embed_dim': \(96, 64\)"):
+        step.validate(small_config(**{"student.init": str(tmp_path / "teacher"), "student.layer_scale_init": None}))
+    with pytest.raises(ConfigError, match=r"student.init: model checkpoint .*/nowhere does not exist"):
+        step.validate(small_config(**{"student.init": str(tmp_path / "nowhere")}))
+    with pytest.raises(ConfigError, match="student.layer_scale_init: is set together with student.init"):
+        step.validate(small_config(**{"student.init": str(tmp_path / "student")}))
+
+
+def test_batch_norm_projector_matches_torch_batch_norm_in_training():
+    """XMAG's head is torch's BatchNorm1d (eps 1e-5, momentum 0.1): same output and running statistics."""
+    import torch
+
+    from xmag_jax.distill.projectors import ViewBatchNorm
+
+    x = np.random.default_rng(0).normal(2.0, 3.0, (12, 5)).astype(np.float32)
+    norm = ViewBatchNorm(5)
+    got = norm(jax.numpy.asarray(x)[:, None])[:, 0]  # one view
+    reference = torch.nn.BatchNorm1d(5).train()
+    want = reference(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(norm.mean.get_value(), reference.running_mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(norm.var.get_value(), reference.running_var.numpy(), rtol=1e-6)
+
+
+def test_two_views_loss_is_the_mean_of_each_view_against_its_own_teacher():
+    """The step on 2 views equals the mean of the steps on each view alone (BatchNorm statistics per view);
+    pairing a view's student with the other view's teacher, or pooling BatchNorm over views, would not."""
+    overrides = {"batch_size": 4, "mesh.fsdp": 1, "loss.projector_norm": "batch", "loss.center_targets": False,
+                 "teacher.dtype": "float32"}
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    batch = make_batch(4, seed=5, views=2)
+    for key in ("image_5x", "tiles_20x"):  # a dark and a bright view, so that a mix-up shows in the loss
+        batch[key][:, 0] //= 2
+        batch[key][:, 1] = 128 + batch[key][:, 1] // 2
+    trainers = {views: step.make_trainer(small_config(**overrides, **{"data.views": views}), mesh) for views in (1, 2)}
+    teacher = trainers[1].teacher_state()
+
+    def losses(views, images, tiles):
+        state = trainers[views].init_state(jax.random.key(0))
+        _, metrics = trainers[views].step(state, teacher, {"image_5x": images, "tiles_20x": tiles})
+        return {k: float(m) for k, m in metrics.items() if k.startswith("loss/")}
+
+    both = losses(2, batch["image_5x"], batch["tiles_20x"])
+    first, second = (losses(1, batch["image_5x"][:, v:v + 1], batch["tiles_20x"][:, v:v + 1]) for v in (0, 1))
+    assert abs(first["loss/total"] - second["loss/total"]) > 1e-3  # the views differ
+    for k in both:
+        np.testing.assert_allclose(both[k], (first[k] + second[k]) / 2, rtol=1e-5, err_msg=k)
+    swapped = losses(2, batch["image_5x"][:, ::-1], batch["tiles_20x"])  # each student view on the other's teacher
+    assert abs(swapped["loss/total"] - both["loss/total"]) > 1e-3, (swapped, both)
+    f1, f2 = (flops.step_flops(trainers[v].config) for v in (1, 2))
+    assert f2.total == pytest.approx(2 * f1.total)

@@ -1,4 +1,5 @@
-"""The sharded step on 8 fake devices (data=4, fsdp=2, FSDP teacher), and 1 device vs 8 devices agreeing.
+"""The sharded step on 8 fake devices (data=4, fsdp=2, FSDP teacher), and 1 device vs 8 devices agreeing,
+with the plain projectors and one view, and with XMAG's BatchNorm projectors and two views.
 
 The 1-device run is a real 1-device process (`XLA_FLAGS=--xla_force_host_platform_device_count=1`) started
 as a subprocess running this file, while the 8-device run goes on in the test process. Tiles are 56 px
@@ -20,9 +21,12 @@ from xmag_jax.distill import step
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, BATCH, PX, LR = 3, 8, 56, 3e-3
+# Behind BatchNorm heads the student's final LayerNorm bias shifts every feature the heads see by a constant that
+# BatchNorm subtracts again: its gradient is zero up to rounding, which AdamW turns into steps of ~lr either way.
+INERT_UNDER_BATCH_NORM = ("param/['student']['norm']['bias']", "ema/['norm']['bias']")
 
 
-def run_steps():
+def run_steps(projector_norm: str = "none", views: int = 1):
     """3 steps of a small dual-loss, EMA config on all local devices.
 
     Returns (trainer, teacher, teacher arrays before, numpy states before/after each step, metrics).
@@ -31,6 +35,7 @@ def run_steps():
     c.batch_size, c.total_steps = BATCH, 10
     c.optim.warmup_steps, c.optim.lr, c.optim.ema_decay = 1, LR, 0.5
     c.loss.projector_hidden = 32
+    c.loss.projector_norm, c.data.views = projector_norm, views
     c.teacher.sharding = "fsdp"
     # bf16 teacher outputs round differently under different partitionings, and AdamW's first steps
     # amplify that noise in parameters with small gradients; float32 isolates what sharding changes.
@@ -43,8 +48,8 @@ def run_steps():
     rng = np.random.default_rng(0)
     states, metrics = [jax.tree.map(np.asarray, state)], []
     for _ in range(STEPS):
-        batch = dict(image_5x=rng.integers(0, 256, (BATCH, PX, PX, 3), dtype=np.uint8),
-                     tiles_20x=rng.integers(0, 256, (BATCH, 16, PX, PX, 3), dtype=np.uint8),
+        batch = dict(image_5x=rng.integers(0, 256, (BATCH, views, PX, PX, 3), dtype=np.uint8),
+                     tiles_20x=rng.integers(0, 256, (BATCH, views, 16, PX, PX, 3), dtype=np.uint8),
                      record_index=np.arange(BATCH, dtype=np.int64))
         state, m = trainer.step(state, teacher, batch)
         states.append(jax.tree.map(np.asarray, state))
@@ -53,29 +58,30 @@ def run_steps():
 
 
 def flatten_run(states, metrics) -> dict[str, np.ndarray]:
-    """`metric/<step>/<name>`, `param/<path>`, `ema/<path>` (final state) -> arrays."""
+    """`metric/<step>/<name>`, `param/<path>`, `ema/<path>`, `stats/<path>` (final state) -> arrays."""
     arrays = {f"metric/{i}/{k}": np.asarray(v) for i, m in enumerate(metrics) for k, v in m.items()}
-    for name, tree in (("param", states[-1].params), ("ema", states[-1].ema)):
+    for name, tree in (("param", states[-1].params), ("ema", states[-1].ema), ("stats", states[-1].batch_stats)):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             arrays[f"{name}/{jax.tree_util.keystr(path)}"] = leaf
     return arrays
 
 
-def save_run(out: str) -> None:
-    _, _, _, states, metrics = run_steps()
+def save_run(out: str, projector_norm: str, views: int) -> None:
+    _, _, _, states, metrics = run_steps(projector_norm, views)
     np.savez(out, devices=np.asarray(jax.device_count()), **flatten_run(states, metrics))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=[("none", 1), ("batch", 2)], ids=["plain-1view", "batchnorm-2views"])
+def runs(request, tmp_path_factory):
     """The 8-device run in process, the 1-device run's saved arrays from a concurrent subprocess."""
     assert jax.device_count() == 8
+    projector_norm, views = request.param
     one_out = tmp_path_factory.mktemp("one_device") / "run.npz"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, __file__, str(one_out)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    eight = run_steps()
+    proc = subprocess.Popen([sys.executable, __file__, str(one_out), projector_norm, str(views)], env=env,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    eight = run_steps(projector_norm, views)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
     return eight, np.load(one_out)
@@ -95,6 +101,11 @@ def test_step_metrics_and_shardings(runs):
     fc1 = trainer.teacher_shardings["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()
     assert fc1.spec == jax.sharding.PartitionSpec("fsdp", None)
     assert trainer.batch_shardings["tiles_20x"].spec[0] == ("data", "fsdp")
+    if trainer.config.loss.projector_norm == "batch":  # running statistics kept in the state, moved by the steps
+        means = [s.batch_stats["global_proj"]["norm"]["mean"].get_value() for s in states]
+        assert not np.any(means[0]) and all(np.any(a != b) for a, b in zip(means, means[1:]))
+    else:
+        assert states[-1].batch_stats is None
 
 
 def test_teacher_is_frozen_and_only_student_and_projectors_train(runs):
@@ -113,14 +124,15 @@ def test_ema_follows_the_student(runs):
 
 
 def test_one_device_and_eight_devices_agree(runs):
-    (_, _, _, states, metrics), one = runs
+    (trainer, _, _, states, metrics), one = runs
     eight = flatten_run(states, metrics)
     assert int(one["devices"]) == 1
     assert set(one.files) - {"devices"} == set(eight)
     for k in (k for k in eight if k.startswith("metric/")):
         np.testing.assert_allclose(eight[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert sum(k.startswith("param/") for k in eight) > 20
-    for k in (k for k in eight if not k.startswith("metric/")):
+    inert = INERT_UNDER_BATCH_NORM if trainer.config.loss.projector_norm == "batch" else ()
+    for k in (k for k in eight if not k.startswith(("metric/", *inert))):
         # AdamW moves each parameter by ~lr = 3e-3 per step; 2e-4 absolute is well inside one step.
         np.testing.assert_allclose(eight[k], one[k], rtol=1e-3, atol=2e-4, err_msg=k)
 
@@ -164,4 +176,4 @@ def test_logical_rules_map_annotations_and_skip_dims_that_do_not_divide():
 
 
 if __name__ == "__main__":
-    save_run(sys.argv[1])
+    save_run(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -101,7 +101,7 @@ def test_pipeline_serves_cached_targets_and_skips_the_bad_pair(built):
     assert meta["num_pairs"] == PAIRS
     batch = next(data.make_iterator(c.data, seed=0, batch_size=5, num_epochs=1, min_records_checked=1))
     assert set(batch) == {"image_5x", "target_tiles", "target_tokens", "record_index"}
-    assert batch["target_tiles"].shape == (5, 16, 96) and batch["target_tokens"].shape == (5, 16, 16, 96)
+    assert batch["target_tiles"].shape == (5, 1, 16, 96) and batch["target_tokens"].shape == (5, 1, 16, 16, 96)
     assert sorted(batch["record_index"]) == [i for i in range(PAIRS) if i != BAD]
 
 

@@ -1,5 +1,5 @@
 """Training from a teacher-target cache equals training with the live teacher (colour and HED jitter off):
-same losses and parameters after 3 steps of the real input pipeline, on 8 fake devices (this process) and
+same losses and parameters after 3 steps of the real input pipeline (2 views per pair), on 8 fake devices (this process) and
 on 1 device (a subprocess running this file, as in test_step_sharding.py). A bfloat16 cache stays within a
 stated tolerance of the live run.
 """
@@ -32,6 +32,7 @@ def make_config(data_dir: str, cache: str = ""):
     c = debug.get_config()
     c.data.dir, c.data.teacher_cache = data_dir, cache
     c.data.augment.preset, c.data.augment.color = "xmag", False  # flips only: 4 states, no photometric jitter
+    c.data.views = 2  # XMAG: two augmented views of each pair, each with its own state
     c.batch_size, c.total_steps = BATCH, 10
     c.optim.warmup_steps, c.optim.lr, c.optim.ema_decay = 1, 3e-3, 0.5
     c.loss.projector_hidden = 32

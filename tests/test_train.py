@@ -118,12 +118,29 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(run, tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_resumed_run_does_not_reapply_student_init(run, tmp_path):
+    from flax import nnx
+
+    from xmag_jax.models import checkpoint as model_checkpoint, registry
+
+    data_dir, workdir, final_params = run
+    workdir = Path(shutil.copytree(workdir, tmp_path / "work"))
+    model_checkpoint.save_model(tmp_path / "init", registry.create_model("vit_test", rngs=nnx.Rngs(3)), "vit_test")
+    config = _config(data_dir, **{"student.init": str(tmp_path / "init"), "student.layer_scale_init": None})
+    state = train.train(config, str(workdir))  # resumes at STEPS: nothing left to do
+    for got, want in zip(_leaves(state), final_params, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"batch_size": 12}, "batch_size: 12 pairs does not divide by data-parallel size 8"),
     ({"teacher.checkpoint": "/nonexistent/uni2_h"}, "teacher.checkpoint: '/nonexistent/uni2_h' does not exist"),
     ({"teacher.allow_random_teacher": False}, "teacher.checkpoint: is empty"),
     ({"student.name": "uni"}, "student.name: uni's 14x14 token grid does not split into 4x4 blocks"),
     ({"data.dir": "/nonexistent/pairs"}, "data.dir: '/nonexistent/pairs' is not a directory"),
+    ({"student.init": "/nonexistent/dinov2_vitb14"}, "student.init: model checkpoint /nonexistent/dinov2_vitb14 "
+                                                     "does not exist"),
+    ({"data.views": 0}, "data.views: must be >= 1"),
 ])
 def test_config_errors_before_compile(tmp_path, overrides, message):
     write_pair_shards(tmp_path / "pairs", 8, num_shards=1)

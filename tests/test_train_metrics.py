@@ -43,6 +43,9 @@ def test_throughput_and_mfu():
     assert rates["mfu"] == 1.0
     assert meter.tick() == {}
     assert set(meter.tick()) == {"step_time_s", "pairs_per_s", "model_tflops_per_s", "mfu"}
+    two_views = metrics.Throughput(batch_size=64, flops_per_step=8e12, peak_tflops_per_device=2.0, device_count=4,
+                                   views=2).rates(1.0)
+    assert two_views["pairs_per_s"] == 64.0 and two_views["views_per_s"] == 128.0 and two_views["mfu"] == 1.0
 
 
 def test_non_finite_metrics_name_the_step():

@@ -120,10 +120,13 @@ class Report:
 
 
 def knobs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The memory/precision settings a pod run turns: teacher dtype and sharding, student remat, accumulation."""
+    """The memory/precision settings a pod run turns: teacher dtype and sharding, student remat, accumulation,
+    and the augmented views per pair (each global-batch pair is `data.views` student and teacher inputs; the
+    model FLOPs and the batch arguments count them)."""
     return {"teacher.dtype": config.teacher.dtype, "teacher.sharding": config.teacher.sharding,
             "student.dtype": config.student.dtype, "student.remat": bool(config.student.remat),
-            "optim.grad_accum": int(config.optim.grad_accum), "mesh.fsdp": int(config.mesh.fsdp)}
+            "optim.grad_accum": int(config.optim.grad_accum), "mesh.fsdp": int(config.mesh.fsdp),
+            "data.views": int(config.data.views)}
 
 
 def _per_chip_bytes(tree: Any) -> int:

@@ -115,16 +115,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
     restored = checkpointer.restore_latest(trainer.abstract_state(), iterator)
     if restored is None:
         state, start = trainer.init_state(jax.random.key(config.seed)), 0
-        logging.info("starting from scratch in %s", workdir)
+        source = f"the parameters of {config.student.init}" if config.student.init else f"seed {config.seed}"
+        logging.info("starting from scratch in %s; student %s from %s (student.init)", workdir,
+                     config.student.name, source)
     else:
         state, start = restored.state, restored.step
-        logging.info("resumed from checkpoint step %d in %s", start, workdir)
+        logging.info("resumed from checkpoint step %d in %s (its own student; student.init is not re-applied)",
+                     start, workdir)
         _warn_config_changes(restored.metadata.get("config", {}), config)
     writer.resume_at(start)  # drops lines a killed run wrote after its last checkpoint (all, if it had none)
     teacher = trainer.teacher_state()  # None with data.teacher_cache
 
     throughput = Throughput(batch_size=config.batch_size, flops_per_step=trainer.flops_per_step().total,
-                            peak_tflops_per_device=config.peak_tflops_per_device, device_count=jax.device_count())
+                            peak_tflops_per_device=config.peak_tflops_per_device, device_count=jax.device_count(),
+                            views=trainer.views)
     pending = _PendingMetrics(config, writer, throughput)
     metadata = _metadata(config, mesh)
     step = start

@@ -1,9 +1,13 @@
 """`python -m xmag_jax.bench train --config configs/debug.py [--json] [--steps N] [--config.KEY=VALUE]`.
 
+    python -m xmag_jax.bench train --config configs/debug.py --config.data.views=2 \
+        --config.loss.projector_norm=batch     # XMAG's two views and BatchNorm heads
+
 Times the jitted distillation step alone (the input pipeline has its own benchmark, `bench input`):
 random uint8 batches of the config's global shape are put on the mesh beforehand, the first step
 (compile) is timed separately, then each of `--steps` steps is timed to completion. Reports the median
-step time (s), pairs/s, model TFLOP/s over all devices and MFU against `peak_tflops_per_device`.
+step time (s), pairs/s (and views/s with `data.views` > 1), model TFLOP/s over all devices (the FLOP model
+counts every view) and MFU against `peak_tflops_per_device`.
 The teacher is the config's (its checkpoint must exist, or use `--config.teacher.checkpoint=
 --config.teacher.allow_random_teacher=True` for a random one).
 """
@@ -71,12 +75,14 @@ def run(config, steps: int) -> dict:
     median = statistics.median(times)
     rates = Throughput(batch_size=config.batch_size, flops_per_step=flops.total,
                        peak_tflops_per_device=config.peak_tflops_per_device,
-                       device_count=jax.device_count()).rates(median)
+                       device_count=jax.device_count(), views=trainer.views).rates(median)
     return {
         "benchmark": "train",
         "teacher": config.teacher.name,
         "student": config.student.name,
         "batch_size": config.batch_size,
+        "views": trainer.views,
+        "projector_norm": config.loss.projector_norm,
         "grad_accum": config.optim.grad_accum,
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
@@ -87,6 +93,7 @@ def run(config, steps: int) -> dict:
         "step_time_s_min": min(times),
         "step_time_s_max": max(times),
         "pairs_per_s": rates["pairs_per_s"],
+        "views_per_s": rates.get("views_per_s", rates["pairs_per_s"]),
         "model_tflop_per_step": flops.total / 1e12,
         "model_tflops_per_s": rates["model_tflops_per_s"],
         "mfu": rates["mfu"],
@@ -100,12 +107,14 @@ def main(argv: list[str]) -> int:
     if values.json:
         print(json.dumps(result))
     else:
-        print(f"train step ({result['teacher']} -> {result['student']}, batch {result['batch_size']} pairs, "
+        print(f"train step ({result['teacher']} -> {result['student']}, batch {result['batch_size']} pairs x "
+              f"{result['views']} views, projector_norm {result['projector_norm']}, "
               f"{result['devices']} x {result['device_kind']}, mesh {result['mesh']}):")
         print(f"  first step (compile) {result['first_step_s']:.2f} s; median step {result['step_time_s_median']:.4f} s "
               f"over {result['timed_steps']} steps (min {result['step_time_s_min']:.4f}, max "
               f"{result['step_time_s_max']:.4f})")
-        print(f"  {result['pairs_per_s']:.2f} pairs/s, {result['model_tflops_per_s']:.4g} model TFLOP/s "
+        print(f"  {result['pairs_per_s']:.2f} pairs/s ({result['views_per_s']:.2f} views/s), "
+              f"{result['model_tflops_per_s']:.4g} model TFLOP/s "
               f"({result['model_tflop_per_step']:.4g} TFLOP/step), MFU {100 * result['mfu']:.2f}% of "
               f"{result['peak_tflops_per_device']} TFLOP/s/device")
     return 0

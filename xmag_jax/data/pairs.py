@@ -141,13 +141,17 @@ class TagIndex(grain.transforms.MapWithIndex):
 
 @dataclasses.dataclass(frozen=True)
 class DecodeAndAugment(grain.transforms.RandomMap):
-    """`(index, bytes)` → `{"image_5x" [224, 224, 3], "tiles_20x" [16, 224, 224, 3], "record_index"}`.
+    """`(index, bytes)` → `{"image_5x" [V, 224, 224, 3], "tiles_20x" [V, 16, 224, 224, 3], "record_index"}`.
 
-    The random generator is Grain's per-element one (pipeline seed + element position), so the draw for an
-    element is the same on every run and after a resume. A record that fails to decode becomes a BadRecord.
+    `views` V augmented views of the pair: view v is the v-th paired draw (`augment.augment_pair`, one draw
+    for the 5x tile and its 20x field) from Grain's per-element generator (pipeline seed + element position),
+    so view v of an element is the same on every run and after a resume, view 0 is the draw a one-view
+    pipeline makes, and the views of a pair are independent draws. A record that fails to decode becomes a
+    BadRecord.
     """
 
     options: augment.AugmentOptions
+    views: int = 1
 
     def random_map(self, element: tuple[int, bytes], rng: np.random.Generator) -> dict[str, Any] | BadRecord:
         index, raw = element
@@ -156,5 +160,7 @@ class DecodeAndAugment(grain.transforms.RandomMap):
         except BadRecordError as e:
             logging.warning("skipping bad record: %s", e)
             return BadRecord(index=index, reason=str(e))
-        image_5x, image_20x = augment.augment_pair(image_5x, image_20x, self.options, rng)
-        return {"image_5x": image_5x, "tiles_20x": cut_tiles(image_20x), "record_index": np.int64(index)}
+        views = [augment.augment_pair(image_5x, image_20x, self.options, rng) for _ in range(self.views)]
+        return {"image_5x": np.stack([student for student, _ in views]),
+                "tiles_20x": np.stack([cut_tiles(teacher) for _, teacher in views]),
+                "record_index": np.int64(index)}

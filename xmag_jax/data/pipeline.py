@@ -5,15 +5,15 @@
       → to_iter_dataset (threads) → skip bad records → batch → multiprocess prefetch (worker_count > 0)
       → bad-record budget
 
-Each batch is a dict of numpy arrays:
-`image_5x` uint8 `[B, 224, 224, 3]`, `tiles_20x` uint8 `[B, 16, 224, 224, 3]` (row-major 4x4 tiles of the
-20x field), `record_index` int64 `[B]` (global source index: position in the concatenated, sorted shards).
-With `teacher_cache` (a `python -m xmag_jax.teacher_cache` directory) `tiles_20x` is replaced by the cached
-teacher targets of the pair under its drawn geometric state: `target_tiles` float32 `[B, 16, Et]` and, when
-cached, `target_tokens` `[B, G, G, Dt]` (`xmag_jax.teacher_cache.reader`).
+Each batch is a dict of numpy arrays, V = `data.views` augmented views of each pair:
+`image_5x` uint8 `[B, V, 224, 224, 3]`, `tiles_20x` uint8 `[B, V, 16, 224, 224, 3]` (row-major 4x4 tiles of
+the 20x field; view v of both is one paired draw), `record_index` int64 `[B]` (global source index: position in
+the concatenated, sorted shards). With `teacher_cache` (a `python -m xmag_jax.teacher_cache` directory)
+`tiles_20x` is replaced by the cached teacher targets of each view's drawn geometric state: `target_tiles`
+float32 `[B, V, 16, Et]` and, when cached, `target_tokens` `[B, V, G, G, Dt]` (`xmag_jax.teacher_cache.reader`).
 
-Everything random is a function of `seed` and the element's position, so the same seed gives the same
-batches, and `get_state()`/`set_state()` of the iterator resume exactly. The processes of a job take
+Everything random is a function of `seed`, the element's position and the view index, so the same seed gives
+the same batches, and `get_state()`/`set_state()` of the iterator resume exactly. The processes of a job take
 interleaved, disjoint slices of each shuffled epoch; together they read every record once per epoch.
 A resume must use the same `worker_count` (Grain slices the stream over its workers before batching; with
 a finite `num_epochs` each worker also drops its own last partial batch).
@@ -36,7 +36,8 @@ from xmag_jax.data.pairs import BadRecordError, DecodeAndAugment, PairSource, Ta
 from xmag_jax.teacher_cache import reader as teacher_cache_reader
 
 _DATA_KEYS = frozenset(
-    {"dir", "split", "worker_count", "prefetch_buffer", "max_bad_record_fraction", "augment", "teacher_cache"}
+    {"dir", "split", "worker_count", "prefetch_buffer", "max_bad_record_fraction", "augment", "views",
+     "teacher_cache"}
 )
 
 
@@ -66,7 +67,8 @@ def build_dataset(
       data: `dir` (shard directory), `split`, `worker_count` (Grain worker processes; 0 = decode in
         threads of this process), `prefetch_buffer` (batches buffered per worker; it also sizes the
         read-ahead of decoded pairs, `prefetch_buffer * batch_size`), `max_bad_record_fraction`,
-        `augment` (`AugmentOptions` fields), `teacher_cache` (optional; "" = batches carry the 20x tiles).
+        `augment` (`AugmentOptions` fields), `views` (augmented views per pair, default 1), `teacher_cache`
+        (optional; "" = batches carry the 20x tiles).
       seed: the pipeline seed (shuffle order and augmentation draws).
       batch_size: pairs per batch in this process (the global batch divided by `process_count`).
       process_index, process_count: this process's slice; default `jax.process_index()/process_count()`.
@@ -86,6 +88,9 @@ def build_dataset(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 pairs per process, got {batch_size}")
     options = augment.AugmentOptions.from_config(data["augment"])
+    views = int(data.get("views", 1))
+    if views < 1:
+        raise ValueError(f"data.views must be >= 1 augmented views per pair, got {views}")
 
     source = PairSource(records.shard_paths(data["dir"], data["split"]))
     records.check_field_geometry(data["dir"], data["split"])  # µm/px must be the 4 x 4 field geometry
@@ -103,10 +108,10 @@ def build_dataset(
     )
     # Augment before slicing: each pair's draw follows its position in the global stream, so processes
     # draw independently and a run regrouped onto another process count replays the same draws.
-    transform = DecodeAndAugment(options)
+    transform = DecodeAndAugment(options, views)
     if data.get("teacher_cache"):
         transform = teacher_cache_reader.DecodeStudentAndFetchTargets(
-            options, teacher_cache_reader.TargetCache(data["teacher_cache"]))
+            options, teacher_cache_reader.TargetCache(data["teacher_cache"]), views)
     ds = ds.random_map(transform)[process_index::process_count]
     read_ahead = max(1, data["prefetch_buffer"]) * batch_size
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_ahead))

@@ -15,6 +15,7 @@ import ml_collections
 from etils import epath
 
 from configs import common
+from xmag_jax.distill.projectors import PROJECTOR_NORMS
 from xmag_jax.errors import ConfigError
 
 LOSS_MODES = ("dual", "global_only", "local_only")
@@ -65,6 +66,9 @@ def check_values(config: ml_collections.ConfigDict) -> None:
              f"must be > 0 TFLOP/s, got {config.peak_tflops_per_device}")
     _require(config.optim.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {config.optim.grad_accum}")
     _require(config.loss.mode in LOSS_MODES, "loss.mode", f"must be one of {LOSS_MODES}, got {config.loss.mode!r}")
+    _require(config.loss.projector_norm in PROJECTOR_NORMS, "loss.projector_norm",
+             f"must be one of {PROJECTOR_NORMS}, got {config.loss.projector_norm!r}")
+    _require(config.data.views >= 1, "data.views", f"must be >= 1 augmented views per pair, got {config.data.views}")
     _require(config.teacher.sharding in TEACHER_SHARDINGS, "teacher.sharding",
              f"must be one of {TEACHER_SHARDINGS}, got {config.teacher.sharding!r}")
     for key in ("teacher.dtype", "student.dtype"):

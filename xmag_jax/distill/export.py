@@ -5,6 +5,7 @@
     python -m xmag_jax.distill.export --workdir RUN --initial --out baseline  # the run's student before training
     python -m xmag_jax.distill.export --random-init vit_s14 --out baseline  # untrained registry student
 
+Only the student is written: the projectors (and their BatchNorm statistics) are training-only.
 The result feeds `python -m xmag_jax.convert export --checkpoint student --out DIR` (timm / PyTorch) and
 `python -m xmag_jax.embed --checkpoint student`.
 """
@@ -33,7 +34,8 @@ def student_from_workdir(workdir: str, step: int | None = None, initial: bool = 
                          ) -> tuple[VisionTransformer, str]:
     """Restore the student (EMA parameters when the run kept an EMA) of `workdir`'s checkpoint `step`
     (default: the newest). With `initial`, the student the run started from instead: its config's init
-    (seed, `student.layer_scale_init`) before any update, the fair random-init baseline for that run.
+    (`student.init` checkpoint, or seed and `student.layer_scale_init`) before any update, the fair baseline
+    for that run.
     Returns `(model, registry name)`; the model lives on one device."""
     directory = epath.Path(workdir) / CHECKPOINT_DIR
     manager = ocp.CheckpointManager(
@@ -50,6 +52,8 @@ def student_from_workdir(workdir: str, step: int | None = None, initial: bool = 
     config = ml_collections.ConfigDict(meta["config"])
     config.mesh.data, config.mesh.fsdp = 1, 1
     config.batch_size = config.optim.grad_accum
+    if not initial and config.student.get("init"):
+        config.student.init = ""  # the trained student comes from the run's checkpoint, not from its init
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     trainer = step_lib.make_trainer(config, mesh)
     if initial:

@@ -8,9 +8,10 @@ width D, depth L, MLP fc1 width H (fc2 input H, or H/2 for SwiGLU-packed):
             + 2·T·L·(3D² + D² + D·H + H_in·D)         qkv, proj, fc1, fc2
             + 4·T²·D·L                                attention scores (QKᵀ) and weighted values (AV)
 
-One step over a global batch of B pairs = teacher forward on 16·B tiles
-+ 3 × (student forward on B images)  (backward = 2 × forward)
-+ 3 × 2·(Ds·h + h·Eout) per projected vector (B global, 16·B tile blocks, G²·B tokens).
+One step over a global batch of B pairs in V augmented views (`data.views`) = teacher forward on 16·B·V tiles
++ 3 × (student forward on B·V images)  (backward = 2 × forward)
++ 3 × 2·(Ds·h + h·Eout) per projected vector (B·V global, 16·B·V tile blocks, G²·B·V tokens).
+The projectors' BatchNorm (`loss.projector_norm="batch"`) is elementwise and not counted.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class StepFlops:
 
 
 def step_flops(config, global_batch: int | None = None) -> StepFlops:
-    """Model FLOPs of one step of `config` over `global_batch` pairs (default `config.batch_size`)."""
-    b = int(config.batch_size if global_batch is None else global_batch)
+    """Model FLOPs of one step of `config` over `global_batch` pairs (default `config.batch_size`), each pair
+    in `data.views` views."""
+    b = int(config.batch_size if global_batch is None else global_batch) * int(config.data.get("views", 1))
     teacher = registry.get_arch(config.teacher.name)
     student = registry.get_arch(config.student.name)
     weights = losses.LossWeights.from_config(config.loss)

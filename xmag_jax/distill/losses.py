@@ -8,7 +8,10 @@ the teacher sees each 20x tile as a Gt x Gt grid, so the field is a 4·Gt x 4·G
 - tile: the student's G/4 x G/4 token block k (mean), projected ↔ the teacher embedding of 20x tile k.
 - token: each student token, projected ↔ the teacher mosaic average-pooled to the student grid.
 
-All distances are computed in float32 and averaged over batch (and tiles/tokens).
+All distances are computed in float32 and averaged over batch (and tiles/tokens). With V augmented views
+of each pair (`data.views`), predictions and targets carry a view axis `[B, V, ...]`, each view's student
+output is compared with the teacher on that same view, and the mean over (B, V) is the mean of the V
+per-view losses (every view has B pairs).
 """
 
 from __future__ import annotations
@@ -107,9 +110,9 @@ def pool_to_grid(grid: jax.Array, out_side: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Targets:
-    """Teacher targets of a batch of fields (float32, no gradient).
+    """Teacher targets of a batch of fields (float32, no gradient), leading axes `L` (`B, V` in the step).
 
-    global_: `[B, Et]` mean of the 16 tile embeddings; tiles: `[B, 16, Et]`; tokens: `[B, G, G, Dt]`.
+    global_: `[*L, Et]` mean of the 16 tile embeddings; tiles: `[*L, 16, Et]`; tokens: `[*L, G, G, Dt]`.
     """
 
     global_: jax.Array
@@ -119,7 +122,8 @@ class Targets:
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:
-    """Projected student outputs: global_ `[B, Et]`, tiles `[B, 16, Et]`, tokens `[B, G, G, Dt]` (None if unused)."""
+    """Projected student outputs: global_ `[*L, Et]`, tiles `[*L, 16, Et]`, tokens `[*L, G, G, Dt]` (None if
+    unused), leading axes `L` as the targets'."""
 
     global_: jax.Array | None
     tiles: jax.Array | None
@@ -129,23 +133,26 @@ class Predictions:
 def teacher_targets(tile_embeddings: jax.Array, tile_patches: jax.Array | None, student_grid: int) -> Targets:
     """Targets from the teacher's outputs on the 16 tiles of each field.
 
-    tile_embeddings: `[B, 16, Et]` (the teacher's own embedding definition); tile_patches: `[B, 16, Gt, Gt, Dt]`
-    or None when the token-level term is off; student_grid: G, the student's tokens per side.
+    tile_embeddings: `[*L, 16, Et]` (the teacher's own embedding definition); tile_patches:
+    `[*L, 16, Gt, Gt, Dt]` or None when the token-level term is off; student_grid: G, the student's tokens
+    per side. `L` are any leading axes (fields `[B]`, or fields and views `[B, V]`).
     """
     emb = jax.lax.stop_gradient(tile_embeddings.astype(jnp.float32))
     tokens = None
     if tile_patches is not None:
-        mosaic = teacher_mosaic(jax.lax.stop_gradient(tile_patches).astype(jnp.float32))
-        tokens = pool_to_grid(mosaic, student_grid)
-    return Targets(global_=emb.mean(axis=1), tiles=emb, tokens=tokens)
+        lead = tile_patches.shape[:-4]
+        fields = jax.lax.stop_gradient(tile_patches).astype(jnp.float32).reshape(-1, *tile_patches.shape[-4:])
+        tokens = pool_to_grid(teacher_mosaic(fields), student_grid)
+        tokens = tokens.reshape(*lead, *tokens.shape[1:])
+    return Targets(global_=emb.mean(axis=-2), tiles=emb, tokens=tokens)
 
 
 def target_means(targets: Targets) -> dict[str, jax.Array]:
-    """Batch means of the teacher targets: `embedding` `[Et]` over fields and tiles, `token` `[Dt]` over
-    fields and token positions (absent when the token term is off)."""
-    means = {"embedding": targets.tiles.mean(axis=(0, 1))}
+    """Batch means of the teacher targets: `embedding` `[Et]` over fields (and views) and tiles, `token`
+    `[Dt]` over fields (and views) and token positions (absent when the token term is off)."""
+    means = {"embedding": targets.tiles.reshape(-1, targets.tiles.shape[-1]).mean(axis=0)}
     if targets.tokens is not None:
-        means["token"] = targets.tokens.mean(axis=(0, 1, 2))
+        means["token"] = targets.tokens.reshape(-1, targets.tokens.shape[-1]).mean(axis=0)
     return means
 
 

@@ -41,11 +41,14 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 class Throughput:
-    """Step time, pairs/s, model TFLOP/s and MFU from the wall time between finished steps."""
+    """Step time, pairs/s, model TFLOP/s and MFU from the wall time between finished steps; with `views` > 1
+    augmented views per pair also `views_per_s` (pairs/s x views, the images the student sees per second).
+    `flops_per_step` is the whole step's, views included (`flops.step_flops`)."""
 
     def __init__(self, *, batch_size: int, flops_per_step: float, peak_tflops_per_device: float,
-                 device_count: int):
+                 device_count: int, views: int = 1):
         self.batch_size = batch_size
+        self.views = views
         self.flops_per_step = flops_per_step
         self.peak_tflops = peak_tflops_per_device * device_count
         self._last: float | None = None
@@ -64,12 +67,15 @@ class Throughput:
 
     def rates(self, step_time_s: float) -> dict[str, float]:
         tflops = self.flops_per_step / step_time_s / 1e12
-        return {
+        rates = {
             "step_time_s": step_time_s,
             "pairs_per_s": self.batch_size / step_time_s,
             "model_tflops_per_s": tflops,
             "mfu": tflops / self.peak_tflops,
         }
+        if self.views > 1:
+            rates["views_per_s"] = self.views * rates["pairs_per_s"]
+        return rates
 
 
 def progress_line(step: int, total_steps: int, metrics: Mapping[str, float]) -> str:
@@ -83,6 +89,8 @@ def progress_line(step: int, total_steps: int, metrics: Mapping[str, float]) -> 
             parts.append(f"{value:.3f} s/step")
         elif key == "pairs_per_s":
             parts.append(f"{value:.1f} pairs/s")
+        elif key == "views_per_s":
+            parts.append(f"{value:.1f} views/s")
         elif key == "model_tflops_per_s":
             parts.append(f"{value:.3g} TFLOP/s")
         else:

@@ -15,7 +15,9 @@ class TrainState:
     ema: `nnx.State` of the student's parameters averaged with `optim.ema_decay`, or None when disabled;
     target_center: running means of the teacher targets (`losses.target_means` keys, float32 `[Et]` /
     `[Dt]`, momentum `loss.center_momentum`) subtracted before the loss, or None when `loss.center_targets`
-    is off.
+    is off;
+    batch_stats: `nnx.State` of the projectors' BatchNorm running statistics (`loss.projector_norm="batch"`),
+    or None without BatchNorm. Training-only, like the projectors: never exported.
     """
 
     step: jax.Array
@@ -23,6 +25,7 @@ class TrainState:
     opt_state: optax.OptState
     ema: nnx.State | None = None
     target_center: dict[str, jax.Array] | None = None
+    batch_stats: nnx.State | None = None
 
     @property
     def student_params(self) -> nnx.State:

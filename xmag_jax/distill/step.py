@@ -5,14 +5,19 @@
     teacher = trainer.teacher_state()
     state, metrics = trainer.step(state, teacher, batch)   # batch: numpy or global jax arrays
 
-One step = one global batch of `config.batch_size` pairs, split into `optim.grad_accum` micro-batches
-(a `lax.scan`) whose gradients are averaged before one AdamW update. Inputs are uint8; each architecture's
-own normalisation runs on device. The teacher (frozen, `teacher.dtype`) runs under `stop_gradient` and is
-never differentiated; gradients flow to the student and the projectors only. With `data.teacher_cache`
-the teacher is not in the step at all: the batch brings its targets (`xmag_jax.teacher_cache`), the
-teacher argument is None. With `loss.center_targets`
-the teacher targets are centred by running means kept in the state (`losses.center_targets`). The state
-is donated.
+One step = one global batch of `config.batch_size` pairs, each in `data.views` augmented views V, split
+into `optim.grad_accum` micro-batches (a `lax.scan`) whose gradients are averaged before one AdamW update.
+Inputs are uint8; each architecture's own normalisation runs on device. The teacher (frozen, `teacher.dtype`)
+runs on every view under `stop_gradient` and is never differentiated; gradients flow to the student and the
+projectors only. Each view's student output is compared with the teacher on the same view and the loss is
+the mean over views. With `data.teacher_cache` the teacher is not in the step at all: the batch brings each
+view's cached targets (`xmag_jax.teacher_cache`) and the teacher argument is None. With `loss.center_targets` the teacher targets are centred by running means kept in
+the state (`losses.center_targets`); with `loss.projector_norm="batch"` the projectors' BatchNorm statistics
+are those of each micro-batch (over all devices, per view) and their running means are kept in the state.
+The state is donated.
+
+`init_state` starts the student from `student.init` when set (a model checkpoint whose architecture
+`validate` checks against `student.name` before anything is compiled).
 
 Metrics (float32 scalars): `loss/<term>` for each active term and `loss/total`, `grad_norm` (before
 clipping), `param_norm` (after the update), `lr` (the rate this update used).
@@ -41,8 +46,8 @@ from xmag_jax.models import registry
 
 TILE_PX = 224  # both magnifications' tiles are 224 px (5x: ~2.0 µm/px, 20x: ~0.5 µm/px)
 STEP_BATCH_KEYS = ("image_5x", "tiles_20x")
-# With data.teacher_cache: float32 `target_tiles [B, 16, Et]`, and `target_tokens [B, G, G, Dt]` when the
-# token term is on, replace `tiles_20x`.
+# With data.teacher_cache: float32 `target_tiles [B, V, 16, Et]`, and `target_tokens [B, V, G, G, Dt]` when
+# the token term is on, replace `tiles_20x`.
 CACHED_BATCH_KEYS = ("image_5x", "target_tiles", "target_tokens")
 
 
@@ -54,14 +59,15 @@ def _archs(config) -> tuple[registry.Arch, registry.Arch]:
 
 def teacher_forward_targets(teacher_arch: registry.Arch, teacher_graphdef: Any, with_tokens: bool,
                             teacher_params: nnx.State, tiles: jax.Array, grid: int) -> losses.Targets:
-    """The loss's targets from the teacher on uint8 `tiles [B, 16, H, W, 3]` (tokens pooled to G = `grid`)."""
-    b = tiles.shape[0]
+    """The loss's targets from the teacher on uint8 `tiles [*L, 16, H, W, 3]` (leading axes L: fields, or
+    fields and views), tokens pooled to the student's G = `grid`; targets `[*L, ...]`."""
+    lead = tiles.shape[:-3]
     teacher = nnx.merge(teacher_graphdef, teacher_params)
-    out = teacher(registry.normalize(teacher_arch, tiles.reshape(b * losses.FIELD_TILES, *tiles.shape[2:])))
-    emb = registry.embed(teacher_arch, out).reshape(b, losses.FIELD_TILES, -1)
+    out = teacher(registry.normalize(teacher_arch, tiles.reshape(-1, *tiles.shape[-3:])))
+    emb = registry.embed(teacher_arch, out).reshape(*lead, -1)
     patches = None
     if with_tokens:
-        patches = out.patches.reshape(b, losses.FIELD_TILES, *out.patches.shape[1:])
+        patches = out.patches.reshape(*lead, *out.patches.shape[1:])
     return losses.teacher_targets(emb, patches, grid)
 
 
@@ -69,15 +75,31 @@ def cached_targets(batch: dict[str, jax.Array]) -> losses.Targets:
     """The loss's targets from a cached batch (`CACHED_BATCH_KEYS`), as `losses.teacher_targets` builds them."""
     tiles = batch["target_tiles"].astype(jnp.float32)
     tokens = batch.get("target_tokens")
-    return losses.Targets(global_=tiles.mean(axis=1), tiles=tiles,
+    return losses.Targets(global_=tiles.mean(axis=-2), tiles=tiles,
                           tokens=None if tokens is None else tokens.astype(jnp.float32))
+
+
+def check_checkpoint_arch(key: str, path: str, arch: registry.Arch, name_key: str) -> None:
+    """ConfigError naming `key` unless the model checkpoint `path` exists and holds `arch` (the model of the
+    config's `name_key`), compute/parameter dtypes and remat aside."""
+    try:
+        saved = model_checkpoint.read_arch(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{key}: {error}") from error
+    ignored = dict(dtype=arch.vit.dtype, param_dtype=arch.vit.param_dtype, remat=arch.vit.remat)
+    if dataclasses.replace(saved.vit, **ignored) != arch.vit:
+        diff = {k: (v, getattr(arch.vit, k)) for k, v in saved.vit.to_dict().items()
+                if k not in ignored and v != getattr(arch.vit, k)}
+        raise ConfigError(f"{key}: {path} holds a {saved.name} whose architecture differs from "
+                          f"{name_key}={arch.name!r}: {{field: (saved, expected)}} = {diff}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Model-geometry checks from the registry architectures, raised before anything is compiled.
 
     The student's G x G token grid must split into 4x4 field blocks (G % 4 == 0), and the teacher field
-    mosaic (4·Gt per side) must average-pool onto it ((4·Gt) % G == 0), both for 224 px tiles.
+    mosaic (4·Gt per side) must average-pool onto it ((4·Gt) % G == 0), both for 224 px tiles. A
+    `student.init` must be a model checkpoint of `student.name`'s architecture.
     """
     for key in ("student.name", "teacher.name"):
         name = config.student.name if key == "student.name" else config.teacher.name
@@ -86,6 +108,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     student, teacher = _archs(config)
     if config.student.get("layer_scale_init") is not None and not student.vit.init_values:
         raise ConfigError(f"student.layer_scale_init: is set but {student.name!r} has no LayerScale to initialise")
+    if config.student.get("init"):
+        check_checkpoint_arch("student.init", config.student.init, student, "student.name")
+        if config.student.get("layer_scale_init") is not None:
+            raise ConfigError("student.layer_scale_init: is set together with student.init, whose LayerScale "
+                              "gammas are the start; unset one of them")
     weights = losses.LossWeights.from_config(config.loss)
     for key, arch in (("student.name", student), ("teacher.name", teacher)):
         if TILE_PX % arch.vit.patch_size:
@@ -118,8 +145,9 @@ class Trainer:
     """Everything the train loop and the AOT compiler need about the step; build with `make_trainer`.
 
     `state_shardings` / `teacher_shardings` / `batch_shardings` mirror `abstract_state()`,
-    `abstract_teacher_state()` and the batch dict (`image_5x [B, 224, 224, 3]`, `tiles_20x
-    [B, 16, 224, 224, 3]` uint8, `record_index [B]` int64 — the last one is not used by the step).
+    `abstract_teacher_state()` and the batch dict (`image_5x [B, V, 224, 224, 3]`, `tiles_20x
+    [B, V, 16, 224, 224, 3]` uint8 with V = `data.views`, `record_index [B]` int64 — the last one is not
+    used by the step). Batches are sharded over B only.
     `cached` (`data.teacher_cache` set): no teacher in the step (`teacher_shardings`, the abstract teacher
     and `teacher_state()` are None); the batch carries `target_tiles`/`target_tokens` instead of `tiles_20x`.
     """
@@ -150,36 +178,46 @@ class Trainer:
         """Teacher parameters as sharded `jax.ShapeDtypeStruct`s in `teacher.dtype` (a restore target)."""
         return sharding.with_shardings(self._abstract_teacher, self.teacher_shardings)
 
+    @property
+    def views(self) -> int:
+        """Augmented views per pair (`data.views`; 1 in configs saved before the key existed)."""
+        return int(self.config.data.get("views", 1))
+
     def abstract_batch(self, global_batch: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-        b = int(self.config.batch_size if global_batch is None else global_batch)
+        b, v = int(self.config.batch_size if global_batch is None else global_batch), self.views
         grid = TILE_PX // self.student_arch.vit.patch_size
-        shapes = {"image_5x": (b, TILE_PX, TILE_PX, 3),
-                  "tiles_20x": (b, losses.FIELD_TILES, TILE_PX, TILE_PX, 3),
-                  "target_tiles": (b, losses.FIELD_TILES, self.teacher_arch.embed_dim),
-                  "target_tokens": (b, grid, grid, self.teacher_arch.vit.embed_dim)}
+        shapes = {"image_5x": (b, v, TILE_PX, TILE_PX, 3),
+                  "tiles_20x": (b, v, losses.FIELD_TILES, TILE_PX, TILE_PX, 3),
+                  "target_tiles": (b, v, losses.FIELD_TILES, self.teacher_arch.embed_dim),
+                  "target_tokens": (b, v, grid, grid, self.teacher_arch.vit.embed_dim)}
         return {k: jax.ShapeDtypeStruct(shapes[k], jnp.uint8 if k in STEP_BATCH_KEYS else jnp.float32,
                                         sharding=self.batch_shardings[k]) for k in self.step_batch_keys}
 
     def init_state(self, rng: jax.Array) -> TrainState:
-        """Fresh student + projectors + optimizer state, created directly in their shardings."""
-        return self._init(rng)
+        """Step 0, created directly in its shardings: the student random (`rng`) or, with `student.init`, that
+        checkpoint's parameters (the EMA starts from the same); projectors and optimizer state fresh."""
+        state = self._init(rng)
+        path = self.config.student.get("init")
+        if not path:
+            return state
+        try:
+            student = model_checkpoint.load_params(path, self.abstract_state().params["student"])
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"student.init: {error}") from error
+        params = state.params
+        params["student"] = student
+        ema = None if state.ema is None else jax.tree.map(jnp.copy, student)
+        return state.replace(params=params, ema=ema)
 
     def teacher_state(self) -> nnx.State:
         """The frozen teacher's parameters on `teacher_shardings`: restored from `teacher.checkpoint`, or a
-        seeded random init when the checkpoint is empty and `teacher.allow_random_teacher` is set."""
+        seeded random init when the checkpoint is empty and `teacher.allow_random_teacher` is set; None with
+        `data.teacher_cache`."""
         if self.cached:
             return None
         path = self.config.teacher.checkpoint
         if path:
-            saved = model_checkpoint.read_arch(path)
-            ignored = dict(dtype=self.teacher_arch.vit.dtype, param_dtype=self.teacher_arch.vit.param_dtype,
-                           remat=self.teacher_arch.vit.remat)
-            if dataclasses.replace(saved.vit, **ignored) != self.teacher_arch.vit:
-                diff = {k: (v, getattr(self.teacher_arch.vit, k)) for k, v in saved.vit.to_dict().items()
-                        if k not in ignored and v != getattr(self.teacher_arch.vit, k)}
-                raise ConfigError(f"teacher.checkpoint: {path} holds a {saved.name} whose architecture differs "
-                                  f"from teacher.name={self.config.teacher.name!r}: {{field: (saved, expected)}} "
-                                  f"= {diff}")
+            check_checkpoint_arch("teacher.checkpoint", path, self.teacher_arch, "teacher.name")
             return model_checkpoint.load_params(path, self.abstract_teacher_state())
         if not self.config.teacher.allow_random_teacher:
             raise ConfigError("teacher.checkpoint: empty, and teacher.allow_random_teacher is False")
@@ -199,20 +237,22 @@ class Trainer:
         return dataclasses.replace(counted, teacher_forward=0.0) if self.cached else counted
 
     def teacher_targets(self, teacher_params: nnx.State, tiles: jax.Array) -> losses.Targets:
-        """What the live step's loss uses as targets for uint8 `tiles [B, 16, 224, 224, 3]` (jittable)."""
+        """What the live step's loss uses as targets for uint8 `tiles [*L, 16, 224, 224, 3]` (jittable)."""
         return teacher_forward_targets(self.teacher_arch, self.teacher_graphdef, self.weights.token > 0,
                                        teacher_params, tiles, TILE_PX // self.student_arch.vit.patch_size)
 
 
 def _state_from_model(model: DistillModel, tx: optax.GradientTransformation, ema: bool,
-                      center_dims: dict[str, int] | None) -> TrainState:
+                      center_dims: dict[str, int] | None, batch_norm: bool) -> TrainState:
     """Step 0: fresh optimizer state, EMA = the initial student, target centers zero for `center_dims`
-    ({'embedding': Et, 'token': Dt}) or None. Step 0 (learning rate 0 under warmup) sets the centers to its
-    batch's means; later steps move them with momentum `loss.center_momentum`."""
+    ({'embedding': Et, 'token': Dt}) or None, the projectors' BatchNorm running statistics (mean 0, var 1)
+    when `batch_norm`. Step 0 (learning rate 0 under warmup) sets the centers to its batch's means; later
+    steps move them with momentum `loss.center_momentum`."""
     params = nnx.state(model, nnx.Param)
     center = None if center_dims is None else {k: jnp.zeros((d,), jnp.float32) for k, d in center_dims.items()}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=jax.tree.map(jnp.copy, params["student"]) if ema else None, target_center=center)
+                      ema=jax.tree.map(jnp.copy, params["student"]) if ema else None, target_center=center,
+                      batch_stats=nnx.state(model, nnx.BatchStat) if batch_norm else None)
 
 
 def _split_microbatches(x: jax.Array, accum: int) -> jax.Array:
@@ -227,7 +267,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     student_arch, teacher_arch = _archs(config)
     weights = losses.LossWeights.from_config(config.loss)
     accum = int(config.optim.grad_accum)
-    cached = bool(config.data.teacher_cache)
+    cached = bool(config.data.get("teacher_cache"))
     step_keys = STEP_BATCH_KEYS
     if cached:
         step_keys = CACHED_BATCH_KEYS if weights.token > 0 else CACHED_BATCH_KEYS[:2]
@@ -240,6 +280,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     ema_decay = float(config.optim.ema_decay)
     ema_decay_at = ema_decay_schedule(config.optim)
     center_momentum = float(config.loss.center_momentum)
+    projector_norm = config.loss.get("projector_norm", "none")  # absent in configs saved before the key existed
     center_dims = None
     if config.loss.center_targets:
         center_dims = {"embedding": teacher_arch.embed_dim}
@@ -254,20 +295,21 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
                                         remat=bool(config.student.remat), **overrides)
         return DistillModel(student, student_embed_dim=student_arch.vit.embed_dim,
                             teacher_embed_dim=teacher_arch.embed_dim, teacher_token_dim=teacher_arch.vit.embed_dim,
-                            hidden=int(config.loss.projector_hidden), weights=weights, rngs=rngs)
+                            hidden=int(config.loss.projector_hidden), weights=weights, rngs=rngs,
+                            norm=projector_norm)
 
     def build_teacher(rng: jax.Array):
         return registry.create_model(config.teacher.name, rngs=nnx.Rngs(rng), dtype=config.teacher.dtype,
                                      param_dtype=config.teacher.dtype)
 
     def init(rng: jax.Array) -> TrainState:
-        return _state_from_model(build_model(rng), tx, ema_decay > 0, center_dims)
+        return _state_from_model(build_model(rng), tx, ema_decay > 0, center_dims, projector_norm == "batch")
 
     def init_teacher(rng: jax.Array) -> nnx.State:
         return nnx.state(build_teacher(rng), nnx.Param)
 
     key = jax.random.key(0)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(key)), nnx.Param)
+    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_model(key)), nnx.Param, nnx.BatchStat)
     teacher_graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_teacher(key)), nnx.Param)
     abstract_state = jax.eval_shape(init, key)
     abstract_teacher = None if cached else jax.eval_shape(init_teacher, key)
@@ -277,20 +319,22 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
         teacher_shardings = sharding.tree_shardings(abstract_teacher, mesh,
                                                     sharding.rules_for(config.teacher.sharding))
     batch_shardings = {
-        "image_5x": sharding.batch_sharding(mesh, 4),
-        "tiles_20x": sharding.batch_sharding(mesh, 5),
-        "target_tiles": sharding.batch_sharding(mesh, 3),
-        "target_tokens": sharding.batch_sharding(mesh, 4),
+        "image_5x": sharding.batch_sharding(mesh, 5),
+        "tiles_20x": sharding.batch_sharding(mesh, 6),
+        "target_tiles": sharding.batch_sharding(mesh, 4),
+        "target_tokens": sharding.batch_sharding(mesh, 5),
         "record_index": sharding.batch_sharding(mesh, 1),
     }
     step_batch_shardings = {k: batch_shardings[k] for k in step_keys}
     micro_shardings = {k: sharding.batch_sharding(mesh, len(s.spec) + 1, leading=1)
                        for k, s in step_batch_shardings.items()}
 
-    def loss_fn(params: nnx.State, images: jax.Array, targets: losses.Targets):
-        model = nnx.merge(graphdef, params)
+    def loss_fn(params: nnx.State, batch_stats: nnx.State | None, images: jax.Array, targets: losses.Targets):
+        """`images [b, V, H, W, 3]`; returns the total loss and (terms, updated BatchNorm statistics)."""
+        # BatchNorm statistics are updated in place: rebuilt here so that their Variables belong to this trace.
+        model = nnx.merge(graphdef, params, *(() if batch_stats is None else (jax.tree.map(jnp.copy, batch_stats),)))
         terms = losses.xmag_losses(model(registry.normalize(student_arch, images)), targets, weights)
-        return terms["total"], terms
+        return terms["total"], (terms, None if batch_stats is None else nnx.state(model, nnx.BatchStat))
 
     def train_step(state: TrainState, teacher_params: nnx.State, batch: dict[str, jax.Array]):
         micro = {k: jax.lax.with_sharding_constraint(_split_microbatches(v, accum), micro_shardings[k])
@@ -299,24 +343,27 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
         first_step = state.step == 0
 
         def accumulate(carry, mb):
-            grad_sum, term_sum, mean_sum = carry
-            grid = mb["image_5x"].shape[1] // student_arch.vit.patch_size
+            grad_sum, term_sum, mean_sum, batch_stats = carry
+            grid = mb["image_5x"].shape[2] // student_arch.vit.patch_size
             if cached:
                 targets = cached_targets(mb)
-            else:
+            else:  # the teacher runs on every view's tiles
                 targets = teacher_forward_targets(teacher_arch, teacher_graphdef, weights.token > 0, teacher_params,
                                                   mb["tiles_20x"], grid)
             if state.target_center is not None:
                 mean_sum = jax.tree.map(jnp.add, mean_sum, losses.target_means(targets))
                 targets = losses.center_targets(targets, state.target_center)
-            (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb["image_5x"], targets)
+            (_, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, batch_stats, mb["image_5x"], targets)
             grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
-            return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, term_sum, terms), mean_sum), None
+            return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, term_sum, terms), mean_sum,
+                    batch_stats), None
 
         zero_terms = {name: jnp.zeros((), jnp.float32) for name in weights.term_names}
         zero_grads = jax.tree.map(jnp.zeros_like, state.params)
         zero_means = jax.tree.map(jnp.zeros_like, state.target_center)
-        (grad_sum, term_sum, mean_sum), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms, zero_means), micro)
+        (grad_sum, term_sum, mean_sum, batch_stats), _ = jax.lax.scan(
+            accumulate, (zero_grads, zero_terms, zero_means, state.batch_stats), micro)
         grads = jax.tree.map(lambda g: g / accum, grad_sum)
         target_center = jax.tree.map(
             lambda c, m: jnp.where(first_step, m / accum, center_momentum * c + (1.0 - center_momentum) * m / accum),
@@ -330,7 +377,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
         metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                        lr=jnp.asarray(schedule(state.step), jnp.float32))
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
-                               target_center=target_center)
+                               target_center=target_center, batch_stats=batch_stats)
         return new_state, metrics
 
     replicated = sharding.replicated(mesh)

@@ -98,28 +98,29 @@ def num_records(path: str, what: str = "teacher-target shard", remedy: str = _RE
 
 @dataclasses.dataclass(frozen=True)
 class DecodeStudentAndFetchTargets(grain.transforms.RandomMap):
-    """`(index, bytes)` → `{"image_5x" [224, 224, 3] uint8, "target_tiles" [16, Et], "target_tokens"
-    [G, G, Dt] (when cached), "record_index"}`: the cached-teacher twin of `pairs.DecodeAndAugment`.
+    """`(index, bytes)` → `{"image_5x" [V, 224, 224, 3] uint8, "target_tiles" [V, 16, Et], "target_tokens"
+    [V, G, G, Dt] (when cached), "record_index"}`: the cached-teacher twin of `pairs.DecodeAndAugment`.
 
-    The draw is the one live training makes for the element (same generator, same `augment.draw`); its
-    geometric state picks the cached targets and transforms the 5x tile, its colour/HED jitter goes to the
-    5x tile only (the cache holds targets of the un-jittered field). The 20x JPEG is not decoded.
+    View v's draw is the one live training makes for it (same generator, `augment.draw` once per view in
+    order); its geometric state picks the cached targets and transforms the 5x tile, its colour/HED jitter
+    goes to the 5x tile only (the cache holds targets of the un-jittered field). The 20x JPEG is not decoded.
     """
 
     options: augment.AugmentOptions
     cache: TargetCache
+    views: int = 1
 
     def random_map(self, element: tuple[int, bytes], rng: np.random.Generator) -> dict[str, Any] | pairs.BadRecord:
         index, raw = element
         try:
             image_5x, _ = pairs.decode_images(raw, index, with_20x=False)
-            d = augment.draw(self.options, rng)
-            targets = self.cache.get(index, d.d4)
+            draws = [augment.draw(self.options, rng) for _ in range(self.views)]
+            targets = [self.cache.get(index, d.d4) for d in draws]
         except pairs.BadRecordError as e:
             logging.warning("skipping bad record: %s", e)
             return pairs.BadRecord(index=index, reason=str(e))
-        out = {"image_5x": np.ascontiguousarray(augment.apply_d4(augment.apply_photometric(image_5x, d), d.d4)),
-               "target_tiles": targets["tiles"], "record_index": np.int64(index)}
-        if targets["tokens"] is not None:
-            out["target_tokens"] = targets["tokens"]
+        out = {"image_5x": np.stack([augment.apply_d4(augment.apply_photometric(image_5x, d), d.d4) for d in draws]),
+               "target_tiles": np.stack([t["tiles"] for t in targets]), "record_index": np.int64(index)}
+        if self.cache.has_tokens:
+            out["target_tokens"] = np.stack([t["tokens"] for t in targets])
         return out
