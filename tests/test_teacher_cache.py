@@ -185,3 +185,28 @@ def test_token_term_needs_cached_tokens(built, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "holds a teacher-target cache of another config (differs in targets)" in err
+
+
+def test_fidelity_reads_the_teacher_features_from_the_cache(built):
+    from flax import nnx
+
+    from xmag_jax import encoders
+    from xmag_jax.eval import pair_features
+
+    root, config, _ = built
+    trainer = step.make_trainer(spec.live_config(config), sharding.make_mesh({"data": 1, "fsdp": 1},
+                                                                             jax.devices()[:1]))
+    teacher = encoders.Encoder("teacher", trainer.teacher_arch,
+                               nnx.merge(trainer.teacher_graphdef, trainer.teacher_state()))
+    student = encoders.load_encoder(model="vit_test", random_init=True)
+    source = pairs.PairSource(records.pair_records.shard_paths(root / "pairs", "train"))
+    indices = np.arange(PAIRS)
+    live = pair_features.pair_arrays(source, indices, student, teacher, 8, progress=False)
+    cached = pair_features.pair_arrays(source, indices, student, None, 8, progress=False,
+                                       cache=reader.TargetCache(root / "cache"))
+    assert set(cached) == set(live) and len(live["groups"]) == PAIRS - 1  # the bad pair skipped by both
+    for k in live:
+        if k == "groups":
+            np.testing.assert_array_equal(cached[k], live[k])
+        else:
+            np.testing.assert_allclose(cached[k], live[k], rtol=1e-4, atol=1e-6, err_msg=k)

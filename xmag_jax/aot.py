@@ -353,6 +353,9 @@ def _define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     flags.DEFINE_integer("max_batch", None, "Upper bound for --find_batch (default: 4096 x the batch unit).",
                          flag_values=fv)
+    flags.DEFINE_bool("teacher_cache", False, "Also compile the student-only step of training from a teacher-target "
+                      "cache (data.teacher_cache: targets in the batch, no teacher) and report it after the live one.",
+                      flag_values=fv)
     flags.DEFINE_bool("require_fit", False, f"Exit {NOT_FIT_EXIT} when the step does not fit the chip's HBM.",
                       flag_values=fv)
     flags.DEFINE_string("json", None, "Also write the report (and every --find_batch try) as JSON here.",
@@ -415,6 +418,13 @@ def main(argv: list[str] | None = None) -> int:
                 print("no batch fits; the smallest try:")
         else:
             report = compile_step(config, topo, global_batch=fv.global_batch, mfu=fv.mfu, config_name=name)
+        if fv.teacher_cache:
+            print(format_report(report), flush=True)
+            cached = copy.deepcopy(config)
+            with cached.unlocked():
+                cached.data.teacher_cache = "CACHE"  # compile-only: no cache is read
+            report = compile_step(cached, topo, global_batch=report.global_batch, mfu=fv.mfu,
+                                  config_name=f"{name} --config.data.teacher_cache=CACHE")
     except ValueError as error:  # ConfigError included: the message names the config key
         print(f"error: {error}", file=sys.stderr)
         return 2

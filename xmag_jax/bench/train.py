@@ -9,11 +9,13 @@ random uint8 batches of the config's global shape are put on the mesh beforehand
 step time (s), pairs/s (and views/s with `data.views` > 1), model TFLOP/s over all devices (the FLOP model
 counts every view) and MFU against `peak_tflops_per_device`.
 The teacher is the config's (its checkpoint must exist, or use `--config.teacher.checkpoint=
---config.teacher.allow_random_teacher=True` for a random one).
+--config.teacher.allow_random_teacher=True` for a random one). `--teacher_cache` also times the step that
+trains from a teacher-target cache (random float32 targets in the batch, no teacher) and prints the speed-up.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -33,6 +35,9 @@ def _flags(argv: list[str]) -> flags.FlagValues:
     config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).", flag_values=values)
     flags.DEFINE_integer("steps", 10, "Timed steps after the compile step.", flag_values=values)
     flags.DEFINE_bool("json", False, "Print one JSON object instead of text.", flag_values=values)
+    flags.DEFINE_bool("teacher_cache", False, "Also time the step that trains from cached teacher targets "
+                      "(data.teacher_cache: random targets of the cache's shapes in the batch, no teacher), and "
+                      "report the ratio.", flag_values=values)
     values(["bench_train", *argv])
     if values.config is None:
         raise flags.IllegalFlagValueError("--config is required")
@@ -42,10 +47,14 @@ def _flags(argv: list[str]) -> flags.FlagValues:
 
 
 def _random_batch(trainer: step_lib.Trainer, rng: np.random.Generator) -> dict[str, jax.Array]:
-    """Global uint8 batch in the step's shardings (each device is given only its own shard)."""
+    """Global batch in the step's shardings (each device is given only its own shard): random uint8 images,
+    random normal float32 targets."""
     batch = {}
     for key, abstract in trainer.abstract_batch().items():
-        host = rng.integers(0, 256, size=abstract.shape, dtype=np.uint8)
+        if abstract.dtype == np.uint8:
+            host = rng.integers(0, 256, size=abstract.shape, dtype=np.uint8)
+        else:
+            host = rng.standard_normal(abstract.shape, dtype=np.float32)
         batch[key] = jax.make_array_from_callback(abstract.shape, abstract.sharding, lambda index: host[index])
     return batch
 
@@ -98,23 +107,40 @@ def run(config, steps: int) -> dict:
         "model_tflops_per_s": rates["model_tflops_per_s"],
         "mfu": rates["mfu"],
         "peak_tflops_per_device": config.peak_tflops_per_device,
+        "teacher_cache": trainer.cached,
     }
+
+
+def _print(result: dict) -> None:
+    print(f"train step ({result['teacher']} -> {result['student']}, batch {result['batch_size']} pairs x "
+          f"{result['views']} views, projector_norm {result['projector_norm']}, "
+          f"{result['devices']} x {result['device_kind']}, mesh {result['mesh']}"
+          f"{', cached teacher targets' if result['teacher_cache'] else ''}):")
+    print(f"  first step (compile) {result['first_step_s']:.2f} s; median step {result['step_time_s_median']:.4f} s "
+          f"over {result['timed_steps']} steps (min {result['step_time_s_min']:.4f}, max "
+          f"{result['step_time_s_max']:.4f})")
+    print(f"  {result['pairs_per_s']:.2f} pairs/s ({result['views_per_s']:.2f} views/s), "
+          f"{result['model_tflops_per_s']:.4g} model TFLOP/s "
+          f"({result['model_tflop_per_step']:.4g} TFLOP/step), MFU {100 * result['mfu']:.2f}% of "
+          f"{result['peak_tflops_per_device']} TFLOP/s/device")
 
 
 def main(argv: list[str]) -> int:
     values = _flags(argv)
     result = run(values.config, values.steps)
+    results = [result]
+    if values.teacher_cache:
+        cached = copy.deepcopy(values.config)
+        with cached.unlocked():
+            cached.data.teacher_cache = "CACHE"  # the step only: its batch brings random targets, no cache is read
+        results.append(run(cached, values.steps))
+        speedup = result["step_time_s_median"] / results[1]["step_time_s_median"]
     if values.json:
-        print(json.dumps(result))
-    else:
-        print(f"train step ({result['teacher']} -> {result['student']}, batch {result['batch_size']} pairs x "
-              f"{result['views']} views, projector_norm {result['projector_norm']}, "
-              f"{result['devices']} x {result['device_kind']}, mesh {result['mesh']}):")
-        print(f"  first step (compile) {result['first_step_s']:.2f} s; median step {result['step_time_s_median']:.4f} s "
-              f"over {result['timed_steps']} steps (min {result['step_time_s_min']:.4f}, max "
-              f"{result['step_time_s_max']:.4f})")
-        print(f"  {result['pairs_per_s']:.2f} pairs/s ({result['views_per_s']:.2f} views/s), "
-              f"{result['model_tflops_per_s']:.4g} model TFLOP/s "
-              f"({result['model_tflop_per_step']:.4g} TFLOP/step), MFU {100 * result['mfu']:.2f}% of "
-              f"{result['peak_tflops_per_device']} TFLOP/s/device")
+        print(json.dumps(result if len(results) == 1 else
+                         {"live": result, "cached": results[1], "cached_speedup": speedup}))
+        return 0
+    for r in results:
+        _print(r)
+    if len(results) > 1:
+        print(f"  cached teacher targets: {speedup:.2f}x the live step's pairs/s")
     return 0

@@ -3,6 +3,8 @@
     python -m xmag_jax.eval fidelity --arrays fidelity.npz
     python -m xmag_jax.eval fidelity --pairs demo_out/pairs --split val \
         --student-checkpoint ckpt/student --teacher vit_test_teacher --teacher-weights teacher.safetensors
+    python -m xmag_jax.eval fidelity --pairs demo_out/pairs --split val --student-checkpoint ckpt/student \
+        --teacher-cache CACHE        # teacher features from a teacher-target cache of that split
 
 Targets, both as in the distillation losses (`xmag_jax.distill.losses`):
 - global: the teacher's mean embedding over the 16 20x tiles of a field `[N, Et]`, from the student's
@@ -112,6 +114,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--teacher", help="teacher registry name (with --teacher-weights, or --random-teacher)")
     p.add_argument("--teacher-weights", help="teacher weights file for --teacher")
     p.add_argument("--random-teacher", action="store_true", help="allow a random-init teacher (debug only)")
+    p.add_argument("--teacher-cache", help="read the teacher's features from this teacher-target cache of the "
+                   "same --pairs split (`python -m xmag_jax.teacher_cache`) instead of running a teacher")
     p.add_argument("--save-arrays", help="also save the computed arrays to this npz")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the ridge fit (slides kept whole)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pair subsample and the folds")

@@ -111,6 +111,8 @@ def write(config: ml_collections.ConfigDict, out: str, *, dtype: str = "float32"
     `batch`: fields (pair x state) per global forward, default `config.batch_size`; it must divide by the
     data-parallel size and the process count. Raises UserError for bad input.
     """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise errors.UserError(f"--out {out}: expected a cache directory, this is a file")
     if dtype not in records.DTYPES:
         raise errors.UserError(f"--dtype {dtype}: expected one of {sorted(records.DTYPES)}")
     live = spec.live_config(config)
