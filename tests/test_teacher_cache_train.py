@@ -22,10 +22,11 @@ from xmag_jax.teacher_cache import spec, writer
 REPO = Path(__file__).resolve().parents[1]
 STEPS, BATCH, PAIRS = 3, 8, 8
 EXACT = dict(rtol=1e-5, atol=1e-5)
-# bfloat16 keeps 8 mantissa bits (targets move by up to 2^-9 relative). The losses stay within 1e-3
-# relative; AdamW's first steps amplify the rounding in parameters with tiny gradients, so parameters are held
-# to one step's size (lr = 3e-3) rather than to 1e-5.
-BF16_LOSS_RTOL, BF16_PARAM_ATOL = 1e-3, 3e-3
+# bfloat16 keeps 8 significant bits: each target moves by at most 2^-8 relative (1.7e-3 relative L2 per
+# vector on average). Measured here: losses within 1.4e-4 relative of the live run, parameters within 5.6e-4
+# absolute (AdamW's first steps amplify the rounding in parameters with tiny gradients; one step moves a
+# parameter by up to lr = 3e-3). The tolerances leave ~3.5x margin.
+BF16_LOSS_RTOL, BF16_PARAM_ATOL = 5e-4, 2e-3
 
 
 def make_config(data_dir: str, cache: str = ""):
