@@ -210,3 +210,20 @@ def test_fidelity_reads_the_teacher_features_from_the_cache(built):
             np.testing.assert_array_equal(cached[k], live[k])
         else:
             np.testing.assert_allclose(cached[k], live[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("token_weight", [1.0, 0.0])
+def test_cached_trainer_holds_no_teacher_and_counts_no_teacher_flops(token_weight):
+    c = debug.get_config()
+    c.loss.token_weight, c.data.views = token_weight, 2
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    live = step.make_trainer(c, mesh)
+    c.data.teacher_cache = "CACHE"  # the trainer reads no cache; spec.check does, before it is built
+    cached = step.make_trainer(c, mesh)
+    assert cached.cached and cached.teacher_state() is None and cached.abstract_teacher_state() is None
+    batch = cached.abstract_batch(4)
+    expected = {"image_5x", "target_tiles"} | ({"target_tokens"} if token_weight else set())
+    assert set(batch) == expected and batch["target_tiles"].shape == (4, 2, 16, 96)
+    assert cached.flops_per_step().teacher_forward == 0 < live.flops_per_step().teacher_forward
+    assert cached.flops_per_step().total == pytest.approx(live.flops_per_step().total
+                                                          - live.flops_per_step().teacher_forward)
