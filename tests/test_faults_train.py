@@ -242,3 +242,42 @@ def test_sigint_saves_and_exits_130_without_a_traceback(tmp_path):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     saved = Checkpointer(work, every=1000, keep=3).all_steps()
     assert saved == [1] and "stopped by SIGINT after saving step 1" in stderr
+
+
+def test_aot_runs_while_another_process_holds_the_libtpu_lock(tmp_path):
+    env = {k: v for k, v in _env(tmp_path).items()
+           if k not in ("ALLOW_MULTIPLE_LIBTPU_LOAD", "TPU_SKIP_MDS_QUERY", "TPU_ACCELERATOR_TYPE",
+                        "TPU_WORKER_HOSTNAMES")}
+    holder_script = ("import sys; from xmag_jax import topologies; "
+                     "topologies.compile_devices(topologies.parse('v5p-8')); print('holding', flush=True); "
+                     "sys.stdin.readline()")  # libtpu's default start: it takes /tmp/libtpu_lockfile until exit
+    holder = subprocess.Popen([sys.executable, "-c", holder_script], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        result = subprocess.run([sys.executable, "-m", "xmag_jax.aot", "--config", str(REPO / "configs" / "debug.py"),
+                                 "--topology", "v5p-8"], env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "v5p-8" in result.stdout
+    assert not [ln for ln in result.stderr.splitlines() if any(n in ln for n in NOISE)], result.stderr
+
+
+def test_host_platforms_leave_tpu_hosts_and_user_choices_alone(tmp_path, monkeypatch):
+    from xmag_jax import platforms
+
+    assert platforms.host_platforms(str(tmp_path)) == "cpu"
+    pci = tmp_path / "sys" / "bus" / "pci" / "devices" / "0000:00:04.0"
+    pci.mkdir(parents=True)
+    (pci / "vendor").write_text("0x1ae0\n")  # a Google TPU chip: JAX's own choice stays
+    assert platforms.host_platforms(str(tmp_path)) is None
+    (pci / "vendor").write_text("0x8086\n")
+    (tmp_path / "dev" / "vfio").mkdir(parents=True)
+    (tmp_path / "dev" / "vfio" / "vfio").touch()  # the vfio control node alone is no TPU
+    assert platforms.host_platforms(str(tmp_path)) == "cpu"
+    (tmp_path / "dev" / "vfio" / "0").touch()
+    assert platforms.host_platforms(str(tmp_path)) is None
+    monkeypatch.setenv("JAX_PLATFORMS", "")
+    assert platforms.configure() == ""
