@@ -4,6 +4,7 @@ SIGTERM/SIGINT, out-of-range config values, one-line errors, libtpu noise off TP
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -281,3 +282,30 @@ def test_host_platforms_leave_tpu_hosts_and_user_choices_alone(tmp_path, monkeyp
     assert platforms.host_platforms(str(tmp_path)) is None
     monkeypatch.setenv("JAX_PLATFORMS", "")
     assert platforms.configure() == ""
+
+
+def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(tmp_path):
+    """JAX's preemption service spreads one process's SIGTERM to all: they save the same step and exit 143."""
+    data_dir = tmp_path / "pairs"
+    write_pair_shards(data_dir, 10, num_shards=2)
+    work = tmp_path / "work"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    command = _train_cmd(work, data_dir, "--config.batch_size=4", "--config.total_steps=400",
+                         "--coordinator_address", address, "--num_processes", "2")
+    runs = [subprocess.Popen([*command, "--process_id", str(i)], env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        _wait_for(work / LOCK_NAME, runs[0])  # process 0 is in train(): both joined the job, notifiers are up
+        runs[1].send_signal(signal.SIGTERM)
+        codes = [run.wait(timeout=300) for run in runs]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+    errs = [run.stderr.read() for run in runs]
+    assert codes == [143, 143], [e[-2000:] for e in errs]
+    [step] = Checkpointer(work, every=1000, keep=3).all_steps()
+    assert all(f"stopped by SIGTERM after saving step {step}" in e for e in errs)
+    assert [m["step"] for m in read_metrics(work)] == list(range(1, step + 1))
