@@ -187,6 +187,23 @@ def test_config_error_is_one_line_without_libtpu_noise(tmp_path):
 
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--config.loss.tile_wieght=0.5"], "config key 'loss.tile_wieght' is not a known key (did you mean "
+                                        "'loss.tile_weight'?)"),
+    (["--config.optim.lr=abc"], "flag --config.optim.lr=abc: could not convert string to float"),
+    (["--config", "configs/no_such.py"], "--config: Configuration is not available"),
+])
+def test_flag_errors_are_one_line(tmp_path, args, message):
+    command = [sys.executable, "-m", "xmag_jax.train", "--config", str(REPO / "configs" / "debug.py"),
+               "--workdir", str(tmp_path / "work"), *args]
+    result = subprocess.run(command, env=_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2
+    [line] = _error_lines(result.stderr)
+    assert line.startswith("python -m xmag_jax.train: error: ") and message in line, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
 def test_second_trainer_is_refused_and_sigterm_saves_a_step_that_resumes_exactly(tmp_path):
     data_dir = tmp_path / "pairs"
     write_pair_shards(data_dir, 10, num_shards=2)
@@ -230,6 +247,7 @@ def test_second_trainer_is_refused_and_sigterm_saves_a_step_that_resumes_exactly
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_sigint_saves_and_exits_130_without_a_traceback(tmp_path):
     data_dir = tmp_path / "pairs"
     write_pair_shards(data_dir, 10, num_shards=2)
@@ -284,6 +302,7 @@ def test_host_platforms_leave_tpu_hosts_and_user_choices_alone(tmp_path, monkeyp
     assert platforms.configure() == ""
 
 
+@pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(tmp_path):
     """JAX's preemption service spreads one process's SIGTERM to all: they save the same step and exit 143."""
     data_dir = tmp_path / "pairs"

@@ -254,16 +254,39 @@ class _DropOrbaxInfo(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+PROG = "python -m xmag_jax.train"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag or an override of a key the config lacks as one line (exit 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        message = str(error)
+    except (AttributeError, KeyError) as error:  # ml_collections, for `--config.KEY=...` with an unknown KEY
+        known = config_validation.flatten(config_validation.common.base_config())
+        unknown = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
+        unknown = [key for key in unknown if key not in known]
+        message = config_validation.unknown_key(unknown[0]) if unknown else f"--config: {error}"
+    errors.report(errors.UserError(message), PROG)
+    sys.exit(errors.EXIT_USER_ERROR)
+
+
 def main(argv: list[str]) -> None:
     """The command line: every error a person can fix is one line on stderr (see the module's exit status)."""
-    prog = "python -m xmag_jax.train"
+    prog = PROG
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     platforms.configure()
     logging.get_absl_handler().addFilter(_DropOrbaxInfo())
     try:
+        config = _CONFIG.value
+        try:
+            config.to_dict()  # config_flags reports a config file that failed to load only once it is read
+        except OSError as error:
+            raise errors.ConfigError(f"--config: {error}") from error
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
-        train(_CONFIG.value, _WORKDIR.value)
+        train(config, _WORKDIR.value)
     except errors.UserError as error:  # ConfigError, WorkdirLocked
         errors.report(error, prog)
         sys.exit(errors.EXIT_USER_ERROR)
@@ -278,4 +301,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -39,15 +39,19 @@ def flatten(config: ml_collections.ConfigDict | Mapping[str, Any], prefix: str =
     return out
 
 
+def unknown_key(key: str) -> str:
+    """`config key 'optim.weight_decy' is not a known key (did you mean 'optim.weight_decay'?); ...`."""
+    close = difflib.get_close_matches(key, flatten(common.base_config()), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"config key {key!r} is not a known key{hint}; the schema is configs/common.py"
+
+
 def check_schema(config: ml_collections.ConfigDict) -> None:
     """Every key of `config` is in `configs.common.base_config()` and vice versa."""
     known = flatten(common.base_config())
     given = flatten(config)
     problems = []
-    for key in sorted(set(given) - set(known)):
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        problems.append(f"config key {key!r} is not a known key{hint}; the schema is configs/common.py")
+    problems += [unknown_key(key) for key in sorted(set(given) - set(known))]
     for key in sorted(set(known) - set(given)):
         problems.append(f"config key {key!r} is missing; every key of configs/common.py must be set")
     if problems:
