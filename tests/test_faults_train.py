@@ -33,8 +33,8 @@ def _iterator():
 
 
 def _state(step: int, sharding):
-    """64 KiB of incompressible float32 values, so Orbax stores them raw and an overwrite is not a decode error."""
-    w = jax.random.normal(jax.random.key(step), (16384,), jnp.float32)
+    """64 KiB of float32 with random bit patterns: incompressible, so Orbax's zstd stores them raw."""
+    w = jax.lax.bitcast_convert_type(jax.random.bits(jax.random.key(step), (16384,), jnp.uint32), jnp.float32)
     return {"w": jax.device_put(w, sharding), "step": jnp.asarray(step, jnp.int32)}
 
 
@@ -53,15 +53,18 @@ def _save_steps(workdir, steps, sharding):
     checkpointer.close()
 
 
-def _overwrite_inside(step_dir: Path, size: int = 4096) -> Path:
-    """Overwrite `size` bytes in the middle of the step's largest array file, keeping its length."""
-    biggest = max((f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"),
-                  key=lambda f: f.stat().st_size)
-    data = bytearray(biggest.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + size] = np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes()
-    biggest.write_bytes(bytes(data))
-    return biggest
+def _overwrite_values(step_dir: Path, values: np.ndarray, size: int = 4096) -> Path:
+    """Overwrite `size` bytes of `values` where they lie in the step's array files (random floats are stored
+    raw: incompressible), keeping the file's length: the values change, the file still decodes."""
+    needle = values.tobytes()[len(values.tobytes()) // 2:][:size]
+    for f in (step_dir / "state").rglob("*"):
+        data = f.read_bytes() if f.is_file() and f.parent.name == "d" else b""
+        at = data.find(needle)
+        if at >= 0:
+            f.write_bytes(data[:at] + np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes()
+                          + data[at + size:])
+            return f
+    raise AssertionError(f"{step_dir}: the array's bytes are not stored raw in any data file")
 
 
 def test_digest_is_the_same_under_any_sharding_and_sees_one_changed_element():
@@ -80,7 +83,7 @@ def test_checkpoint_changed_in_place_is_quarantined_and_the_previous_step_used(t
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     mesh_sharding = jax.sharding.NamedSharding(jax.make_mesh((8,), ("data",)), jax.P("data"))
     _save_steps(tmp_path, [2, 4], mesh_sharding)
-    _overwrite_inside(tmp_path / "checkpoints" / "4")
+    _overwrite_values(tmp_path / "checkpoints" / "4", np.asarray(_state(4, one_device)["w"]))
     checkpointer = Checkpointer(tmp_path, every=1, keep=5)
     iterator = _iterator()
     with caplog.at_level(logging.WARNING):
