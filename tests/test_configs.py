@@ -59,7 +59,7 @@ def test_missing_key_is_named():
 
 
 @pytest.mark.parametrize("key, value, pattern", [
-    ("total_steps", 0, "total_steps: must be > 0"),
+    ("total_steps", 0, "total_steps: must be >= 1"),
     ("loss.mode", "both", "loss.mode: must be one of"),
     ("teacher.sharding", "tp", "teacher.sharding: must be one of"),
     ("checkpoint.keep", 0, "checkpoint.keep: must be >= 1"),

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from xmag_jax import platforms
+
 EXIT_USER_ERROR = 2
 
 
@@ -35,7 +37,10 @@ def report(error: BaseException, prog: str) -> None:
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], *, prog: str,
             argv: Sequence[str] | None = None) -> NoReturn:
-    """Runs `main(argv)` and exits with its return code; a `UserError` becomes one line and exit 2."""
+    """Runs `main(argv)` and exits with its return code; a `UserError` becomes one line and exit 2.
+
+    JAX's platforms are chosen for the host first (`platforms.configure`), before `main` can start a backend."""
+    platforms.configure()
     try:
         rc = main(argv)
     except UserError as e:

@@ -24,7 +24,11 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss or norm became NaN/Inf; the state of that step is never checkpointed."""
+    """A loss or norm became NaN/Inf at `step`; the state of that step is never checkpointed."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def check_finite(step: int, metrics: Mapping[str, float]) -> None:
@@ -32,7 +36,7 @@ def check_finite(step: int, metrics: Mapping[str, float]) -> None:
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         shown = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
-        raise NonFiniteLossError(f"non-finite training metrics at step {step}: {shown}")
+        raise NonFiniteLossError(f"non-finite training metrics at step {step}: {shown}", step)
 
 
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
