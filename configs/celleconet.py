@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.epochs = 40
     c.train.batch_size = 16  # slides per step: the Cox risk sets are within a batch
     c.train.eval_batch_size = 4
-    c.train.max_tiles = 1024  # random tiles per slide per training step (all tiles at evaluation)
+    c.train.max_tiles = 1024  # a crop of this many neighbouring tiles per slide and training step (all at evaluation)
     c.train.lr = 2e-4
     c.train.weight_decay = 1e-4
 

@@ -21,12 +21,13 @@ PROG = "python -m xmag_jax.survival"
 
 def _flags(argv: Sequence[str]) -> flags.FlagValues:
     fv = flags.FlagValues()
+    argv = [PROG, *argv]
     config_flags.DEFINE_config_file("config", None, "Config file (configs/celleconet.py[:ARG]).", flag_values=fv,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=argv)  # --config.KEY overrides are found in argv
     flags.DEFINE_string("workdir", None, "Run directory: run.json, units/, checkpoints/, results.json, km_*.png.",
                         flag_values=fv)
     try:
-        rest = fv([PROG, *argv])
+        rest = fv(argv)
     except (flags.Error, ValueError, AttributeError, KeyError) as e:  # config_flags: bad file or override
         raise errors.UserError(str(e)) from e
     if len(rest) > 1:

@@ -15,9 +15,17 @@ from xmag_jax.survival.slides import Slide
 
 
 def _take(slide: Slide, max_tiles: int | None, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-    """Rows kept (all, or `max_tiles` at random) and the neighbour table re-indexed to them (-1: not kept)."""
+    """Rows kept and the neighbour table re-indexed to them (-1: no tile or not kept).
+
+    All rows, or the `max_tiles` tiles nearest (in µm) to a random tile: a contiguous crop, so that the kept
+    tiles keep their neighbourhoods (a random subset would break them up).
+    """
     n = slide.n_tiles
-    keep = np.arange(n) if not max_tiles or n <= max_tiles else np.sort(rng.choice(n, max_tiles, replace=False))
+    if not max_tiles or n <= max_tiles:
+        keep = np.arange(n)
+    else:
+        centre = slide.centres_um[rng.integers(n)]
+        keep = np.sort(np.argsort(np.linalg.norm(slide.centres_um - centre, axis=1), kind="stable")[:max_tiles])
     remap = np.full(n + 1, -1, np.int64)  # index n: the "no neighbour" -1 wraps here
     remap[keep] = np.arange(len(keep))
     return keep, remap[slide.neighbours[keep]]

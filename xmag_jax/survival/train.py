@@ -1,6 +1,6 @@
 """Training and inference of one survival model on a set of slides (one cross-validation unit).
 
-Each step draws `train.batch_size` slides, at most `train.max_tiles` random tiles of each, and minimises the Cox
+Each step draws `train.batch_size` slides, a crop of at most `train.max_tiles` tiles of each, and minimises the Cox
 partial likelihood of the batch (+ `loss.binary_weight` x the "recurrence within `loss.binary_months`" cross-entropy
 when that head is on). AdamW, `train.epochs` passes over the training slides.
 """
