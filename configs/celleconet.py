@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_tiles = 1024  # a crop of this many neighbouring tiles per slide and training step (all at evaluation)
     c.train.lr = 2e-4
     c.train.weight_decay = 1e-4
+    c.train.val_fraction = 0.2  # of each training fold, held out to keep the epoch of best C-index (0: last epoch)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.binary_months = 0.0  # > 0: a second head for "recurrence within this many months" (censored before: left out)

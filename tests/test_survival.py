@@ -185,3 +185,13 @@ def test_cli_writes_results_and_resumes_only_unfinished_units(tmp_path, capsys):
         k: v for k, v in before.items() if k != "fold1_abmil.json"}
     code, err = _run([*argv, "--config.seed=1"], capsys)
     assert code == 2 and "another config" in err
+
+
+def test_slides_writer_renders_the_class_map_with_data_prep_synthetic(tmp_path):
+    import tiffslide
+
+    slides, _ = ss.make_cohort(1, "spatial", seed=0, min_side=2, max_side=2)
+    ss.write_slides(tmp_path, slides)
+    with tiffslide.TiffSlide(tmp_path / "slide_000.tif") as slide:
+        assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(ss.LEVEL0_MPP)
+        assert slide.dimensions == (1792, 1792)  # 2 tiles x 448 µm at 0.5 µm/px

@@ -93,13 +93,13 @@ def _train_unit(name: str, fold: int, slides: list[Slide], clinical: Clinical, t
         return _clinical_unit(clinical, tr, te, config)
     word_dim, n_words = slides[0].words.shape[2], slides[0].words.shape[1]
     model = model_lib.build(name, word_dim, n_words, slides[0].features.shape[1], train.n_outputs(config), config, seed)
-    losses = train.fit(model, [slides[i] for i in tr], clinical.time[tr], clinical.event[tr], config, seed)
+    history = train.fit(model, [slides[i] for i in tr], clinical.time[tr], clinical.event[tr], config, seed)
     out_tr = train.predict(model, [slides[i] for i in tr], config)
     out_te = train.predict(model, [slides[i] for i in te], config)
     with ocp.StandardCheckpointer() as ckptr:
         path = ckpt_dir / f"fold{fold}_{name}"
         ckptr.save(path.absolute(), nnx.state(model, nnx.Param), force=True)
-    unit = {"train_risk": out_tr[:, 0].tolist(), "test_risk": out_te[:, 0].tolist(), "losses": losses}
+    unit = {"train_risk": out_tr[:, 0].tolist(), "test_risk": out_te[:, 0].tolist(), **history}
     if out_te.shape[1] > 1:
         unit["test_binary_logit"] = out_te[:, 1].tolist()
     return unit
