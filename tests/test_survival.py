@@ -195,3 +195,23 @@ def test_slides_writer_renders_the_class_map_with_data_prep_synthetic(tmp_path):
     with tiffslide.TiffSlide(tmp_path / "slide_000.tif") as slide:
         assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(ss.LEVEL0_MPP)
         assert slide.dimensions == (1792, 1792)  # 2 tiles x 448 µm at 0.5 µm/px
+
+
+def test_local_attention_is_a_mask_by_um_distance(tmp_path):
+    features, _, _ = _cohort(tmp_path, n=1)
+    (slide,), _ = slides_lib.load_slides(features, ["slide_000"])
+    config = celleconet_debug.get_config()
+    b = batching.make_batch([slide], np.ones(1), np.ones(1), batch_size=1, global_attention_max_tiles=1)
+    assert b["local"].tolist() == [True]
+    keys = ("features", "words", "neighbours", "centres", "mask")
+    outs = {}
+    for window in (1e9, 500.0):  # everything in reach vs the 4 nearest tiles (448 µm apart)
+        config.model.window_um = window
+        net = model_lib.build("spatial", 8, 1, 8, 1, config, seed=0)
+        net.eval()
+        for local in (True, False):
+            batch = {k: jnp.asarray(b[k]) for k in keys} | {"local": jnp.asarray([local])}
+            outs[window, local] = float(net(batch)[0, 0])
+    assert outs[1e9, True] == pytest.approx(outs[1e9, False], abs=1e-5)
+    assert outs[500.0, True] != pytest.approx(outs[500.0, False], abs=1e-3)
+    assert outs[500.0, False] == pytest.approx(outs[1e9, False], abs=1e-5)

@@ -59,7 +59,7 @@ def make_batch(slides: Sequence[Slide], time: np.ndarray, event: np.ndarray, *, 
         out["neighbours"][i, :n] = neighbours
         centres = slide.centres_um[keep]
         out["centres"][i, :n] = centres - centres.mean(axis=0)
-        out["local"][i] = n > global_attention_max_tiles
+        out["local"][i] = slide.n_tiles > global_attention_max_tiles  # the whole slide's: crops train as it is used
     out["time"][: len(slides)] = time
     out["event"][: len(slides)] = event
     out["valid"][: len(slides)] = True

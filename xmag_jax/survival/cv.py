@@ -44,8 +44,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key} is empty; pass --config.{key}=PATH")
     if config.model.dim % 4:
         raise ConfigError(f"config.model.dim: {config.model.dim}; expected a multiple of 4 (2-D positions)")
-    for key in ("dim", "phrase_heads", "sentence_heads"):
-        if key != "dim" and config.model.dim % config.model[key]:
+    for key in ("phrase_heads", "sentence_heads"):
+        if config.model.dim % config.model[key]:
             raise ConfigError(f"config.model.{key}: {config.model[key]} does not divide model.dim {config.model.dim}")
     if config.transformer_no_pos.dim % config.transformer_no_pos.heads:
         raise ConfigError("config.transformer_no_pos.heads must divide transformer_no_pos.dim")

@@ -4,7 +4,7 @@ Output 0 is the log-risk (Cox), output 1, when the binary head is on, the logit 
 A batch (`xmag_jax.survival.batching`) holds, for B slides padded to L tiles:
   `features [B, L, D]` tile embeddings, `words [B, L, W, Dw]` words per tile, `neighbours [B, L, 9]` row indices
   of each tile's 3 x 3 grid neighbourhood (-1: none), `centres [B, L, 2]` tile centres in µm relative to the
-  slide's centroid, `mask [B, L]` real tiles, `local [B]` slides with more tiles than global attention allows.
+  slide's centroid, `mask [B, L]` real tiles, `local [B]` slides with more tiles than `model.global_attention_max_tiles`.
 
 Models:
   * `SpatialRisk` (CellEcoNet-style): words of a tile and its 8 neighbours -> phrase transformer -> one phrase per
