@@ -215,3 +215,20 @@ def test_local_attention_is_a_mask_by_um_distance(tmp_path):
     assert outs[1e9, True] == pytest.approx(outs[1e9, False], abs=1e-5)
     assert outs[500.0, True] != pytest.approx(outs[500.0, False], abs=1e-3)
     assert outs[500.0, False] == pytest.approx(outs[1e9, False], abs=1e-5)
+
+
+def test_real_size_config_builds_every_model_and_scores_a_slide(tmp_path):
+    from configs import celleconet
+
+    features, _, _ = _cohort(tmp_path, n=1)
+    (slide,), _ = slides_lib.load_slides(features, ["slide_000"])
+    config = celleconet.get_config()
+    with pytest.raises(errors.ConfigError, match="data.features"):  # the real config needs its data paths
+        cv.check_config(config)
+    b = batching.make_batch([slide], np.ones(1), np.ones(1), batch_size=1,
+                            global_attention_max_tiles=config.model.global_attention_max_tiles)
+    for name in model_lib.NEURAL:
+        net = model_lib.build(name, 8, 1, 8, 1, config, seed=0)
+        net.eval()
+        out = net({k: jnp.asarray(v) for k, v in b.items() if k not in ("time", "event", "valid")})
+        assert out.shape == (1, 1) and np.isfinite(np.asarray(out)).all()
