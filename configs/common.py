@@ -29,12 +29,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.allow_random_teacher = False
     c.teacher.dtype = "bfloat16"
     c.teacher.sharding = "replicate"  # or "fsdp" when the teacher does not fit replicated
+    # Run the blocks under a scan with stacked parameters (compiles one block instead of `depth`); the
+    # checkpoints on disk keep the per-block layout either way. On in the real-size configs.
+    c.teacher.scan_layers = False
 
     # 5x student: a random init (seed), or the weights of `init`.
     c.student = ml_collections.ConfigDict()
     c.student.name = "vit_s14"  # ViT-S/14, 224 px -> 16x16 tokens
     c.student.dtype = "bfloat16"  # compute dtype; parameters stay float32
     c.student.remat = False
+    c.student.scan_layers = False  # as teacher.scan_layers
     # Initial LayerScale gamma; None keeps the registry's (1e-5, DINOv2's choice for long runs). Only the
     # initial value changes: the trained student has the registry architecture and exports unchanged.
     c.student.layer_scale_init = ml_collections.config_dict.placeholder(float)
@@ -127,6 +131,7 @@ def real_size_config(*, teacher: str, teacher_checkpoint: str, epochs: int = 10)
     c.batch_size = 1024
     c.total_steps = epochs * XMAG_NUM_PAIRS // c.batch_size
     c.optim.warmup_steps = c.total_steps // 20
+    c.teacher.scan_layers = c.student.scan_layers = True  # compile time: see docs/aot.md
     # array_record reads local files: on a pod, the bucket mounted on every worker with Cloud Storage FUSE
     # (`launch/tpu_pod.sh --gcsfuse BUCKET`); GCS in open-source array_record: google/array_record#120.
     c.data.dir = "/gcs/YOUR_BUCKET/xmag_pairs"

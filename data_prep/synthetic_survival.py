@@ -17,7 +17,7 @@ Two writers:
     `xmag_jax.embed` would write them for a 5x encoder: `coords` on a grid of `patch_size_level0` px,
     `features` = the mean of the tile's word-class prototypes + Gaussian noise, attrs `mpp` 2.0 µm/px,
     `patch_size` 224, `patch_size_level0` 896 (level 0 at 0.5 µm/px), `encoder`; with `--tokens S` also the
-    `tokens [N, S, S, D]` dataset (word prototypes + noise, `xmag_jax.survival.tokens`).
+    `tokens [N, S, S, D]` dataset (word prototypes + noise, `xmag_jax.feature_tokens`).
   * `slides` (the real path, slow): pyramidal TIFFs rendered by `data_prep.synthetic` (its class-0 round and class-1
     spindle nuclei, chosen per word cell by the class map) for `xmag_jax.embed`; the tissue there is
     `data_prep.synthetic`'s own islands, so tiles outside them are dropped by tiling.
@@ -37,7 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from xmag_jax import atomic
-from xmag_jax.survival import tokens as tokens_lib
+from xmag_jax import feature_tokens as tokens_lib
 
 COHORTS = ("spatial", "amount")
 MPP = 2.0  # µm/px of the 5x features

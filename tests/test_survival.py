@@ -14,7 +14,8 @@ from configs import celleconet_debug
 from data_prep import synthetic_survival as ss
 from xmag_jax import errors
 from xmag_jax.survival import __main__ as cli
-from xmag_jax.survival import batching, clinical, cox, cv, model as model_lib, slides as slides_lib, tokens
+from xmag_jax.survival import batching, clinical, cox, cv, model as model_lib, slides as slides_lib
+from xmag_jax import feature_tokens as tokens
 
 
 def _breslow_nll(risk, time, event):

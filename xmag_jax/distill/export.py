@@ -75,7 +75,8 @@ def student_from_workdir(workdir: str, step: int | None = None, initial: bool = 
         except ValueError as error:
             raise errors.UserError(f"{directory}/{step}: {error}") from error
     manager.close()
-    student = registry.create_model(config.student.name, rngs=nnx.Rngs(0))
+    student = registry.create_model(config.student.name, rngs=nnx.Rngs(0),
+                                    scan_layers=bool(config.student.get("scan_layers", False)))
     nnx.update(student, state.student_params)
     return student, config.student.name
 

@@ -48,19 +48,26 @@ STEP_BATCH_KEYS = ("image_5x", "tiles_20x")
 
 
 def _archs(config) -> tuple[registry.Arch, registry.Arch]:
-    student = registry.get_arch(config.student.name, dtype=config.student.dtype, remat=bool(config.student.remat))
-    teacher = registry.get_arch(config.teacher.name, dtype=config.teacher.dtype, param_dtype=config.teacher.dtype)
+    student = registry.get_arch(config.student.name, dtype=config.student.dtype, remat=bool(config.student.remat),
+                                scan_layers=_scan(config.student))
+    teacher = registry.get_arch(config.teacher.name, dtype=config.teacher.dtype, param_dtype=config.teacher.dtype,
+                                scan_layers=_scan(config.teacher))
     return student, teacher
+
+
+def _scan(model_cfg: ml_collections.ConfigDict) -> bool:
+    return bool(model_cfg.get("scan_layers", False))  # absent in configs saved before the key existed
 
 
 def check_checkpoint_arch(key: str, path: str, arch: registry.Arch, name_key: str) -> None:
     """ConfigError naming `key` unless the model checkpoint `path` exists and holds `arch` (the model of the
-    config's `name_key`), compute/parameter dtypes and remat aside."""
+    config's `name_key`), compute/parameter dtypes, remat and scanning aside."""
     try:
         saved = model_checkpoint.read_arch(path)
     except (OSError, ValueError) as error:
         raise ConfigError(f"{key}: {error}") from error
-    ignored = dict(dtype=arch.vit.dtype, param_dtype=arch.vit.param_dtype, remat=arch.vit.remat)
+    ignored = dict(dtype=arch.vit.dtype, param_dtype=arch.vit.param_dtype, remat=arch.vit.remat,
+                   scan_layers=arch.vit.scan_layers)
     if dataclasses.replace(saved.vit, **ignored) != arch.vit:
         diff = {k: (v, getattr(arch.vit, k)) for k, v in saved.vit.to_dict().items()
                 if k not in ignored and v != getattr(arch.vit, k)}
@@ -245,7 +252,8 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
         layer_scale = config.student.get("layer_scale_init")  # absent in configs saved before the key existed
         overrides = {} if layer_scale is None else {"init_values": float(layer_scale)}
         student = registry.create_model(config.student.name, rngs=rngs, dtype=config.student.dtype,
-                                        remat=bool(config.student.remat), **overrides)
+                                        remat=bool(config.student.remat), scan_layers=_scan(config.student),
+                                        **overrides)
         return DistillModel(student, student_embed_dim=student_arch.vit.embed_dim,
                             teacher_embed_dim=teacher_arch.embed_dim, teacher_token_dim=teacher_arch.vit.embed_dim,
                             hidden=int(config.loss.projector_hidden), weights=weights, rngs=rngs,
@@ -253,7 +261,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
 
     def build_teacher(rng: jax.Array):
         return registry.create_model(config.teacher.name, rngs=nnx.Rngs(rng), dtype=config.teacher.dtype,
-                                     param_dtype=config.teacher.dtype)
+                                     param_dtype=config.teacher.dtype, scan_layers=_scan(config.teacher))
 
     def init(rng: jax.Array) -> TrainState:
         return _state_from_model(build_model(rng), tx, ema_decay > 0, center_dims, projector_norm == "batch")

@@ -1,7 +1,7 @@
 """Slides as the survival models see them: tile words, tile embeddings, µm positions and grid neighbours.
 
 Reads TRIDENT-layout feature h5 files (`xmag_jax.eval.features.read_bag`) plus, when present, the `tokens`
-dataset (`xmag_jax.survival.tokens`). All slides of a run must share the encoder (`encoder` attr), the pixel
+dataset (`xmag_jax.feature_tokens`). All slides of a run must share the encoder (`encoder` attr), the pixel
 size (`mpp`, µm/px) and the tile size (`patch_size`, px); mixed files are refused, naming them.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from xmag_jax.errors import UserError
 from xmag_jax.eval import features as feats
-from xmag_jax.survival import tokens as tokens_lib
+from xmag_jax import feature_tokens as tokens_lib
 
 # Offsets (dx, dy) in tiles of a tile's 3 x 3 neighbourhood, the tile itself first.
 NEIGHBOUR_OFFSETS = np.array([(0, 0), (-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1)], np.int64)

@@ -1,6 +1,7 @@
 """The `tokens` dataset of a feature h5: each tile's patch-token grid average-pooled to S x S "words".
 
-Contract (written by `embed --tokens S` through `add_tokens`, read by `xmag_jax.survival.slides`):
+Contract (written by `embed --tokens S` through `add_tokens`, read by `xmag_jax.survival.slides`; the rest
+of the h5 is TRIDENT's layout, `xmag_jax.embed.write_h5`):
   * dataset `tokens`, shape `[N, S, S, D]`, float16, row i belongs to `coords[i]` / `features[i]`;
   * its attrs: `token_grid` (S), `patch_grid` (G, the encoder's token grid per tile side), `um_per_word`
     (µm of tissue one word spans: patch_size px x mpp µm/px / S).
