@@ -105,7 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.log_every = 50  # steps between progress lines / TensorBoard points; JSONL gets every step
     c.log_record_index = False  # write each step's record indices (process 0's) into the JSONL
-    c.peak_tflops_per_device = 197.0  # for MFU: dense bf16 peak of one chip (TPU v5e: 197)
+    # MFU's peak (dense bf16 TFLOP/s per device): None takes it from the device kind (`xmag_jax.chips`: TPU
+    # v4/v5e/v5p/v6e, A100/H100/H200); CPUs have none and report no MFU. Set it only to override the table.
+    c.peak_tflops_per_device = ml_collections.config_dict.placeholder(float)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 1000  # steps; the last step is always saved

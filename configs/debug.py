@@ -43,7 +43,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.log_every = 5
     c.log_record_index = True
-    c.peak_tflops_per_device = 1.0  # a nominal CPU peak; MFU is only meaningful on accelerators
 
     c.checkpoint.every = 20
     c.checkpoint.keep = 3

@@ -26,5 +26,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = common.real_size_config(teacher="h_optimus_1", teacher_checkpoint="gs://BUCKET/teachers/h_optimus_1")
     c.teacher.sharding = "fsdp"
     c.mesh.fsdp = 4
-    c.peak_tflops_per_device = 459.0  # TPU v5p bf16
     return c

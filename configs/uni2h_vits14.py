@@ -25,5 +25,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     c = common.real_size_config(teacher="uni2_h", teacher_checkpoint="gs://BUCKET/teachers/uni2_h")
     c.teacher.sharding = "replicate"  # 1.4 GB in bf16 fits every chip
-    c.peak_tflops_per_device = 197.0  # TPU v5e bf16
     return c

@@ -25,5 +25,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     c = common.real_size_config(teacher="virchow2", teacher_checkpoint="gs://BUCKET/teachers/virchow2")
     c.teacher.sharding = "replicate"
-    c.peak_tflops_per_device = 197.0  # TPU v5e bf16
     return c

@@ -85,5 +85,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.ema_decay = 0.999
     c.optim.ema_warmup = False
 
-    c.peak_tflops_per_device = 197.0  # TPU v5e, dense bf16, per chip (the slice documented above)
     return c

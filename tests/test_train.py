@@ -65,7 +65,8 @@ def test_loss_decreases_and_everything_is_logged(run):
     for key in ("loss/global", "loss/tile", "loss/token", "grad_norm", "param_norm", "lr"):
         assert all(np.isfinite(m[key]) for m in lines), key
     timed = [m for m in lines if "step_time_s" in m]
-    assert timed and all(m["pairs_per_s"] > 0 and 0 < m["mfu"] and m["model_tflops_per_s"] > 0 for m in timed)
+    assert timed and all(m["pairs_per_s"] > 0 and m["model_tflops_per_s"] > 0 for m in timed)
+    assert not any("mfu" in m for m in lines)  # a CPU has no known peak: no MFU rather than a made-up one
     assert all(len(m["record_index"]) == 8 for m in lines)
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert Checkpointer(workdir, every=4, keep=3).all_steps() == [4, 8]

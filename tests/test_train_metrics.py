@@ -36,16 +36,18 @@ def test_resume_drops_steps_after_the_checkpoint_and_cut_lines(tmp_path):
 
 
 def test_throughput_and_mfu():
-    meter = metrics.Throughput(batch_size=64, flops_per_step=4e12, peak_tflops_per_device=2.0, device_count=4)
+    meter = metrics.Throughput(batch_size=64, flops_per_step=4e12, peak_flops_per_device=2e12, device_count=4)
     rates = meter.rates(0.5)
     assert rates["pairs_per_s"] == 128.0
     assert rates["model_tflops_per_s"] == 8.0
     assert rates["mfu"] == 1.0
     assert meter.tick() == {}
     assert set(meter.tick()) == {"step_time_s", "pairs_per_s", "model_tflops_per_s", "mfu"}
-    two_views = metrics.Throughput(batch_size=64, flops_per_step=8e12, peak_tflops_per_device=2.0, device_count=4,
+    two_views = metrics.Throughput(batch_size=64, flops_per_step=8e12, peak_flops_per_device=2e12, device_count=4,
                                    views=2).rates(1.0)
     assert two_views["pairs_per_s"] == 64.0 and two_views["views_per_s"] == 128.0 and two_views["mfu"] == 1.0
+    on_cpu = metrics.Throughput(batch_size=64, flops_per_step=4e12, peak_flops_per_device=None, device_count=1)
+    assert "mfu" not in on_cpu.rates(0.5)  # no peak known: no MFU rather than a made-up one
 
 
 def test_non_finite_metrics_name_the_step():

@@ -58,6 +58,18 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         jax.distributed.initialize()
 
 
+def _peak_flops(config: ml_collections.ConfigDict) -> float | None:
+    """The devices' dense bf16 peak for MFU (`config.peak_tflops_per_device` overrides the chip table)."""
+    peak = chips.peak_flops_per_device(jax.devices(), config.get("peak_tflops_per_device"))
+    kind = jax.devices()[0].device_kind
+    if peak is None:
+        logging.info("MFU: not applicable on %s (no known peak; set peak_tflops_per_device to override)", kind)
+    else:
+        logging.info("MFU against %.0f TFLOP/s per device (%s)", peak / 1e12,
+                     "peak_tflops_per_device" if config.get("peak_tflops_per_device") else kind)
+    return peak
+
+
 class _PendingMetrics:
     """Metrics of the last dispatched step, read one step late so the host never waits on the device."""
 
@@ -211,7 +223,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopSignals) 
     teacher = trainer.teacher_state()
 
     throughput = Throughput(batch_size=config.batch_size, flops_per_step=trainer.flops_per_step().total,
-                            peak_tflops_per_device=config.peak_tflops_per_device, device_count=jax.device_count(),
+                            peak_flops_per_device=_peak_flops(config), device_count=jax.device_count(),
                             views=trainer.views)
     pending = _PendingMetrics(config, writer, throughput)
     metadata = _metadata(config, mesh)

@@ -122,7 +122,7 @@ RANGES: dict[str, Range] = {
     "mesh.data": Range(1, also=(-1,)),
     "mesh.fsdp": Range(1, also=(-1,)),
     "log_every": _AT_LEAST_1,
-    "peak_tflops_per_device": _POSITIVE,
+    "peak_tflops_per_device": Range(0, lo_open=True, also=(None,)),
     "checkpoint.every": _AT_LEAST_1,
     "checkpoint.keep": _AT_LEAST_1,
 }

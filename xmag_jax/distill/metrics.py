@@ -3,7 +3,7 @@
 Units: `step_time_s` in seconds per optimizer update (wall clock between two finished steps, input
 pipeline included), `pairs_per_s` in tile pairs per second over all devices, `model_tflops_per_s` in
 model TFLOP/s over all devices (the step's model FLOPs, not XLA's executed FLOPs), `mfu` as a fraction of
-`peak_tflops_per_device * device_count`.
+the devices' summed dense bf16 peak (`xmag_jax.chips`; absent where none is known, e.g. a CPU).
 """
 
 from __future__ import annotations
@@ -47,14 +47,15 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 class Throughput:
     """Step time, pairs/s, model TFLOP/s and MFU from the wall time between finished steps; with `views` > 1
     augmented views per pair also `views_per_s` (pairs/s x views, the images the student sees per second).
-    `flops_per_step` is the whole step's, views included (`flops.step_flops`)."""
+    `flops_per_step` is the whole step's, views included (`flops.step_flops`). `peak_flops_per_device` (FLOP/s,
+    `chips.peak_flops_per_device`) is None where no peak is known (a CPU): MFU is then left out, not made up."""
 
-    def __init__(self, *, batch_size: int, flops_per_step: float, peak_tflops_per_device: float,
+    def __init__(self, *, batch_size: int, flops_per_step: float, peak_flops_per_device: float | None,
                  device_count: int, views: int = 1):
         self.batch_size = batch_size
         self.views = views
         self.flops_per_step = flops_per_step
-        self.peak_tflops = peak_tflops_per_device * device_count
+        self.peak_tflops = None if peak_flops_per_device is None else peak_flops_per_device * device_count / 1e12
         self._last: float | None = None
 
     def reset(self) -> None:
@@ -75,8 +76,9 @@ class Throughput:
             "step_time_s": step_time_s,
             "pairs_per_s": self.batch_size / step_time_s,
             "model_tflops_per_s": tflops,
-            "mfu": tflops / self.peak_tflops,
         }
+        if self.peak_tflops is not None:
+            rates["mfu"] = tflops / self.peak_tflops
         if self.views > 1:
             rates["views_per_s"] = self.views * rates["pairs_per_s"]
         return rates
