@@ -53,8 +53,9 @@ class Setup:
     mesh: jax.sharding.Mesh
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-    """Every input check (one-line UserError/ConfigError), before anything is compiled."""
+def prepare(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Setup:
+    """Every input check (one-line UserError/ConfigError), before anything is compiled. The mesh spans
+    `devices` (default: all)."""
     schema.check(config)
     bags = data.Bags(config.data.bags)
     cohort = data.read_cohort(config.data.labels, bags, config.data.folds, config.seed)
@@ -63,7 +64,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         raise ConfigError(f"data.bags {config.data.bags}: tiles of {bags.patch_px or 'mixed'} px, expected one "
                           f"size divisible by the student's patch size {arch.vit.patch_size} px")
     try:
-        mesh = sharding.make_mesh(config.mesh)
+        mesh = sharding.make_mesh(config.mesh, devices)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     n = sharding.data_parallel_size(mesh)
@@ -264,9 +265,9 @@ def summary_line(summary: dict) -> str:
     return f"finetune over {summary['folds']} folds: " + "; ".join(parts)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> dict:
     """Check everything, then every fold (finished folds skipped, an interrupted one resumed); results.json."""
-    setup = prepare(config, workdir)
+    setup = prepare(config, workdir, devices)
     setup.workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with workdir_lock.hold(setup.workdir, job="finetune"):
