@@ -56,6 +56,13 @@ def build(config: ml_collections.ConfigDict, arch: Arch, num_classes: int, seed:
     return E2EModel(backbone, head)
 
 
+def random_model(config: ml_collections.ConfigDict, arch: Arch, num_classes: int, seed: int) -> E2EModel:
+    """A randomly initialised student (`arch`) and head, for benchmarks and compile-only reports."""
+    head = GatedABMIL(arch.embed_dim, num_classes, hidden=config.head.hidden, attn_dim=config.head.attn_dim,
+                      dropout=config.head.dropout, rngs=nnx.Rngs(seed))
+    return E2EModel(models.VisionTransformer(arch.vit, rngs=nnx.Rngs(seed)), head)
+
+
 def layer_of(path: tuple, depth: int) -> int | None:
     """Optimizer group of a parameter path: None for the head, else the layer 0..depth + 1 (module doc)."""
     if path[0] == "head":
