@@ -208,7 +208,7 @@ def make_functions(graphdef: Any, arch: Arch, tx: optax.GradientTransformation, 
         loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def embed(trainable, frozen, rest, tiles):
         model = nnx.merge(graphdef, trainable, frozen, rest)
