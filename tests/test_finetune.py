@@ -137,7 +137,7 @@ def test_freeze_and_layer_groups():
     e2e = model_lib.E2EModel(models.VisionTransformer(vit, rngs=nnx.Rngs(0)),
                              model_lib.GatedABMIL(vit.embed_dim, 2, hidden=8, attn_dim=4, rngs=nnx.Rngs(0)))
     _, trainable, frozen, _ = model_lib.split(e2e, keep)
-    top = lambda state: {(p[0], p[1], p[2] if p[1] == "blocks" else None)  # noqa: E731
+    top = lambda state: {(p[0], p[1], p[2] if p[1] == "blocks" else None)
                          for p, _ in nnx.to_flat_state(state)}
     assert top(trainable) == {("backbone", "blocks", 1), ("backbone", "norm", None)} | {
         ("head", n, None) for n in ("fc", "attn_a", "attn_b", "attn_c", "classifier")}

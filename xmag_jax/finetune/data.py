@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import logging
 
 import numpy as np
 import simplejpeg
+from absl import logging
 from array_record.python import array_record_module
 from sklearn import model_selection
 
@@ -46,14 +46,14 @@ class Bags:
         self.patch_px = sizes.pop() if len(sizes) == 1 else 0
 
     def records(self, slide_id: str, index: np.ndarray) -> list[dict]:
-        """Decoded records (`bag_records.decode_tile`, image as JPEG bytes) of tiles `index` of the slide."""
+        """Decoded records (`bag_records.decode_tile`, image as JPEG bytes) of tiles `index` (ascending)."""
         entry = self.slides[slide_id]
         glob = entry.first + np.asarray(index, np.int64)
         shard = np.searchsorted(self._starts, glob, side="right") - 1
         out = []
-        for s, g in zip(shard.tolist(), glob.tolist()):
-            local = g - int(self._starts[s])
-            out.append(bag_records.decode_tile(self._readers[s].read([local])[0]))
+        for s in np.unique(shard).tolist():  # one read per shard, in the order asked
+            local = (glob[shard == s] - self._starts[s]).tolist()
+            out += [bag_records.decode_tile(r) for r in self._readers[s].read(local)]
         return out
 
     def tiles(self, slide_id: str, index: np.ndarray) -> np.ndarray:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import pathlib
 import time
 from typing import Any
@@ -25,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from xmag_jax import atomic, sharding, workdir_lock
@@ -129,7 +129,7 @@ class _Checkpoints:
     def restore_latest(self, tree: Any) -> tuple[int, Any] | None:
         leaves, treedef = jax.tree.flatten(tree)
         abstract = {str(i): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for i, x in enumerate(leaves)}
-        for step in reversed(sorted(self.manager.all_steps())):
+        for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             except Exception as err:  # noqa: BLE001 - an unreadable step falls back to the previous one
