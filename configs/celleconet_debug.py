@@ -4,17 +4,17 @@
     python -m xmag_jax.survival --config configs/celleconet_debug.py --workdir /tmp/surv_run \
         --config.data.features=/tmp/surv/features --config.data.clinical=/tmp/surv/clinical.csv
 
-Keys and units: `configs/celleconet.py` (the schema); this file only changes values.
+Keys and units: `xmag_jax/survival/config.py` (the schema); this file only changes values.
 """
 
 import ml_collections
 
-from configs import celleconet
+from xmag_jax.survival import config as schema
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    c = celleconet.base_config()
+    c = schema.base_config()
     c.folds = 3
     c.model.dim = 32
     c.model.phrase_layers = 1

@@ -1,11 +1,11 @@
-"""The configs follow the schema of configs/common.py, and bad values fail before compile naming the key."""
+"""The configs follow the schema of xmag_jax/config.py, and bad values fail before compile naming the key."""
 
 import importlib
 
 import jax
 import pytest
 
-from configs import common
+from xmag_jax import config as common
 from xmag_jax.distill import config_validation as cv
 
 REAL_CONFIGS = ("xmag_uni2h_vitb14", "uni2h_vits14", "virchow2_vits14", "hoptimus1_vits14")

@@ -17,7 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import common, debug
+from configs import debug
+from xmag_jax import config as common
 from xmag_jax.data.synthetic_pairs import write_pair_shards
 from xmag_jax.distill import config_validation as cv
 from xmag_jax.distill.checkpointing import CORRUPT_DIR, Checkpointer, state_digests

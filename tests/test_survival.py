@@ -219,11 +219,11 @@ def test_local_attention_is_a_mask_by_um_distance(tmp_path):
 
 
 def test_real_size_config_builds_every_model_and_scores_a_slide(tmp_path):
-    from configs import celleconet
+    from xmag_jax.survival import config as celleconet  # the real size is the schema's default
 
     features, _, _ = _cohort(tmp_path, n=1)
     (slide,), _ = slides_lib.load_slides(features, ["slide_000"])
-    config = celleconet.get_config()
+    config = celleconet.base_config()
     with pytest.raises(errors.ConfigError, match="data.features"):  # the real config needs its data paths
         cv.check_config(config)
     b = batching.make_batch([slide], np.ones(1), np.ones(1), batch_size=1,

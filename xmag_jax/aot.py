@@ -34,7 +34,7 @@ from xmag_jax import errors, sharding, topologies
 from xmag_jax.topologies import GiB, Topology
 
 DEFAULT_MFU = 0.5
-XMAG_NUM_PAIRS = 3_490_000  # tile pairs in one XMAG epoch (arXiv 2509.23097), as configs.common
+XMAG_NUM_PAIRS = 3_490_000  # tile pairs in one XMAG epoch (arXiv 2509.23097), as xmag_jax.config
 NOT_FIT_EXIT = 3
 PROG = "python -m xmag_jax.aot"
 _OOM_RE = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "

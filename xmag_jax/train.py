@@ -280,7 +280,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as error:
         message = str(error)
     except (AttributeError, KeyError) as error:  # ml_collections, for `--config.KEY=...` with an unknown KEY
-        known = config_validation.flatten(config_validation.common.base_config())
+        known = config_validation.flatten(config_validation.schema.base_config())
         unknown = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
         unknown = [key for key in unknown if key not in known]
         message = config_validation.unknown_key(unknown[0]) if unknown else f"--config: {error}"

@@ -18,8 +18,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from configs import common
-from xmag_jax import sharding
+from xmag_jax import config as schema, sharding
 from xmag_jax.distill.projectors import PROJECTOR_NORMS
 from xmag_jax.errors import ConfigError
 
@@ -42,19 +41,19 @@ def flatten(config: ml_collections.ConfigDict | Mapping[str, Any], prefix: str =
 
 def unknown_key(key: str) -> str:
     """`config key 'optim.weight_decy' is not a known key (did you mean 'optim.weight_decay'?); ...`."""
-    close = difflib.get_close_matches(key, flatten(common.base_config()), n=1)
+    close = difflib.get_close_matches(key, flatten(schema.base_config()), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"config key {key!r} is not a known key{hint}; the schema is configs/common.py"
+    return f"config key {key!r} is not a known key{hint}; the schema is xmag_jax/config.py"
 
 
 def check_schema(config: ml_collections.ConfigDict) -> None:
-    """Every key of `config` is in `configs.common.base_config()` and vice versa."""
-    known = flatten(common.base_config())
+    """Every key of `config` is in `configs.schema.base_config()` and vice versa."""
+    known = flatten(schema.base_config())
     given = flatten(config)
     problems = []
     problems += [unknown_key(key) for key in sorted(set(given) - set(known))]
     for key in sorted(set(known) - set(given)):
-        problems.append(f"config key {key!r} is missing; every key of configs/common.py must be set")
+        problems.append(f"config key {key!r} is missing; every key of xmag_jax/config.py must be set")
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -94,7 +93,7 @@ class Range:
 _POSITIVE, _AT_LEAST_1, _NON_NEGATIVE = Range(0, lo_open=True), Range(1), Range(0)
 _FRACTION, _DECAY = Range(0, 1), Range(0, 1, hi_open=True)
 
-# Every numeric key of configs/common.py and the values it may take (finite numbers only).
+# Every numeric key of xmag_jax/config.py and the values it may take (finite numbers only).
 RANGES: dict[str, Range] = {
     "seed": _NON_NEGATIVE,
     "total_steps": _AT_LEAST_1,

@@ -1,12 +1,17 @@
 """The distillation config schema: every key a config may have, with defaults (big_vision style).
 
 `base_config()` is the single source of the schema: `xmag_jax.distill.config_validation` rejects a config
-that has a key not in it or lacks one of its keys, naming the key. The per-run files (`debug.py`,
-`uni2h_vits14.py`, ...) start from it and override values, never add keys.
+that has a key not in it or lacks one of its keys, naming the key. The experiment files in `configs/`
+(`configs/debug.py`, `configs/xmag_uni2h_vitb14.py`, ...), loaded by path, start from it and override
+values, never add keys; one experiment derived from another loads it with `load_sibling`.
 
 Units: batch sizes in tile pairs (one 5x tile + its 16 20x tiles), steps in optimizer updates,
 learning rates per update, `peak_tflops_per_device` in dense bf16 TFLOP/s.
 """
+
+import importlib.util
+import pathlib
+from types import ModuleType
 
 import ml_collections
 
@@ -139,3 +144,15 @@ def real_size_config(*, teacher: str, teacher_checkpoint: str, epochs: int = 10)
     c.data.dir = "/gcs/YOUR_BUCKET/xmag_pairs"
     c.checkpoint.every = 1000
     return c
+
+
+def load_sibling(config_file: str, name: str) -> ModuleType:
+    """The experiment file `name`.py beside `config_file` (pass `__file__`), loaded by path: experiment files
+    are not a package, so `configs/demo.py` derives from `configs/debug.py` wherever it is run from."""
+    path = pathlib.Path(config_file).resolve().parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_xmag_config_{name}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{path}: no such experiment config")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
