@@ -192,7 +192,7 @@ def test_config_error_is_one_line_without_libtpu_noise(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config.loss.tile_wieght=0.5"], "config key 'loss.tile_wieght' is not a known key (did you mean "
+    (["--config.loss.tile_wieght=0.5"], "--config.loss.tile_wieght: not a key of the config (did you mean "
                                         "'loss.tile_weight'?)"),
     (["--config.optim.lr=abc"], "flag --config.optim.lr=abc: could not convert string to float"),
     (["--config", "configs/no_such.py"], "--config: Configuration is not available"),

@@ -273,21 +273,6 @@ class _DropOrbaxInfo(std_logging.Filter):
 PROG = "python -m xmag_jax.train"
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a bad flag or an override of a key the config lacks as one line (exit 2)."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        message = str(error)
-    except (AttributeError, KeyError) as error:  # ml_collections, for `--config.KEY=...` with an unknown KEY
-        known = config_validation.flatten(config_validation.schema.base_config())
-        unknown = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
-        unknown = [key for key in unknown if key not in known]
-        message = config_validation.unknown_key(unknown[0]) if unknown else f"--config: {error}"
-    errors.report(errors.UserError(message), PROG)
-    sys.exit(errors.EXIT_USER_ERROR)
-
-
 def main(argv: list[str]) -> None:
     """The command line: every error a person can fix is one line on stderr (see the module's exit status)."""
     prog = PROG
@@ -317,4 +302,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=errors.absl_flags_parser(
+        PROG, lambda: config_validation.flatten(config_validation.schema.base_config())))

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from xmag_jax import errors
+from xmag_jax import errors, platforms
 from xmag_jax.distill.metrics import NonFiniteLossError
 
 PROG = "python -m xmag_jax.finetune"
@@ -27,7 +27,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: folds' checkpoin
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from xmag_jax.finetune import run  # after flag parsing: JAX is configured by then
+    platforms.configure()
+    from xmag_jax.finetune import run  # after flag parsing and the platform choice, before JAX starts a backend
 
     # Orbax logs every stage of every save at INFO: keep its warnings, and our progress lines.
     logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
@@ -46,4 +47,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=errors.absl_flags_parser(PROG))

@@ -23,7 +23,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from xmag_jax import aot, models, sharding, topologies
+from xmag_jax import aot, errors, models, platforms, sharding, topologies
 from xmag_jax.finetune import model as model_lib
 
 GiB = topologies.GiB
@@ -98,6 +98,7 @@ def format_report(r: dict) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    platforms.configure()
     for name in _TOPOLOGY.value:
         topo = topologies.parse(name)
         devices = topologies.compile_devices(topo)
@@ -108,4 +109,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=errors.absl_flags_parser("python -m xmag_jax.finetune.aot"))
