@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from xmag_jax import data, errors, platforms, sharding, workdir_lock
+from xmag_jax import chips, data, errors, platforms, sharding, workdir_lock
 from xmag_jax.distill import config_validation, step as step_lib
 from xmag_jax.distill.checkpointing import Checkpointer
 from xmag_jax.distill.metrics import MetricWriter, NonFiniteLossError, Throughput, check_finite, log_progress, to_floats
