@@ -154,7 +154,13 @@ def _probe(key: str, what: str, probe):
 
 
 def check_files(config: ml_collections.ConfigDict) -> None:
-    """The teacher checkpoint and the data shards exist."""
+    """The teacher checkpoint and the data shards exist, and a `student.init` is a model checkpoint of
+    `student.name`'s architecture."""
+    from xmag_jax.distill import step as step_lib  # pylint: disable=g-import-not-at-top (step imports us)
+
+    if config.student.get("init"):
+        student, _ = step_lib.archs(config)
+        step_lib.check_checkpoint_arch("student.init", config.student.init, student, "student.name")
     if not config.teacher.checkpoint:
         _require(config.teacher.allow_random_teacher, "teacher.checkpoint",
                  "is empty: set it to an Orbax checkpoint from `python -m xmag_jax.convert import` "
@@ -203,7 +209,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     Schema (unknown keys with a suggestion, missing keys), value ranges and choices, the model geometry
     (`distill.step.validate`: token grids that must divide), the mesh over `num_devices` devices (fsdp and data
     sizes that divide them) and the batch over it and the `process_count` processes, and, with `files`, that
-    `teacher.checkpoint` and `data.dir` exist (`aot` compiles without reading them).
+    `teacher.checkpoint`, `student.init` and `data.dir` exist (`aot` compiles without reading them).
     """
     from xmag_jax.distill import step as step_lib  # pylint: disable=g-import-not-at-top (step imports us)
 
