@@ -4,17 +4,17 @@
         --config.data.dir=demo_out/pairs --config.total_steps=20
 
 `configs/demo.py` (what `make demo` trains) starts from it. `arg` is unused; overrides go through `--config.KEY=VALUE`.
-Every key, with its meaning and units, is in `configs/common.py` (the schema); this file only changes values.
+Every key, with its meaning and units, is in `configs/schema.py` (the schema); this file only changes values.
 """
 
 import ml_collections
 
-from configs import common
+from xmag_jax import config as schema
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    c = common.base_config()
+    c = schema.base_config()
     c.seed = 0
     c.total_steps = 40
     c.batch_size = 4  # one laptop CPU device; tests on 8 fake devices set 8
@@ -43,7 +43,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.log_every = 5
     c.log_record_index = True
-    c.peak_tflops_per_device = 1.0  # a nominal CPU peak; MFU is only meaningful on accelerators
 
     c.checkpoint.every = 20
     c.checkpoint.keep = 3

@@ -22,7 +22,9 @@ noise, as much as one far from it, while smooth-L1 follows the target's size.
 
 import ml_collections
 
-from configs import debug
+from xmag_jax import config as schema
+
+debug = schema.load_sibling(__file__, "debug")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -12,18 +12,17 @@ On a TPU v5e-64 pod slice (64 chips, 16 hosts), from every host:
 A restarted command with the same workdir resumes from the latest checkpoint.
 
 Our variant of XMAG's released recipe (`configs/xmag_uni2h_vitb14.py`): what it changes is listed in
-`configs.common.real_size_config` (ViT-S/14 from scratch, one view, our augmentation, no BatchNorm heads, the
+`configs.schema.real_size_config` (ViT-S/14 from scratch, one view, our augmentation, no BatchNorm heads, the
 token-level term, batch 1024, lr 1e-3, no EMA).
 """
 
 import ml_collections
 
-from configs import common
+from xmag_jax import config as schema
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    c = common.real_size_config(teacher="uni2_h", teacher_checkpoint="gs://BUCKET/teachers/uni2_h")
+    c = schema.real_size_config(teacher="uni2_h", teacher_checkpoint="gs://BUCKET/teachers/uni2_h")
     c.teacher.sharding = "replicate"  # 1.4 GB in bf16 fits every chip
-    c.peak_tflops_per_device = 197.0  # TPU v5e bf16
     return c

@@ -33,7 +33,7 @@ warmup is our cosine to lr x optim.min_lr_ratio (the reference does not state th
 
 import ml_collections
 
-from configs import common
+from xmag_jax import config as schema
 
 # Pairs per global batch: 48 per GPU x 24 GPUs (configs/pretrain_mg.yaml, train_multigpu.sh).
 XMAG_BATCH = 1152
@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`arg`: None for this recipe, "literal_warmup" for the released code's whole-run warmup."""
     if arg not in (None, "", "literal_warmup"):
         raise ValueError(f"configs/xmag_uni2h_vitb14.py: unknown argument {arg!r}; expected literal_warmup or none")
-    c = common.real_size_config(teacher="uni2_h", teacher_checkpoint="gs://BUCKET/teachers/uni2_h",
+    c = schema.real_size_config(teacher="uni2_h", teacher_checkpoint="gs://BUCKET/teachers/uni2_h",
                                 epochs=XMAG_EPOCHS)
     # Teacher: UNI2-h, frozen, CLS of each 224 px sub-tile of the 896 px 20x field (models/teacher.py).
     c.teacher.dtype = "bfloat16"
@@ -74,16 +74,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Optimiser (configs/pretrain_mg.yaml): AdamW lr 5e-4, weight decay 0.05, gradient-norm clip 1.0.
     c.batch_size = XMAG_BATCH
-    c.total_steps = XMAG_EPOCHS * common.XMAG_NUM_PAIRS // XMAG_BATCH  # 30295
+    c.total_steps = XMAG_EPOCHS * schema.XMAG_NUM_PAIRS // XMAG_BATCH  # 30295
     c.optim.lr = 5e-4
     c.optim.weight_decay = 0.05
     c.optim.clip_norm = 1.0
-    c.optim.warmup_steps = common.XMAG_NUM_PAIRS // XMAG_BATCH  # 1 epoch, see the module docstring
+    c.optim.warmup_steps = schema.XMAG_NUM_PAIRS // XMAG_BATCH  # 1 epoch, see the module docstring
     if arg == "literal_warmup":
         c.optim.warmup_steps = c.total_steps - 1
     # EMA of the student, decay 0.999 from its (pretrained) init, the released model (models/distiller.py).
     c.optim.ema_decay = 0.999
     c.optim.ema_warmup = False
 
-    c.peak_tflops_per_device = 197.0  # TPU v5e, dense bf16, per chip (the slice documented above)
     return c

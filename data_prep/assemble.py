@@ -30,7 +30,8 @@ def _count(path: str) -> int:
         reader.close()
 
 
-def _write_split(stage: str, split: str, slide_shards: list[str], examples_per_shard: int) -> tfds.core.SplitInfo:
+def _write_split(stage: str, split: str, slide_shards: list[str], examples_per_shard: int, dataset_name: str
+                 ) -> tfds.core.SplitInfo:
     counts = [_count(p) for p in slide_shards]
     total = sum(counts)
     num_shards = max(1, math.ceil(total / examples_per_shard))
@@ -40,7 +41,7 @@ def _write_split(stage: str, split: str, slide_shards: list[str], examples_per_s
     num_bytes = 0
     current, left = None, 0
     for index, length in enumerate(lengths):
-        path = os.path.join(stage, records.shard_name(split, index, num_shards))
+        path = os.path.join(stage, records.shard_name(split, index, num_shards, dataset_name))
         writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
         written = 0
         while written < length:
@@ -60,33 +61,36 @@ def _write_split(stage: str, split: str, slide_shards: list[str], examples_per_s
     return tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes, filename_template=None)
 
 
-def _old_dataset_files(out_dir: str) -> list[str]:
-    pattern = re.compile(rf"^{re.escape(records.DATASET_NAME)}-[a-z0-9_]+\.{records.FILE_FORMAT}-\d{{5}}-of-\d{{5}}$")
+def _old_dataset_files(out_dir: str, dataset_name: str) -> list[str]:
+    pattern = re.compile(rf"^{re.escape(dataset_name)}-[a-z0-9_]+\.{records.FILE_FORMAT}-\d{{5}}-of-\d{{5}}$")
     return [n for n in os.listdir(out_dir) if pattern.match(n)]
 
 
 def assemble(out_dir: str, split_shards: dict[str, list[str]], examples_per_shard: int, description: str = "",
-             metadata: dict | None = None) -> dict[str, int]:
+             metadata: dict | None = None, *, dataset_name: str = records.DATASET_NAME,
+             features: tfds.features.FeaturesDict | None = None) -> dict[str, int]:
     """Write the TFDS dataset for {split: [per-slide shard paths]} into `out_dir`; returns {split: examples}.
-    `metadata` (JSON-able) becomes the TFDS `metadata.json` (`records.read_metadata`)."""
+    Records keep the order of the per-slide shards. `metadata` (JSON-able) becomes the TFDS `metadata.json`
+    (`records.read_metadata`); `dataset_name`/`features`: the shard names and record schema (default: pairs)."""
     stage = os.path.join(out_dir, f".assemble-tmp-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(stage)
-    split_infos = [_write_split(stage, split, shards, examples_per_shard)
+    split_infos = [_write_split(stage, split, shards, examples_per_shard, dataset_name)
                    for split, shards in sorted(split_shards.items()) if shards]
     split_infos = [s for s in split_infos if s.num_examples]
     if not split_infos:
         shutil.rmtree(stage)
-        raise ValueError("no tile pairs to write: every slide failed or had no tissue tile")
+        raise ValueError("no records to write: every slide failed or had no tissue tile")
     for name in os.listdir(stage):  # splits without examples leave an empty shard 0-of-1: drop it
-        if not any(name.startswith(f"{records.DATASET_NAME}-{s.name}.") for s in split_infos):
+        if not any(name.startswith(f"{dataset_name}-{s.name}.") for s in split_infos):
             os.remove(os.path.join(stage, name))
-    tfds.folder_dataset.write_metadata(data_dir=stage, features=records.features(), split_infos=split_infos,
+    tfds.folder_dataset.write_metadata(data_dir=stage, features=features or records.features(),
+                                       split_infos=split_infos,
                                        check_data=False, description=description,
                                        metadata=tfds.core.MetadataDict(metadata or {}))
     if os.path.exists(os.path.join(out_dir, "dataset_info.json")):
         os.remove(os.path.join(out_dir, "dataset_info.json"))
-    for name in _old_dataset_files(out_dir):
+    for name in _old_dataset_files(out_dir, dataset_name):
         os.remove(os.path.join(out_dir, name))
     for name in sorted(os.listdir(stage), key=lambda n: n == "dataset_info.json"):
         os.replace(os.path.join(stage, name), os.path.join(out_dir, name))

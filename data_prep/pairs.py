@@ -16,6 +16,7 @@ import os
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -47,10 +48,15 @@ class PairConfig:
 
     def fingerprint(self, spec: inputs.SlideSpec) -> str:
         """Changes when anything that shapes this slide's pairs changes (options, slide file, coords file)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
-        stats = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in (spec.path, spec.coords) if p and os.path.exists(p)]
-        return hashlib.sha256(json.dumps([fields, dataclasses.asdict(spec), stats], sort_keys=True, default=str)
-                              .encode()).hexdigest()[:16]
+        return fingerprint(self, spec)
+
+
+def fingerprint(config: Any, spec: inputs.SlideSpec) -> str:
+    """Hash of a dataclass `config` (its `progress` field aside), the slide spec and its files' size and mtime."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+    stats = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in (spec.path, spec.coords) if p and os.path.exists(p)]
+    return hashlib.sha256(json.dumps([fields, dataclasses.asdict(spec), stats], sort_keys=True, default=str)
+                          .encode()).hexdigest()[:16]
 
 
 def shard_path(work_dir: str, slide_id: str) -> str:
@@ -181,19 +187,35 @@ def pair_record(slide: slide_reader.Slide, x: int, y: int, field: int, fraction:
 
 def process_slide(spec: inputs.SlideSpec, config: PairConfig, work_dir: str, overlay_dir: str | None) -> dict:
     """Tile one slide into `work_dir`; returns its done marker, or its failure record (never raises SlideError)."""
+
+    def records_of(slide: slide_reader.Slide) -> tuple[int, Iterator[bytes], dict]:
+        grid, source = plan_tiles(slide, spec, config, overlay_dir)
+        tiles = zip(grid.coords.tolist(), grid.tissue_fraction.tolist())
+        return (len(grid.coords), (pair_record(slide, x, y, grid.field_level0, f, config) for (x, y), f in tiles),
+                {"field_level0": grid.field_level0, "tiles_from": source})
+
+    return write_slide_shard(spec, config, work_dir, records_of, unit="pair")
+
+
+def write_slide_shard(spec: inputs.SlideSpec, config: Any, work_dir: str,
+                      records_of: Callable[[slide_reader.Slide], tuple[int, Iterator[bytes], dict]],
+                      unit: str = "record") -> dict:
+    """Open the slide, write the records `records_of(slide)` gives (count, records, extra done fields) to its
+    shard under a temp name and rename it, then the done marker (`num_pairs` = the count); returns the marker,
+    or the failure record (written to `failed_path`; never raises SlideError). `config` has `fingerprint` and
+    `progress`."""
     start = time.time()
     os.makedirs(work_dir, exist_ok=True)
     try:
         with slide_reader.open_slide(spec.path, spec.mpp, spec.slide_id) as slide:
-            grid, source = plan_tiles(slide, spec, config, overlay_dir)
+            count, records_iter, extra = records_of(slide)
             final = shard_path(work_dir, spec.slide_id)
             tmp = temp_name(final)
             writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
             try:
-                tiles = zip(grid.coords.tolist(), grid.tissue_fraction.tolist())
-                for (x, y), fraction in tqdm(tiles, total=len(grid.coords), desc=spec.slide_id, unit="pair",
-                                             leave=False, disable=not config.progress, mininterval=1.0):
-                    writer.write(pair_record(slide, x, y, grid.field_level0, fraction, config))
+                for record in tqdm(records_iter, total=count, desc=spec.slide_id, unit=unit, leave=False,
+                                   disable=not config.progress, mininterval=1.0):
+                    writer.write(record)
                 writer.close()
             except BaseException:
                 writer.close()
@@ -201,9 +223,9 @@ def process_slide(spec: inputs.SlideSpec, config: PairConfig, work_dir: str, ove
                 raise
             os.replace(tmp, final)
             done = {
-                "slide_id": spec.slide_id, "path": spec.path, "status": "done", "num_pairs": len(grid.coords),
-                "num_bytes": os.path.getsize(final), "digest": shard_digest(final), "mpp_level0": slide.mpp, "mpp_source": slide.mpp_source,
-                "backend": slide.backend, "field_level0": grid.field_level0, "tiles_from": source,
+                "slide_id": spec.slide_id, "path": spec.path, "status": "done", "num_pairs": count,
+                "num_bytes": os.path.getsize(final), "digest": shard_digest(final), "mpp_level0": slide.mpp,
+                "mpp_source": slide.mpp_source, "backend": slide.backend, **extra,
                 "seconds": round(time.time() - start, 3), "fingerprint": config.fingerprint(spec),
             }
         write_json_atomic(done_path(work_dir, spec.slide_id), done)

@@ -112,30 +112,31 @@ def decode_pair(data: bytes) -> dict[str, Any]:
     }
 
 
-def shard_name(split: str, index: int, num_shards: int) -> str:
+def shard_name(split: str, index: int, num_shards: int, dataset_name: str = DATASET_NAME) -> str:
     """TFDS file name of one shard, e.g. `xmag_pairs-train.array_record-00000-of-00004`."""
-    return f"{DATASET_NAME}-{split}.{FILE_FORMAT}-{index:05d}-of-{num_shards:05d}"
+    return f"{dataset_name}-{split}.{FILE_FORMAT}-{index:05d}-of-{num_shards:05d}"
 
 
-def shard_paths(dataset_dir: str | os.PathLike, split: str) -> list[str]:
+def shard_paths(dataset_dir: str | os.PathLike, split: str, dataset_name: str = DATASET_NAME) -> list[str]:
     """The complete shards of `split` in `dataset_dir`, sorted; temp files and partial sets never count.
 
     Raises FileNotFoundError if the split has no shards, ValueError if the set is incomplete
     (a shard `i-of-N` is missing or shards disagree on N).
     """
     dataset_dir = os.fspath(dataset_dir)
-    pattern = re.compile(rf"^{re.escape(DATASET_NAME)}-{re.escape(split)}\.{FILE_FORMAT}-(\d{{5}})-of-(\d{{5}})$")
+    pattern = re.compile(rf"^{re.escape(dataset_name)}-{re.escape(split)}\.{FILE_FORMAT}-(\d{{5}})-of-(\d{{5}})$")
     found: dict[int, set[int]] = {}
     for name in os.listdir(dataset_dir):
         m = pattern.match(name)
         if m:
             found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
     if not found:
-        raise FileNotFoundError(f"{dataset_dir}: no shards for split {split!r} (expected {shard_name(split, 0, 1)}...)")
+        raise FileNotFoundError(f"{dataset_dir}: no shards for split {split!r} "
+                                f"(expected {shard_name(split, 0, 1, dataset_name)}...)")
     if len(found) > 1 or set(range(next(iter(found)))) != next(iter(found.values())):
         raise ValueError(f"{dataset_dir}: incomplete shard set for split {split!r}: {sorted(found.items())}")
     num = next(iter(found))
-    return [os.path.join(dataset_dir, shard_name(split, i, num)) for i in range(num)]
+    return [os.path.join(dataset_dir, shard_name(split, i, num, dataset_name)) for i in range(num)]
 
 
 def check_ratio(mpp_5x: float, mpp_20x: float, where: str) -> None:

@@ -42,6 +42,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 
 from tqdm import tqdm
 
@@ -59,10 +60,15 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SlideToPairs(beam.DoFn):
-    """Beam stage: one slide spec in, its done marker or failure record out (work in a child process)."""
+    """Beam stage: one slide spec in, its done marker or failure record out (work in a child process).
 
-    def __init__(self, config: pairs.PairConfig, work_dir: str, overlay_dir: str, isolate: bool = True):
+    `process(spec, config, work_dir, overlay_dir)` does one slide (`pairs.process_slide`; tile_bags passes
+    its own); it must be a module-level function (pickled to the workers)."""
+
+    def __init__(self, config, work_dir: str, overlay_dir: str | None, isolate: bool = True,
+                 process: Callable[..., dict] = pairs.process_slide):
         self._config, self._work_dir, self._overlay_dir, self._isolate = config, work_dir, overlay_dir, isolate
+        self._process = process
         self._child: isolation.SlideProcess | None = None
 
     def setup(self):
@@ -71,9 +77,9 @@ class SlideToPairs(beam.DoFn):
     def process(self, spec: inputs.SlideSpec):
         args = (self._config, self._work_dir, self._overlay_dir)
         if self._child is None:
-            yield pairs.process_slide(spec, *args)
+            yield self._process(spec, *args)
         else:
-            yield self._child.run(pairs.process_slide, spec, self._work_dir, *args)
+            yield self._child.run(self._process, spec, self._work_dir, *args)
 
     def teardown(self):
         if self._child is not None:
@@ -166,9 +172,10 @@ def _watch_progress(work_dir: str, todo: list[inputs.SlideSpec], stop: threading
                 return
 
 
-def run_pipeline(todo: list[inputs.SlideSpec], config: pairs.PairConfig, work_dir: str, overlay_dir: str,
-                 options: PipelineOptions, isolate: bool = True) -> None:
-    """Tile `todo` slides with Beam, one slide per element."""
+def run_pipeline(todo: list[inputs.SlideSpec], config, work_dir: str, overlay_dir: str | None,
+                 options: PipelineOptions, isolate: bool = True,
+                 process: Callable[..., dict] = pairs.process_slide) -> None:
+    """Tile `todo` slides with Beam, one slide per element (`process`: see `SlideToPairs`)."""
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_progress, args=(work_dir, todo, stop, config.progress), daemon=True)
@@ -176,20 +183,38 @@ def run_pipeline(todo: list[inputs.SlideSpec], config: pairs.PairConfig, work_di
     try:
         with beam.Pipeline(options=options) as pipeline:
             _ = (pipeline | "Slides" >> beam.Create(todo) | "OnePerWorker" >> beam.Reshuffle()
-                 | "TilePairs" >> beam.ParDo(SlideToPairs(config, work_dir, overlay_dir, isolate)))
+                 | "TileSlides" >> beam.ParDo(SlideToPairs(config, work_dir, overlay_dir, isolate, process)))
     finally:
         stop.set()
         watcher.join()
 
 
-def _clean_stale_temps(out_dir: str, work_dir: str) -> None:
+def clean_stale_temps(out_dir: str, work_dir: str) -> None:
     for path in glob.glob(os.path.join(work_dir, "*.tmp-*")) + glob.glob(os.path.join(out_dir, "*.tmp-*")):
         os.remove(path)
     for path in glob.glob(os.path.join(out_dir, ".assemble-tmp-*")):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_text_atomic(path: str, text: str) -> None:
+def collect_results(specs: list[inputs.SlideSpec], config, out_dir: str, work_dir: str
+                    ) -> tuple[dict[str, dict | None], list[dict]]:
+    """({slide_id: done marker or None}, failure records) after a pipeline run; writes `out_dir/failures.jsonl`
+    (a slide with neither marker nor failure record is a `WorkerCrash`)."""
+    done = {s.slide_id: pairs.read_done(work_dir, s, config) for s in specs}
+    failures = []
+    for spec in specs:
+        if done[spec.slide_id] is None:
+            try:
+                with open(pairs.failed_path(work_dir, spec.slide_id)) as f:
+                    failures.append(json.load(f))
+            except (OSError, ValueError):
+                failures.append({"slide": spec.path, "slide_id": spec.slide_id, "status": "failed",
+                                 "error_type": "WorkerCrash", "message": "no result: the worker died on this slide"})
+    write_text_atomic(os.path.join(out_dir, "failures.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
+    return done, failures
+
+
+def write_text_atomic(path: str, text: str) -> None:
     tmp = pairs.temp_name(path)
     with open(tmp, "w") as f:
         f.write(text)
@@ -212,7 +237,7 @@ def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str
     start = time.time()
     work_dir, overlay_dir = os.path.join(out_dir, "work"), os.path.join(out_dir, "overlays")
     os.makedirs(work_dir, exist_ok=True)
-    _clean_stale_temps(out_dir, work_dir)
+    clean_stale_temps(out_dir, work_dir)
     config = pairs.PairConfig(mpp_5x=args.mpp_5x, mpp_20x=args.mpp_20x, mpp_tolerance=args.mpp_tolerance,
                               allow_upsample=args.allow_upsample, low_mag_source=args.low_mag_source,
                               min_tissue=args.min_tissue, jpeg_quality=args.jpeg_quality, resample=args.resample,
@@ -221,17 +246,7 @@ def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str
     todo = [s for s in specs if s.slide_id not in already]
     if todo:
         run_pipeline(todo, config, work_dir, overlay_dir, options, not args.no_isolation)
-    done = {s.slide_id: pairs.read_done(work_dir, s, config) for s in specs}
-    failures = []
-    for spec in specs:
-        if done[spec.slide_id] is None:
-            try:
-                with open(pairs.failed_path(work_dir, spec.slide_id)) as f:
-                    failures.append(json.load(f))
-            except (OSError, ValueError):
-                failures.append({"slide": spec.path, "slide_id": spec.slide_id, "status": "failed",
-                                 "error_type": "WorkerCrash", "message": "no result: the worker died on this slide"})
-    _write_text_atomic(os.path.join(out_dir, "failures.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
+    done, failures = collect_results(specs, config, out_dir, work_dir)
     productive = [s for s in specs if done[s.slide_id] and done[s.slide_id]["num_pairs"] > 0]
     splits = inputs.assign_splits(productive, args.val_fraction, args.split_seed)
     summary = {
@@ -270,7 +285,7 @@ def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str
         [("slide_id", "split", "pairs", "mpp_level0", "path")]
         + [(s.slide_id, splits[s.slide_id], done[s.slide_id]["num_pairs"], done[s.slide_id]["mpp_level0"], s.path)
            for s in productive])
-    _write_text_atomic(os.path.join(out_dir, "slides.csv"), table.getvalue())
+    write_text_atomic(os.path.join(out_dir, "slides.csv"), table.getvalue())
     summary["seconds"] = round(time.time() - start, 2)
     pairs.write_json_atomic(summary_path, summary)
     return summary

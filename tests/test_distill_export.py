@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import debug
-from xmag_jax import train
+from xmag_jax import errors, train, workdir_lock
 from xmag_jax.data.synthetic_pairs import write_pair_shards
 from xmag_jax.distill import export
 from xmag_jax.models import checkpoint as model_checkpoint
@@ -23,7 +23,8 @@ def test_export_writes_the_ema_student(tmp_path):
     config.checkpoint.every, config.log_every = 3, 1
     state = train.train(config, str(tmp_path / "run"))
 
-    assert export.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "student")]) == 0
+    with workdir_lock.hold(tmp_path / "run", job="train"):  # a run still training there: reading is fine
+        assert export.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "student")]) == 0
     model, arch = model_checkpoint.load_model(tmp_path / "student")
     assert arch.name == config.student.name
     exported = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -43,13 +44,22 @@ def test_export_writes_the_ema_student(tmp_path):
     assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), exported) if a.size > 1)
 
 
+def _cli(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        errors.run_cli(export.main, prog="export", argv=argv)
+    return exit_info.value.code
+
+
 def test_export_errors_name_the_problem(tmp_path, capsys):
-    assert export.main(["--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")]) == 1
-    assert "no complete checkpoint" in capsys.readouterr().err
-    assert export.main(["--random-init", "vit_test", "--out", str(tmp_path / "r")]) == 0
+    assert _cli(["--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export: error: ") and "no complete checkpoint" in err and err.count("\n") == 1
+    assert _cli(["--random-init", "vit_test", "--out", str(tmp_path / "r")]) == 0
     assert model_checkpoint.read_arch(tmp_path / "r").name == "vit_test"
-    assert export.main(["--random-init", "vit_test", "--out", str(tmp_path / "r")]) == 1
-    assert "already exists" in capsys.readouterr().err
+    assert _cli(["--random-init", "vit_test", "--out", str(tmp_path / "r")]) == 2
+    assert "--out: " in capsys.readouterr().err
+    assert _cli(["--random-init", "vit_tst", "--out", str(tmp_path / "t")]) == 2
+    assert "unknown model 'vit_tst'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export.main(["--random-init", "vit_test", "--initial", "--out", str(tmp_path / "i")])
     assert "--initial needs --workdir" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from flax import nnx
 
 from configs import debug
 from xmag_jax import sharding
-from xmag_jax.distill import flops, optim, step
+from xmag_jax.distill import config_validation, flops, optim, step
 from xmag_jax.distill.config_validation import ConfigError
 from xmag_jax.models import registry
 
@@ -219,9 +219,11 @@ def test_student_init_of_another_architecture_or_missing_is_a_config_error(tmp_p
     model_checkpoint.save_model(tmp_path / "student", registry.create_model("vit_test", rngs=nnx.Rngs(0)), "vit_test")
     with pytest.raises(ConfigError, match=r"student.init: .*teacher holds a vit_test_teacher whose architecture "
                                           r"differs from student.name='vit_test': .*'embed_dim': \(96, 64\)"):
-        step.validate(small_config(**{"student.init": str(tmp_path / "teacher"), "student.layer_scale_init": None}))
+        config_validation.check_files(small_config(**{"student.init": str(tmp_path / "teacher"),
+                                                      "student.layer_scale_init": None}))
     with pytest.raises(ConfigError, match=r"student.init: model checkpoint .*/nowhere does not exist"):
-        step.validate(small_config(**{"student.init": str(tmp_path / "nowhere")}))
+        config_validation.check_files(small_config(**{"student.init": str(tmp_path / "nowhere"),
+                                                      "student.layer_scale_init": None}))
     with pytest.raises(ConfigError, match="student.layer_scale_init: is set together with student.init"):
         step.validate(small_config(**{"student.init": str(tmp_path / "student")}))
 

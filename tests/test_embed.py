@@ -203,3 +203,35 @@ def test_slide_failing_mid_read_leaves_others_intact(run, slides, encoder, tmp_p
     assert not (tmp_path / "slide_001.h5").exists()
     with h5py.File(tmp_path / "slide_000.h5", "r") as f, h5py.File(out / "slide_000.h5", "r") as ref:
         np.testing.assert_allclose(f["features"][...], ref["features"][...], rtol=1e-5, atol=1e-5)
+
+
+def test_tokens_are_each_tiles_pooled_patch_tokens_and_survival_reads_them(slides, encoder, tmp_path):
+    from xmag_jax import feature_tokens
+    from xmag_jax.survival import slides as survival_slides
+
+    specs = [s for s in inputs.list_slides(str(slides)) if s.slide_id == "slide_001"]
+    report = embed.embed_slides(specs, encoder, tmp_path, embed.Tiling(MPP), batch=8, workers=1, progress=False,
+                                isolate=False, tokens=4)
+    assert report.done == ["slide_001"]
+    with h5py.File(tmp_path / "slide_001.h5", "r") as f:
+        coords, tokens = f["coords"][...], f["tokens"]
+        assert tokens.dtype == np.float16 and tokens.shape == (len(coords), 4, 4, encoder.embed_dim)
+        assert tokens.attrs["token_grid"] == 4 and tokens.attrs["patch_grid"] == 16
+        assert tokens.attrs["um_per_word"] == pytest.approx(224 * MPP / 4)
+        stored = tokens[...]
+    with slide_reader.open_slide(slides / "slide_001.tif") as slide:
+        field = round(224 * MPP / slide.mpp)
+        tile = slide_reader.read_field(slide, *coords[-1], field, 224)
+    batch = np.zeros((8, 224, 224, 3), np.uint8)
+    batch[0] = tile
+    _, patches = encoder.forward_with_tokens(batch)
+    expected = feature_tokens.pool_tokens(np.asarray(patches)[:1], 4)[0]
+    np.testing.assert_allclose(stored[-1].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
+    assert not np.allclose(stored[0], stored[-1])  # rows follow coords, not one tile repeated
+    # the same folder without --tokens is another preprocessing: refused unless --overwrite
+    with pytest.raises(embed.StaleFeaturesError):
+        embed.embed_slides(specs, encoder, tmp_path, embed.Tiling(MPP), batch=8, workers=1, progress=False,
+                           isolate=False)
+    (bag,), _ = survival_slides.load_slides(tmp_path, ["slide_001"])
+    assert bag.words.shape == (len(coords), 16, encoder.embed_dim)
+    np.testing.assert_allclose(bag.words[-1].reshape(4, 4, -1), stored[-1].astype(np.float32), rtol=1e-6)

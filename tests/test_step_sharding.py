@@ -1,5 +1,6 @@
 """The sharded step on 8 fake devices (data=4, fsdp=2, FSDP teacher), and 1 device vs 8 devices agreeing,
-with the plain projectors and one view, and with XMAG's BatchNorm projectors and two views.
+with the plain projectors and one view, and with XMAG's BatchNorm projectors and two views on scanned layers
+(student and teacher blocks under a scan with stacked parameters).
 
 The 1-device run is a real 1-device process (`XLA_FLAGS=--xla_force_host_platform_device_count=1`) started
 as a subprocess running this file, while the 8-device run goes on in the test process. Tiles are 56 px
@@ -26,7 +27,7 @@ STEPS, BATCH, PX, LR = 3, 8, 56, 3e-3
 INERT_UNDER_BATCH_NORM = ("param/['student']['norm']['bias']", "ema/['norm']['bias']")
 
 
-def run_steps(projector_norm: str = "none", views: int = 1):
+def run_steps(projector_norm: str = "none", views: int = 1, scan: bool = False):
     """3 steps of a small dual-loss, EMA config on all local devices.
 
     Returns (trainer, teacher, teacher arrays before, numpy states before/after each step, metrics).
@@ -36,6 +37,7 @@ def run_steps(projector_norm: str = "none", views: int = 1):
     c.optim.warmup_steps, c.optim.lr, c.optim.ema_decay = 1, LR, 0.5
     c.loss.projector_hidden = 32
     c.loss.projector_norm, c.data.views = projector_norm, views
+    c.student.scan_layers = c.teacher.scan_layers = scan
     c.teacher.sharding = "fsdp"
     # bf16 teacher outputs round differently under different partitionings, and AdamW's first steps
     # amplify that noise in parameters with small gradients; float32 isolates what sharding changes.
@@ -66,22 +68,23 @@ def flatten_run(states, metrics) -> dict[str, np.ndarray]:
     return arrays
 
 
-def save_run(out: str, projector_norm: str, views: int) -> None:
-    _, _, _, states, metrics = run_steps(projector_norm, views)
+def save_run(out: str, projector_norm: str, views: int, scan: bool) -> None:
+    _, _, _, states, metrics = run_steps(projector_norm, views, scan)
     np.savez(out, devices=np.asarray(jax.device_count()), **flatten_run(states, metrics))
 
 
-@pytest.fixture(scope="module", params=[("none", 1), ("batch", 2)], ids=["plain-1view", "batchnorm-2views"])
+@pytest.fixture(scope="module", params=[("none", 1, False), ("batch", 2, True)],
+                ids=["plain-1view", "batchnorm-2views-scan"])
 def runs(request, tmp_path_factory):
     """The 8-device run in process, the 1-device run's saved arrays from a concurrent subprocess."""
     assert jax.device_count() == 8
-    projector_norm, views = request.param
+    projector_norm, views, scan = request.param
     one_out = tmp_path_factory.mktemp("one_device") / "run.npz"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, __file__, str(one_out), projector_norm, str(views)], env=env,
+    proc = subprocess.Popen([sys.executable, __file__, str(one_out), projector_norm, str(views), str(int(scan))], env=env,
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    eight = run_steps(projector_norm, views)
+    eight = run_steps(projector_norm, views, scan)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
     return eight, np.load(one_out)
@@ -96,10 +99,13 @@ def test_step_metrics_and_shardings(runs):
         np.testing.assert_allclose(m["loss/total"], m["loss/global"] + m["loss/tile"] + m["loss/token"], rtol=1e-5)
     assert metrics[0]["lr"] == 0.0 and metrics[1]["lr"] == pytest.approx(LR)
     assert [int(s.step) for s in states] == list(range(STEPS + 1))
-    qkv = trainer.state_shardings.params["student"]["blocks"][0]["attn"]["qkv"]["kernel"].get_value()
-    assert qkv.spec == jax.sharding.PartitionSpec("fsdp", None)
-    fc1 = trainer.teacher_shardings["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()
-    assert fc1.spec == jax.sharding.PartitionSpec("fsdp", None)
+    scan = trainer.config.student.scan_layers
+    blocks = trainer.state_shardings.params["student"]["blocks"]
+    qkv = (blocks if scan else blocks[0])["attn"]["qkv"]["kernel"].get_value()
+    fc1 = (trainer.teacher_shardings["blocks"] if scan else trainer.teacher_shardings["blocks"][0])["mlp"]["fc1"]
+    layers = (None,) if scan else ()  # the stacked block axis is never sharded
+    assert qkv.spec == jax.sharding.PartitionSpec(*layers, "fsdp", None)
+    assert fc1["kernel"].get_value().spec == jax.sharding.PartitionSpec(*layers, "fsdp", None)
     assert trainer.batch_shardings["tiles_20x"].spec[0] == ("data", "fsdp")
     if trainer.config.loss.projector_norm == "batch":  # running statistics kept in the state, moved by the steps
         means = [s.batch_stats["global_proj"]["norm"]["mean"].get_value() for s in states]
@@ -176,4 +182,4 @@ def test_logical_rules_map_annotations_and_skip_dims_that_do_not_divide():
 
 
 if __name__ == "__main__":
-    save_run(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    save_run(sys.argv[1], sys.argv[2], int(sys.argv[3]), bool(int(sys.argv[4])))

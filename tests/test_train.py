@@ -65,7 +65,8 @@ def test_loss_decreases_and_everything_is_logged(run):
     for key in ("loss/global", "loss/tile", "loss/token", "grad_norm", "param_norm", "lr"):
         assert all(np.isfinite(m[key]) for m in lines), key
     timed = [m for m in lines if "step_time_s" in m]
-    assert timed and all(m["pairs_per_s"] > 0 and 0 < m["mfu"] and m["model_tflops_per_s"] > 0 for m in timed)
+    assert timed and all(m["pairs_per_s"] > 0 and m["model_tflops_per_s"] > 0 for m in timed)
+    assert not any("mfu" in m for m in lines)  # a CPU has no known peak: no MFU rather than a made-up one
     assert all(len(m["record_index"]) == 8 for m in lines)
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert Checkpointer(workdir, every=4, keep=3).all_steps() == [4, 8]
@@ -103,13 +104,16 @@ def test_restore_onto_one_device(run, tmp_path):
         np.testing.assert_array_equal(restored[f"arr_{i}"], want)
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(run, tmp_path):
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(run, tmp_path):
     data_dir, workdir, final_params = run
     workdir = Path(shutil.copytree(workdir, tmp_path / "work"))
-    # An infinite learning rate: the first update after the resume makes the parameters NaN.
-    config = _config(data_dir, total_steps=STEPS + 4, **{"optim.lr": float("inf")})
-    with pytest.raises(NonFiniteLossError, match=rf"at step {STEPS + 1}: .*last good checkpoint is step {STEPS}"):
+    # An absurd learning rate: the first update after the resume overflows the parameters. The NaN step is the
+    # first after the restore, so the message blames that checkpoint or the config, never calls it good.
+    config = _config(data_dir, total_steps=STEPS + 4, **{"optim.lr": 1e30})
+    with pytest.raises(NonFiniteLossError, match=rf"at step {STEPS + 1}: .*first step after restoring checkpoint "
+                                                 rf"step {STEPS}, so that checkpoint \(or a config change") as info:
         train.train(config, str(workdir))
+    assert "good" not in str(info.value)
     checkpointer = Checkpointer(workdir, every=4, keep=3)
     assert checkpointer.all_steps() == [4, STEPS]
     assert max(m["step"] for m in read_metrics(workdir)) == STEPS  # the NaN step is not logged as a good one

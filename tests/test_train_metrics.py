@@ -35,17 +35,45 @@ def test_resume_drops_steps_after_the_checkpoint_and_cut_lines(tmp_path):
     assert [(m["step"], m["loss"]) for m in metrics.read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
 
 
+def test_object_store_layout_only_adds_parts_and_resumes(tmp_path):
+    """gs:// cannot append: each log point writes a new part with its own lines; nothing is ever rewritten."""
+    writer = metrics.MetricWriter(tmp_path, tensorboard=False)
+    writer._remote = True  # the object-store path, on a local directory
+    parts = tmp_path / metrics.METRICS_PARTS_DIR
+    seen = {}
+    for step in range(1, 10):
+        writer.write(step, {"loss": float(step)}, log_point=step % 3 == 0)
+        for part in parts.glob("*.jsonl"):
+            assert seen.setdefault(part.name, part.read_text()) == part.read_text()  # never rewritten
+    writer.write(10, {"loss": 10.0})
+    writer.close()
+    assert sorted(p.name for p in parts.glob("*.jsonl")) == [
+        "0000000001-0000000003.jsonl", "0000000004-0000000006.jsonl", "0000000007-0000000009.jsonl",
+        "0000000010-0000000010.jsonl"]
+    assert not (tmp_path / metrics.METRICS_FILE).exists()
+    assert [m["step"] for m in metrics.read_metrics(tmp_path)] == list(range(1, 11))
+    writer = metrics.MetricWriter(tmp_path, tensorboard=False)
+    writer._remote = True
+    writer.resume_at(5)  # a checkpoint at step 5: parts after it go, the straddling one is cut
+    writer.write(6, {"loss": 60.0}, log_point=True)
+    writer.close()
+    assert [(m["step"], m["loss"]) for m in metrics.read_metrics(tmp_path)] == [
+        (s, float(s)) for s in range(1, 6)] + [(6, 60.0)]
+
+
 def test_throughput_and_mfu():
-    meter = metrics.Throughput(batch_size=64, flops_per_step=4e12, peak_tflops_per_device=2.0, device_count=4)
+    meter = metrics.Throughput(batch_size=64, flops_per_step=4e12, peak_flops_per_device=2e12, device_count=4)
     rates = meter.rates(0.5)
     assert rates["pairs_per_s"] == 128.0
     assert rates["model_tflops_per_s"] == 8.0
     assert rates["mfu"] == 1.0
     assert meter.tick() == {}
     assert set(meter.tick()) == {"step_time_s", "pairs_per_s", "model_tflops_per_s", "mfu"}
-    two_views = metrics.Throughput(batch_size=64, flops_per_step=8e12, peak_tflops_per_device=2.0, device_count=4,
+    two_views = metrics.Throughput(batch_size=64, flops_per_step=8e12, peak_flops_per_device=2e12, device_count=4,
                                    views=2).rates(1.0)
     assert two_views["pairs_per_s"] == 64.0 and two_views["views_per_s"] == 128.0 and two_views["mfu"] == 1.0
+    on_cpu = metrics.Throughput(batch_size=64, flops_per_step=4e12, peak_flops_per_device=None, device_count=1)
+    assert "mfu" not in on_cpu.rates(0.5)  # no peak known: no MFU rather than a made-up one
 
 
 def test_non_finite_metrics_name_the_step():

@@ -30,12 +30,13 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from xmag_jax import sharding, topologies
+from xmag_jax import errors, sharding, topologies
 from xmag_jax.topologies import GiB, Topology
 
 DEFAULT_MFU = 0.5
-XMAG_NUM_PAIRS = 3_490_000  # tile pairs in one XMAG epoch (arXiv 2509.23097), as configs.common
+XMAG_NUM_PAIRS = 3_490_000  # tile pairs in one XMAG epoch (arXiv 2509.23097), as xmag_jax.config
 NOT_FIT_EXIT = 3
+PROG = "python -m xmag_jax.aot"
 _OOM_RE = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
                      r"\(([\d.]+)([KMGT]?)\)")
 _UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -178,16 +179,12 @@ def compile_step(config: ml_collections.ConfigDict, topo: Topology, *, global_ba
     """Compiles the train step of `config` for `topo` at `global_batch` (default config.batch_size)."""
     from xmag_jax.distill import config_validation, step as step_lib  # pylint: disable=g-import-not-at-top
 
-    config_validation.check_schema(config)  # no check_files: nothing is read, the teacher stays abstract
-    config_validation.check_values(config)
     devices = topologies.compile_devices(topo) if devices is None else devices
+    config = with_batch(config, int(config.batch_size if global_batch is None else global_batch))
+    # The train command's checks over this topology's chips; no files: nothing is read, the teacher stays abstract.
+    config_validation.validate(config, num_devices=len(devices), files=False)
     mesh = sharding.make_mesh(config.mesh, devices)
-    batch = int(config.batch_size if global_batch is None else global_batch)
-    unit = batch_unit(config, mesh)
-    if batch <= 0 or batch % unit:
-        raise ValueError(f"global batch {batch} must be a positive multiple of {unit} (data-parallel size "
-                         f"{sharding.data_parallel_size(mesh)} x optim.grad_accum {config.optim.grad_accum})")
-    config = with_batch(config, batch)
+    batch = int(config.batch_size)
     trainer = step_lib.make_trainer(config, mesh)
     step_flops = trainer.flops_per_step(batch)
     report = Report(
@@ -384,11 +381,11 @@ def main(argv: list[str] | None = None) -> int:
                               .replace("--global-batch", "--global_batch").replace("--max-batch", "--max_batch")
                               for a in argv[1:]]])
     except flags.Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        errors.report(error, PROG)
+        return errors.EXIT_USER_ERROR
     if len(rest) > 1:
-        print(f"error: unexpected arguments {rest[1:]}", file=sys.stderr)
-        return 2
+        errors.report(errors.UserError(f"unexpected arguments {rest[1:]}"), PROG)
+        return errors.EXIT_USER_ERROR
     if fv.docs:
         from xmag_jax import aot_docs  # pylint: disable=g-import-not-at-top
         if fv.rerender:
@@ -402,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         topo = topologies.parse(fv.topology, slices=fv.slices)
     except topologies.UnknownTopologyError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        errors.report(error, PROG)
+        return errors.EXIT_USER_ERROR
     config = fv.config
     overrides = config_flags.get_override_values(fv["config"])
     name = config_flags.get_config_filename(fv["config"]) + "".join(f" --config.{k}={v}" for k, v in overrides.items())
@@ -426,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             report = compile_step(cached, topo, global_batch=report.global_batch, mfu=fv.mfu,
                                   config_name=f"{name} --config.data.teacher_cache=CACHE")
     except ValueError as error:  # ConfigError included: the message names the config key
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        errors.report(error, PROG)
+        return errors.EXIT_USER_ERROR
     print(format_report(report))
     if fv.json:
         from etils import epath  # pylint: disable=g-import-not-at-top
@@ -444,4 +441,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run_cli(main, prog=PROG)

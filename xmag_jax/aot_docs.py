@@ -23,7 +23,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from xmag_jax import aot, topologies
+from xmag_jax import aot, errors, topologies
 from xmag_jax.topologies import GiB
 
 CONFIGS = (
@@ -226,7 +226,7 @@ def main(out: str, *, mfu: float = aot.DEFAULT_MFU, part: str = "all", resume: b
         raise ValueError(f"docs part must be all, rows or knobs, got {part!r}")
     unknown = set(only_topologies) - set(TOPOLOGIES)
     if unknown:
-        raise ValueError(f"topologies {sorted(unknown)} are not in the page's {TOPOLOGIES}")
+        raise errors.UserError(f"--docs_topologies: {sorted(unknown)} are not in the page's {TOPOLOGIES}")
     wanted = [t for t in TOPOLOGIES if not only_topologies or t in only_topologies]
     path = epath.Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

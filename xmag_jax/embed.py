@@ -42,7 +42,7 @@ import numpy as np
 import tqdm
 
 from data_prep import inputs, tissue
-from xmag_jax import atomic, encoders, errors, models, workdir_lock
+from xmag_jax import atomic, encoders, errors, feature_tokens, models, workdir_lock
 from xmag_jax.embed_read import Batch, Failure, SlidePlan, Tiling, isolated_batches, read_batches
 
 FAILURES_FILE = "failures.jsonl"
@@ -56,13 +56,15 @@ class StaleFeaturesError(errors.UserError):
     """An h5 in `--out` was made by other weights or settings than this run."""
 
 
-def preprocessing_fingerprint(tiling: Tiling, arch: models.Arch) -> str:
+def preprocessing_fingerprint(tiling: Tiling, arch: models.Arch, tokens: int = 0) -> str:
     """16 hex digits over what turns a slide into the encoder's input and its output into the embedding:
     the tiling (µm/px, patch px, min tissue), the tissue mask settings, the normalisation, the embedding
-    kind and the compute dtype."""
+    kind, the compute dtype and, when stored, the S x S token grid (`--tokens S`)."""
     fields = {"tiling": dataclasses.asdict(tiling), "mask": dataclasses.asdict(tissue.MaskParams()),
               "thumb_mpp": tissue.THUMBNAIL_MPP, "mean": arch.mean, "std": arch.std, "embedding": arch.embedding,
               "dtype": str(arch.vit.dtype)}
+    if tokens:
+        fields["tokens"] = tokens
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -75,8 +77,9 @@ class Provenance:
     preprocessing_fingerprint: str
 
     @classmethod
-    def of(cls, encoder: encoders.Encoder, tiling: Tiling) -> Provenance:
-        return cls(encoder.name, encoders.weights_fingerprint(encoder), preprocessing_fingerprint(tiling, encoder.arch))
+    def of(cls, encoder: encoders.Encoder, tiling: Tiling, tokens: int = 0) -> Provenance:
+        return cls(encoder.name, encoders.weights_fingerprint(encoder),
+                   preprocessing_fingerprint(tiling, encoder.arch, tokens))
 
 
 def h5_attrs(plan: SlidePlan, tiling: Tiling, made_by: Provenance, embed_dim: int) -> dict:
@@ -97,14 +100,20 @@ def h5_attrs(plan: SlidePlan, tiling: Tiling, made_by: Provenance, embed_dim: in
     }
 
 
-def write_h5(path: pathlib.Path, features: np.ndarray, coords: np.ndarray, attrs: dict) -> None:
-    """`features [N, D]` float32 and `coords [N, 2]` int64 with `attrs`, written to a temp file and renamed."""
+def write_h5(path: pathlib.Path, features: np.ndarray, coords: np.ndarray, attrs: dict,
+             tokens: np.ndarray | None = None, patch_grid: int = 0) -> None:
+    """`features [N, D]` float32 and `coords [N, 2]` int64 with `attrs` (and, if given, pooled `tokens
+    [N, S, S, D]` of a `patch_grid`-sided token grid, `xmag_jax.feature_tokens`), written to a temp file and
+    renamed."""
     with atomic.target(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("features", data=np.asarray(features, np.float32))
         c = f.create_dataset("coords", data=np.asarray(coords, np.int64))
         for k, v in attrs.items():
             f.attrs[k] = v
             c.attrs[k] = v
+        if tokens is not None:
+            feature_tokens.add_tokens(f, tokens, patch_grid=patch_grid, patch_px=int(attrs["patch_size"]),
+                                      mpp=float(attrs["mpp"]))
 
 
 def is_done(path: pathlib.Path, made_by: Provenance, *, overwrite: bool = False) -> bool:
@@ -141,24 +150,26 @@ class Report:
 
 def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: str | os.PathLike,
                  tiling: Tiling, *, batch: int = 64, workers: int = 4, prefetch: int = 4, progress: bool = True,
-                 overwrite: bool = False, isolate: bool = True,
+                 overwrite: bool = False, isolate: bool = True, tokens: int = 0,
                  read: Callable[..., Iterator] = read_batches) -> Report:
     """Embed every slide not already done into `out_dir`, holding its lock; failures go to
     `out_dir/failures.jsonl`. `overwrite`: re-embed slides whose h5 other weights/settings made (else an
-    error). `isolate`: read tiles in a child process (`embed_read.isolated_batches`, which runs `read`)."""
+    error). `isolate`: read tiles in a child process (`embed_read.isolated_batches`, which runs `read`).
+    `tokens` = S > 0 also stores each tile's patch tokens average-pooled to S x S (`feature_tokens`)."""
     out_dir = pathlib.Path(out_dir)
     with workdir_lock.hold(out_dir, job="embed"):
         return _embed(specs, encoder, out_dir, tiling, batch=batch, workers=workers, prefetch=prefetch,
-                      progress=progress, overwrite=overwrite, isolate=isolate, read=read)
+                      progress=progress, overwrite=overwrite, isolate=isolate, tokens=tokens, read=read)
 
 
 def _embed(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: pathlib.Path, tiling: Tiling, *,
-           batch: int, workers: int, prefetch: int, progress: bool, overwrite: bool, isolate: bool,
+           batch: int, workers: int, prefetch: int, progress: bool, overwrite: bool, isolate: bool, tokens: int,
            read: Callable[..., Iterator]) -> Report:
     n_dev = len(jax.local_devices())
     batch = -(-batch // n_dev) * n_dev
     report = Report()
-    made_by = Provenance.of(encoder, tiling)
+    made_by = Provenance.of(encoder, tiling, tokens)
+    patch_grid = tiling.patch_px // encoder.arch.vit.patch_size
     todo = []
     for spec in specs:
         if is_done(out_dir / f"{spec.slide_id}.h5", made_by, overwrite=overwrite):
@@ -179,7 +190,9 @@ def _embed(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: pa
         try:
             feats = state.features(encoder.embed_dim)
             write_h5(out_dir / f"{slide_id}.h5", feats, state.plan.coords,
-                     h5_attrs(state.plan, tiling, made_by, encoder.embed_dim))
+                     h5_attrs(state.plan, tiling, made_by, encoder.embed_dim),
+                     tokens=state.tokens((tokens, tokens, encoder.arch.vit.embed_dim)) if tokens else None,
+                     patch_grid=patch_grid)
         except Exception as e:
             _record_failure(out_dir, Failure.of(state.plan.spec, e), report)
         else:
@@ -200,9 +213,14 @@ def _embed(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: pa
             if not len(item.coords):
                 finish(item.spec.slide_id)
         elif isinstance(item, Batch):
-            out, row = encoder.forward(item.images), 0
+            if tokens:
+                out, patches = encoder.forward_with_tokens(item.images)
+                pooled = feature_tokens.pool_tokens(np.asarray(patches), tokens)
+            else:
+                out, pooled = encoder.forward(item.images), None
+            row = 0
             for slide_id, n in item.segments:
-                if slide_id in slides and slides[slide_id].add(out, row, n):
+                if slide_id in slides and slides[slide_id].add(out, row, n, pooled):
                     finish(slide_id)
                 row += n
         else:
@@ -223,15 +241,20 @@ class _SlideFeatures:
     def __init__(self, plan: SlidePlan):
         self.plan, self.parts, self.count = plan, [], 0
 
-    def add(self, out: jax.Array, row: int, n: int) -> bool:
-        self.parts.append((out, row, n))
+    def add(self, out: jax.Array, row: int, n: int, pooled: np.ndarray | None = None) -> bool:
+        self.parts.append((out, row, n, pooled))
         self.count += n
         return self.count == len(self.plan.coords)
 
     def features(self, dim: int) -> np.ndarray:
         """`float32 [N, dim]` (blocks until the device has computed them)."""
-        rows = [np.asarray(out)[row:row + n] for out, row, n in self.parts]
+        rows = [np.asarray(out)[row:row + n] for out, row, n, _ in self.parts]
         return np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
+
+    def tokens(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """Pooled patch tokens `float32 [N, S, S, D]` of the slide's tiles, in `coords` order."""
+        rows = [pooled[row:row + n] for _, row, n, pooled in self.parts]
+        return np.concatenate(rows) if rows else np.zeros((0, *shape), np.float32)
 
 
 def _record_failure(out_dir: pathlib.Path, failure: Failure, report: Report) -> None:
@@ -250,7 +273,8 @@ def _check_args(args: argparse.Namespace) -> None:
             ("--tissue-threshold", args.tissue_threshold, 0 <= args.tissue_threshold <= 1, "a fraction in [0, 1]"),
             ("--batch", args.batch, args.batch > 0, "a positive number of tiles"),
             ("--workers", args.workers, args.workers > 0, "a positive number of threads"),
-            ("--prefetch", args.prefetch, args.prefetch > 0, "a positive number of batches")):
+            ("--prefetch", args.prefetch, args.prefetch > 0, "a positive number of batches"),
+            ("--tokens", args.tokens, args.tokens >= 0, "S >= 0 (0 = no tokens)")):
         if not ok:
             raise EmbedInputError(f"{flag} {value}: expected {expected}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -273,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="embed again slides whose h5 was made by other weights or settings (else refused)")
     p.add_argument("--no-isolation", action="store_true",
                    help="read tiles in this process (a decoder crash then ends the job)")
+    p.add_argument("--tokens", type=int, default=0, metavar="S",
+                   help="also store each tile's patch tokens average-pooled to S x S (`tokens [N, S, S, D]` "
+                        "float16; S = 4 at 2 µm/px: one word = 112 µm; 0 = off)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
@@ -282,9 +309,14 @@ def main(argv: list[str] | None = None) -> int:
         encoder = encoders.from_args(args)
     except (ValueError, FileNotFoundError) as e:  # a bad slide list or encoder source (ManifestError included)
         raise EmbedInputError(str(e)) from e
+    grid = args.patch_px // encoder.arch.vit.patch_size
+    if args.tokens > grid:
+        raise EmbedInputError(f"--tokens {args.tokens}: {encoder.name} has a {grid}x{grid} token grid per "
+                              f"{args.patch_px} px tile; expected S <= {grid}")
     report = embed_slides(specs, encoder, args.out, Tiling(args.mpp, args.patch_px, args.tissue_threshold),
                           batch=args.batch, workers=args.workers, prefetch=args.prefetch,
-                          progress=not args.no_progress, overwrite=args.overwrite, isolate=not args.no_isolation)
+                          progress=not args.no_progress, overwrite=args.overwrite, isolate=not args.no_isolation,
+                          tokens=args.tokens)
     n_tiles = sum(report.tiles.values())
     print(f"{encoder.name} @ {args.mpp:g} µm/px -> {args.out}: {len(report.done)} embedded ({n_tiles} tiles, "
           f"{len(report.empty)} empty), {len(report.skipped)} already done, {len(report.failed)} failed "

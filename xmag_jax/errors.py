@@ -5,14 +5,19 @@
     if __name__ == "__main__":
         errors.run_cli(main, prog="python -m data_prep.tile_pairs")
 
-A `UserError` never shows a traceback; anything else is a bug and keeps its traceback.
+A `UserError` never shows a traceback; anything else is a bug and keeps its traceback. The config-driven
+commands (absl + ml_collections: `train`, `aot`, `finetune`, `teacher_cache`) parse their flags through
+`absl_flags_parser`, so a bad flag or `--config.KEY=VALUE` is one line too.
 """
 
 from __future__ import annotations
 
+import difflib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NoReturn
+
+from xmag_jax import platforms
 
 EXIT_USER_ERROR = 2
 
@@ -35,10 +40,41 @@ def report(error: BaseException, prog: str) -> None:
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], *, prog: str,
             argv: Sequence[str] | None = None) -> NoReturn:
-    """Runs `main(argv)` and exits with its return code; a `UserError` becomes one line and exit 2."""
+    """Runs `main(argv)` and exits with its return code; a `UserError` becomes one line and exit 2.
+
+    JAX's platforms are chosen for the host first (`platforms.configure`), before `main` can start a backend."""
+    platforms.configure()
     try:
         rc = main(argv)
     except UserError as e:
         report(e, prog)
         sys.exit(EXIT_USER_ERROR)
     sys.exit(rc or 0)
+
+
+def absl_flags_parser(prog: str, known_keys: Callable[[], Iterable[str]] | None = None
+                      ) -> Callable[[list[str]], list[str]]:
+    """A `flags_parser` for `absl.app.run`: absl's parsing, where a bad flag, a config file that does not load or
+    an override of a key the config lacks is one line and exit 2. `known_keys()` (the schema's dotted keys)
+    gives the did-you-mean for an unknown `--config.KEY`."""
+    from absl import flags
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as error:
+            message = str(error)
+        except (AttributeError, KeyError, ValueError, OSError) as error:  # ml_collections: the file or an override
+            keys = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
+            known = set(known_keys()) if known_keys else set()
+            unknown = [k for k in keys if known and k not in known]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                message = f"--config.{unknown[0]}: not a key of the config{hint}"
+            else:  # KeyError's str() is the repr of its message
+                message = f"--config: {error.args[0] if isinstance(error, KeyError) and error.args else error}"
+        report(UserError(message), prog)
+        sys.exit(EXIT_USER_ERROR)
+
+    return parse

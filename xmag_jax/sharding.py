@@ -20,6 +20,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from xmag_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
@@ -50,19 +52,21 @@ def rules_for(kind: Literal["replicate", "fsdp"]) -> tuple[tuple[str, Any], ...]
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
-    """Resolves `config.mesh` ({data, fsdp}; one of them may be -1 = the remaining devices) to sizes."""
+    """Resolves `config.mesh` ({data, fsdp}; one of them may be -1 = the remaining devices) to sizes.
+
+    Raises `ConfigError` naming `config.mesh` when the sizes do not fit `num_devices`."""
     sizes = [int(mesh_cfg[name]) for name in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ConfigError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"config.mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ConfigError(f"config.mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"config.mesh: {num_devices} devices do not divide by the fixed axes' size {known}")
+            raise ConfigError(f"config.mesh: {num_devices} devices do not divide by the fixed axes' size {known}")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {num_devices}")
     return sizes[0], sizes[1]
 
@@ -82,7 +86,7 @@ def make_mesh(mesh_cfg, devices: list | None = None) -> Mesh:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         return Mesh(grid, MESH_AXES, axis_types=axis_types)
     if shape[0] % slices:
-        raise ValueError(f"config.mesh.data={shape[0]} must be a multiple of the {slices} slices")
+        raise ConfigError(f"config.mesh.data={shape[0]} must be a multiple of the {slices} slices")
     grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, shape[1]), (slices, 1), devices)
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
 

@@ -10,22 +10,30 @@ run started again with the same workdir resumes from its newest readable checkpo
 Multi-host: pass `--coordinator_address host:port --num_processes N --process_id I` on every host, or
 `--distributed` on Cloud TPU (auto-detected cluster). Each process reads its own slice of the data;
 batches become global arrays sharded over the mesh.
+
+Exit status: 0 done; 2 bad config or workdir in use by another run (one line on stderr); 1 a NaN/Inf stop;
+143 stopped by SIGTERM (preemption) and 130 by SIGINT (Ctrl-C), each after saving the step it had reached,
+from which the same command resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from xmag_jax import data, sharding
+from xmag_jax import chips, data, errors, platforms, sharding, workdir_lock
 from xmag_jax.distill import config_validation, step as step_lib
 from xmag_jax.distill.checkpointing import Checkpointer
 from xmag_jax.distill.metrics import MetricWriter, NonFiniteLossError, Throughput, check_finite, log_progress, to_floats
@@ -49,6 +57,18 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     elif auto:
         jax.distributed.initialize()
+
+
+def _peak_flops(config: ml_collections.ConfigDict) -> float | None:
+    """The devices' dense bf16 peak for MFU (`config.peak_tflops_per_device` overrides the chip table)."""
+    peak = chips.peak_flops_per_device(jax.devices(), config.get("peak_tflops_per_device"))
+    kind = jax.devices()[0].device_kind
+    if peak is None:
+        logging.info("MFU: not applicable on %s (no known peak; set peak_tflops_per_device to override)", kind)
+    else:
+        logging.info("MFU against %.0f TFLOP/s per device (%s)", peak / 1e12,
+                     "peak_tflops_per_device" if config.get("peak_tflops_per_device") else kind)
+    return peak
 
 
 class _PendingMetrics:
@@ -78,6 +98,79 @@ class _PendingMetrics:
             log_progress(step, self.config.total_steps, values)
 
 
+class Stopped(Exception):
+    """The run stopped on SIGTERM/SIGINT (or a preemption notice) after saving `step`; rerun to resume."""
+
+    def __init__(self, signum: int, step: int, directory: Any):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} after saving step {step} in {directory}; "
+                         "run the same command to resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's status for "terminated by signal": 143 SIGTERM, 130 SIGINT
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT set a flag that the loop reads at step boundaries (a second SIGINT interrupts at once).
+
+    One process: the flag is read every step. Several processes: JAX's preemption service already catches
+    SIGTERM on each process and agrees on one step to stop at through the coordination service
+    (`Checkpointer.reached_preemption`, read every step at no device cost); SIGINT is turned into a SIGTERM of
+    this process so it takes the same path. Handlers are installed only from the main thread.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if jax.process_count() > 1:
+            signal.raise_signal(signal.SIGTERM)  # to JAX's preemption notifier (its handler is not ours)
+            return
+        logging.warning("%s: saving a checkpoint at the end of this step, then stopping (again to abort)",
+                        signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["_StopSignals"]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        wanted = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+        self._previous = {s: signal.signal(s, self._handle) for s in wanted}
+        try:
+            yield self
+        finally:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _workdir_held(workdir: str) -> Iterator[None]:
+    """`workdir_lock` on `workdir` for the run (process 0 takes it; every process fails together if it cannot)."""
+    held, lock = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = workdir_lock.acquire(workdir, job="train")
+        except workdir_lock.WorkdirLocked as error:
+            held = error
+    if jax.process_count() > 1:
+        ok = bool(multihost_utils.broadcast_one_to_all(np.asarray(held is None)))
+        if not ok and held is None:
+            held = workdir_lock.WorkdirLocked(f"{workdir}: in use by another run (process 0 could not lock it)")
+    if held is not None:
+        raise held
+    try:
+        yield
+    finally:
+        if lock is not None:
+            workdir_lock.release(lock)
+
+
 def _metadata(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:
     return {
         "config": config.to_dict(),
@@ -98,14 +191,20 @@ def _warn_config_changes(saved: dict[str, Any], config: ml_collections.ConfigDic
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
-    """Run (or resume) the distillation in `workdir`; returns the final train state."""
-    config_validation.check_config(config)
-    mesh = sharding.make_mesh(config.mesh)
-    config_validation.check_against_mesh(config, mesh)
-    step_lib.validate(config)
+    """Run (or resume) the distillation in `workdir`; returns the final train state.
+
+    Raises `ConfigError` before anything is compiled, `WorkdirLocked` if another run holds `workdir`,
+    `NonFiniteLossError` on NaN/Inf (that step is not saved), `Stopped` after saving on SIGTERM/SIGINT.
+    """
+    config_validation.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     if config.data.teacher_cache:
         teacher_cache_spec.check(config)  # refuses a cache of another teacher, dataset, states (before compiling)
+    with _StopSignals().installed() as stop, _workdir_held(workdir):  # a signal once the lock exists is caught
+        return _train(config, workdir, stop)
 
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: _StopSignals) -> Any:
+    mesh = sharding.make_mesh(config.mesh)
     trainer = step_lib.make_trainer(config, mesh)
     iterator = data.make_iterator(config.data, seed=config.seed, batch_size=config.batch_size // jax.process_count())
     checkpointer = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
@@ -127,7 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
     teacher = trainer.teacher_state()  # None with data.teacher_cache
 
     throughput = Throughput(batch_size=config.batch_size, flops_per_step=trainer.flops_per_step().total,
-                            peak_tflops_per_device=config.peak_tflops_per_device, device_count=jax.device_count(),
+                            peak_flops_per_device=_peak_flops(config), device_count=jax.device_count(),
                             views=trainer.views)
     pending = _PendingMetrics(config, writer, throughput)
     metadata = _metadata(config, mesh)
@@ -140,20 +239,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
             pending.push(step, metrics, record_index)
             final = step == config.total_steps
             preempted = checkpointer.reached_preemption(step)
-            if final or preempted or step % config.checkpoint.every == 0:
+            stopping = preempted or (jax.process_count() == 1 and stop.signum is not None)
+            if final or stopping or step % config.checkpoint.every == 0:
                 pending.flush()  # never checkpoint a state whose step went NaN
-                checkpointer.save(step, state, iterator, metadata, force=final or preempted)
+                checkpointer.save(step, state, iterator, metadata, force=final or stopping)
                 throughput.reset()
-            if preempted:
-                logging.warning("preemption notice: saved step %d, stopping; rerun to resume", step)
-                break
+            if stopping and not final:
+                checkpointer.wait()
+                raise Stopped(stop.signum or signal.SIGTERM, step, checkpointer.directory)
         pending.flush()
         logging.info("done at step %d of %d; checkpoints in %s", step, config.total_steps, checkpointer.directory)
     except NonFiniteLossError as error:
         checkpointer.wait()
-        good = checkpointer.all_steps()
-        raise NonFiniteLossError(f"{error}; stopped without saving it, the last good checkpoint is step "
-                                 f"{good[-1] if good else None} in {checkpointer.directory}") from error
+        saved = checkpointer.all_steps()
+        if restored is not None and error.step == start + 1:
+            where = (f"it is the first step after restoring checkpoint step {start}, so that checkpoint (or a "
+                     "config change since it) is the likely cause")
+        else:
+            where = f"the newest checkpoint is step {saved[-1] if saved else None}"
+        raise NonFiniteLossError(f"{error}; stopped without saving it; {where} ({checkpointer.directory})",
+                                 error.step) from error
     finally:
         checkpointer.wait()
         checkpointer.close()
@@ -168,20 +273,37 @@ class _DropOrbaxInfo(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+PROG = "python -m xmag_jax.train"
+
+
 def main(argv: list[str]) -> None:
+    """The command line: every error a person can fix is one line on stderr (see the module's exit status)."""
+    prog = PROG
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    platforms.configure()
     logging.get_absl_handler().addFilter(_DropOrbaxInfo())
-    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
-    epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
     try:
-        train(_CONFIG.value, _WORKDIR.value)
-    except (config_validation.ConfigError, NonFiniteLossError) as error:
-        logging.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
+        config = _CONFIG.value
+        try:
+            config.to_dict()  # config_flags reports a config file that failed to load only once it is read
+        except OSError as error:
+            raise errors.ConfigError(f"--config: {error}") from error
+        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+        train(config, _WORKDIR.value)
+    except errors.UserError as error:  # ConfigError, WorkdirLocked
+        errors.report(error, prog)
+        sys.exit(errors.EXIT_USER_ERROR)
+    except NonFiniteLossError as error:
+        errors.report(error, prog)
         sys.exit(1)
+    except Stopped as stopped:
+        logging.warning("%s", stopped)
+        print(f"{prog}: {stopped}", file=sys.stderr, flush=True)
+        sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=errors.absl_flags_parser(
+        PROG, lambda: config_validation.flatten(config_validation.schema.base_config())))

@@ -10,6 +10,7 @@ BENCHMARKS = {
     "input": "xmag_jax.bench.input",
     "train": "xmag_jax.bench.train",
     "embed": "xmag_jax.bench.embed",
+    "finetune": "xmag_jax.bench.finetune",
 }
 
 

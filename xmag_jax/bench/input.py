@@ -21,8 +21,8 @@ import time
 import grain
 import numpy as np
 
-from configs.debug import get_config
 from data_prep import records
+from xmag_jax import config as schema
 from xmag_jax.data import make_iterator
 from xmag_jax.data.augment import AugmentOptions
 from xmag_jax.data.pairs import DecodeAndAugment
@@ -75,7 +75,7 @@ def _single_thread_pairs_per_s(data_dir: str, split: str, options: AugmentOption
 
 
 def run(data_dir: str, *, split: str, batch: int, workers: int, steps: int, warmup: int, threads: int) -> dict:
-    data = copy.deepcopy(get_config().data)
+    data = copy.deepcopy(schema.base_config().data)
     data.dir, data.split, data.worker_count = data_dir, split, workers
     it = make_iterator(data, seed=0, batch_size=batch, process_index=0, process_count=1, read_threads=threads)
     try:

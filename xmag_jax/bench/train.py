@@ -7,7 +7,8 @@ Times the jitted distillation step alone (the input pipeline has its own benchma
 random uint8 batches of the config's global shape are put on the mesh beforehand, the first step
 (compile) is timed separately, then each of `--steps` steps is timed to completion. Reports the median
 step time (s), pairs/s (and views/s with `data.views` > 1), model TFLOP/s over all devices (the FLOP model
-counts every view) and MFU against `peak_tflops_per_device`.
+counts every view) and MFU against the device's peak (`xmag_jax.chips`; n/a on a CPU unless the config's
+`peak_tflops_per_device` is given).
 The teacher is the config's (its checkpoint must exist, or use `--config.teacher.checkpoint=
 --config.teacher.allow_random_teacher=True` for a random one). `--teacher_cache` also times the step that
 trains from a teacher-target cache (random float32 targets in the batch, no teacher) and prints the speed-up.
@@ -25,7 +26,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from xmag_jax import sharding
+from xmag_jax import chips, sharding
 from xmag_jax.distill import config_validation, step as step_lib
 from xmag_jax.distill.metrics import Throughput
 
@@ -82,9 +83,9 @@ def run(config, steps: int) -> dict:
 
     flops = trainer.flops_per_step()
     median = statistics.median(times)
+    peak = chips.peak_flops_per_device(jax.devices(), config.get("peak_tflops_per_device"))
     rates = Throughput(batch_size=config.batch_size, flops_per_step=flops.total,
-                       peak_tflops_per_device=config.peak_tflops_per_device,
-                       device_count=jax.device_count(), views=trainer.views).rates(median)
+                       peak_flops_per_device=peak, device_count=jax.device_count(), views=trainer.views).rates(median)
     return {
         "benchmark": "train",
         "teacher": config.teacher.name,
@@ -105,8 +106,8 @@ def run(config, steps: int) -> dict:
         "views_per_s": rates.get("views_per_s", rates["pairs_per_s"]),
         "model_tflop_per_step": flops.total / 1e12,
         "model_tflops_per_s": rates["model_tflops_per_s"],
-        "mfu": rates["mfu"],
-        "peak_tflops_per_device": config.peak_tflops_per_device,
+        "mfu": rates.get("mfu"),
+        "peak_tflops_per_device": None if peak is None else peak / 1e12,
         "teacher_cache": trainer.cached,
     }
 
@@ -121,8 +122,9 @@ def _print(result: dict) -> None:
           f"{result['step_time_s_max']:.4f})")
     print(f"  {result['pairs_per_s']:.2f} pairs/s ({result['views_per_s']:.2f} views/s), "
           f"{result['model_tflops_per_s']:.4g} model TFLOP/s "
-          f"({result['model_tflop_per_step']:.4g} TFLOP/step), MFU {100 * result['mfu']:.2f}% of "
-          f"{result['peak_tflops_per_device']} TFLOP/s/device")
+          f"({result['model_tflop_per_step']:.4g} TFLOP/step), " +
+          (f"MFU {100 * result['mfu']:.2f}% of {result['peak_tflops_per_device']:.0f} TFLOP/s/device"
+           if result["mfu"] is not None else f"MFU n/a on {result['device_kind']} (no known peak)"))
 
 
 def main(argv: list[str]) -> int:

@@ -1,20 +1,24 @@
 """Checks a distillation config before anything is compiled; every error names the config key at fault.
 
-`check_config(config)` needs no devices (schema, values, files); `check_against_mesh(config, mesh)` checks
-what depends on the device mesh (batch divisibility). The step module's own `validate` adds the model-
-geometry checks (token grids that must divide).
+`validate(config, num_devices=...)` is the one entry point every command calls first: schema, value
+ranges (the `RANGES` table), model geometry (`distill.step.validate`), mesh and batch divisibility, files.
+Every problem is one `errors.ConfigError`, which the command lines print as one line (exit status 2).
+The parts (`check_schema`, `check_values`, `check_files`, `check_batch`) are there for tools that need
+fewer checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 from typing import Any, Mapping
 
 import jax
 import ml_collections
 from etils import epath
 
-from configs import common
+from xmag_jax import config as schema, sharding
 from xmag_jax.distill.projectors import PROJECTOR_NORMS
 from xmag_jax.errors import ConfigError
 
@@ -35,17 +39,21 @@ def flatten(config: ml_collections.ConfigDict | Mapping[str, Any], prefix: str =
     return out
 
 
+def unknown_key(key: str) -> str:
+    """`config key 'optim.weight_decy' is not a known key (did you mean 'optim.weight_decay'?); ...`."""
+    close = difflib.get_close_matches(key, flatten(schema.base_config()), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"config key {key!r} is not a known key{hint}; the schema is xmag_jax/config.py"
+
+
 def check_schema(config: ml_collections.ConfigDict) -> None:
-    """Every key of `config` is in `configs.common.base_config()` and vice versa."""
-    known = flatten(common.base_config())
+    """Every key of `config` is in `configs.schema.base_config()` and vice versa."""
+    known = flatten(schema.base_config())
     given = flatten(config)
     problems = []
-    for key in sorted(set(given) - set(known)):
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        problems.append(f"config key {key!r} is not a known key{hint}; the schema is configs/common.py")
+    problems += [unknown_key(key) for key in sorted(set(given) - set(known))]
     for key in sorted(set(known) - set(given)):
-        problems.append(f"config key {key!r} is missing; every key of configs/common.py must be set")
+        problems.append(f"config key {key!r} is missing; every key of xmag_jax/config.py must be set")
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -55,31 +63,86 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval of finite numbers; `also` lists special values outside it (-1, None)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple[Any, ...] = ()
+
+    def __contains__(self, value: Any) -> bool:
+        if value in self.also and type(value) is not bool:
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            text = f"{'>' if self.lo_open else '>='} {self.lo}"
+        else:
+            text = f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        return " or ".join([text, *(repr(a) for a in self.also)])
+
+
+_POSITIVE, _AT_LEAST_1, _NON_NEGATIVE = Range(0, lo_open=True), Range(1), Range(0)
+_FRACTION, _DECAY = Range(0, 1), Range(0, 1, hi_open=True)
+
+# Every numeric key of xmag_jax/config.py and the values it may take (finite numbers only).
+RANGES: dict[str, Range] = {
+    "seed": _NON_NEGATIVE,
+    "total_steps": _AT_LEAST_1,
+    "batch_size": _AT_LEAST_1,
+    "student.layer_scale_init": Range(0, lo_open=True, also=(None,)),
+    "data.worker_count": _NON_NEGATIVE,
+    "data.prefetch_buffer": _AT_LEAST_1,
+    "data.max_bad_record_fraction": _DECAY,
+    "data.views": _AT_LEAST_1,
+    "loss.global_weight": _NON_NEGATIVE,
+    "loss.global_smooth_l1_weight": _NON_NEGATIVE,
+    "loss.tile_weight": _NON_NEGATIVE,
+    "loss.token_weight": _NON_NEGATIVE,
+    "loss.projector_hidden": _AT_LEAST_1,
+    "loss.center_momentum": _DECAY,
+    "optim.lr": _POSITIVE,
+    "optim.min_lr_ratio": _FRACTION,
+    "optim.warmup_steps": _NON_NEGATIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.b1": _DECAY,
+    "optim.b2": _DECAY,
+    "optim.clip_norm": _POSITIVE,
+    "optim.grad_accum": _AT_LEAST_1,
+    "optim.ema_decay": _DECAY,
+    "mesh.data": Range(1, also=(-1,)),
+    "mesh.fsdp": Range(1, also=(-1,)),
+    "log_every": _AT_LEAST_1,
+    "peak_tflops_per_device": Range(0, lo_open=True, also=(None,)),
+    "checkpoint.every": _AT_LEAST_1,
+    "checkpoint.keep": _AT_LEAST_1,
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "loss.mode": LOSS_MODES,
+    "loss.projector_norm": PROJECTOR_NORMS,
+    "teacher.sharding": TEACHER_SHARDINGS,
+    "teacher.dtype": DTYPES,
+    "student.dtype": DTYPES,
+}
+
+
 def check_values(config: ml_collections.ConfigDict) -> None:
-    """Ranges and enumerations of single values."""
-    _require(config.total_steps > 0, "total_steps", f"must be > 0, got {config.total_steps}")
-    _require(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
-    _require(config.log_every > 0, "log_every", f"must be > 0, got {config.log_every}")
-    _require(config.checkpoint.every > 0, "checkpoint.every", f"must be > 0, got {config.checkpoint.every}")
-    _require(config.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {config.checkpoint.keep}")
-    _require(config.peak_tflops_per_device > 0, "peak_tflops_per_device",
-             f"must be > 0 TFLOP/s, got {config.peak_tflops_per_device}")
-    _require(config.optim.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {config.optim.grad_accum}")
-    _require(config.loss.mode in LOSS_MODES, "loss.mode", f"must be one of {LOSS_MODES}, got {config.loss.mode!r}")
-    _require(config.loss.projector_norm in PROJECTOR_NORMS, "loss.projector_norm",
-             f"must be one of {PROJECTOR_NORMS}, got {config.loss.projector_norm!r}")
-    _require(config.data.views >= 1, "data.views", f"must be >= 1 augmented views per pair, got {config.data.views}")
-    _require(config.teacher.sharding in TEACHER_SHARDINGS, "teacher.sharding",
-             f"must be one of {TEACHER_SHARDINGS}, got {config.teacher.sharding!r}")
-    for key in ("teacher.dtype", "student.dtype"):
-        value = flatten(config)[key]
-        _require(value in DTYPES, key, f"must be one of {DTYPES}, got {value!r}")
-    layer_scale = config.student.layer_scale_init
-    _require(layer_scale is None or layer_scale > 0, "student.layer_scale_init",
-             f"must be None (the registry's) or > 0, got {layer_scale}")
-    for key in ("mesh.data", "mesh.fsdp"):
-        value = flatten(config)[key]
-        _require(value == -1 or value >= 1, key, f"must be -1 (remaining devices) or >= 1, got {value}")
+    """Every value in its range (`RANGES`) or among its choices (`CHOICES`)."""
+    values = flatten(config)
+    for key, allowed in RANGES.items():
+        if key in values:
+            _require(values[key] in allowed, key, f"must be {allowed}, got {values[key]!r}")
+    for key, choices in CHOICES.items():
+        if key in values:
+            _require(values[key] in choices, key, f"must be one of {choices}, got {values[key]!r}")
 
 
 def _probe(key: str, what: str, probe):
@@ -91,7 +154,13 @@ def _probe(key: str, what: str, probe):
 
 
 def check_files(config: ml_collections.ConfigDict) -> None:
-    """The teacher checkpoint and the data shards exist."""
+    """The teacher checkpoint and the data shards exist, and a `student.init` is a model checkpoint of
+    `student.name`'s architecture."""
+    from xmag_jax.distill import step as step_lib  # pylint: disable=g-import-not-at-top (step imports us)
+
+    if config.student.get("init"):
+        student, _ = step_lib.archs(config)
+        step_lib.check_checkpoint_arch("student.init", config.student.init, student, "student.name")
     if not config.teacher.checkpoint:
         _require(config.teacher.allow_random_teacher, "teacher.checkpoint",
                  "is empty: set it to an Orbax checkpoint from `python -m xmag_jax.convert import` "
@@ -117,12 +186,37 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_files(config)
 
 
-def check_against_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-    """The global batch splits evenly over data-parallel devices, processes and accumulation steps."""
-    data_parallel = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+def check_batch(config: ml_collections.ConfigDict, data_parallel: int, process_count: int = 1) -> None:
+    """The global batch splits evenly over the `data_parallel` devices (mesh data x fsdp), the processes and
+    the accumulation steps."""
     per_update = data_parallel * config.optim.grad_accum
     _require(config.batch_size % per_update == 0, "batch_size",
              f"{config.batch_size} pairs does not divide by data-parallel size {data_parallel} (mesh data x fsdp)"
              f" x optim.grad_accum {config.optim.grad_accum} = {per_update}")
-    _require(config.batch_size % jax.process_count() == 0, "batch_size",
-             f"{config.batch_size} pairs does not divide by the {jax.process_count()} processes")
+    _require(config.batch_size % process_count == 0, "batch_size",
+             f"{config.batch_size} pairs does not divide by the {process_count} processes")
+
+
+def check_against_mesh(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """`check_batch` for a built mesh and this job's processes."""
+    check_batch(config, mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1), jax.process_count())
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
+             files: bool = True) -> None:
+    """The one check of a config, run by every command before anything is compiled; raises `ConfigError`.
+
+    Schema (unknown keys with a suggestion, missing keys), value ranges and choices, the model geometry
+    (`distill.step.validate`: token grids that must divide), the mesh over `num_devices` devices (fsdp and data
+    sizes that divide them) and the batch over it and the `process_count` processes, and, with `files`, that
+    `teacher.checkpoint`, `student.init` and `data.dir` exist (`aot` compiles without reading them).
+    """
+    from xmag_jax.distill import step as step_lib  # pylint: disable=g-import-not-at-top (step imports us)
+
+    check_schema(config)
+    check_values(config)
+    step_lib.validate(config)
+    data, fsdp = sharding.mesh_shape(config.mesh, num_devices)
+    check_batch(config, data * fsdp, process_count)
+    if files:
+        check_files(config)

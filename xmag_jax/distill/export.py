@@ -13,7 +13,6 @@ The result feeds `python -m xmag_jax.convert export --checkpoint student --out D
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import jax
@@ -22,9 +21,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from xmag_jax import sharding
-from xmag_jax.distill import step as step_lib
-from xmag_jax.distill.checkpointing import CHECKPOINT_DIR, META, STATE
+from xmag_jax import errors, sharding
+from xmag_jax.distill import config_validation, step as step_lib
+from xmag_jax.distill.checkpointing import CHECKPOINT_DIR, DIGEST, META, STATE, verify
 from xmag_jax.models import checkpoint as model_checkpoint
 from xmag_jax.models import registry
 from xmag_jax.models.vit import VisionTransformer
@@ -35,34 +34,49 @@ def student_from_workdir(workdir: str, step: int | None = None, initial: bool = 
     """Restore the student (EMA parameters when the run kept an EMA) of `workdir`'s checkpoint `step`
     (default: the newest). With `initial`, the student the run started from instead: its config's init
     (`student.init` checkpoint, or seed and `student.layer_scale_init`) before any update, the fair baseline
-    for that run.
-    Returns `(model, registry name)`; the model lives on one device."""
+    for that run. Returns `(model, registry name)`; the model lives on one device. The restored arrays are
+    checked against the digests saved with them. Reading is safe while the run is still training (its lock
+    is not needed)."""
     directory = epath.Path(workdir) / CHECKPOINT_DIR
     manager = ocp.CheckpointManager(
-        directory, item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
+        directory, item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
+                                   DIGEST: ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(create=False, read_only=True))
     steps = sorted(manager.all_steps())
     if not steps:
-        raise FileNotFoundError(f"{directory}: no complete checkpoint (is {workdir} a distillation workdir?)")
+        raise errors.UserError(f"{directory}: no complete checkpoint (is {workdir} a distillation workdir?)")
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise ValueError(f"{directory}: no checkpoint for step {step}; have {steps}")
+        raise errors.UserError(f"{directory}: no checkpoint for step {step}; have {steps}")
     meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
     config = ml_collections.ConfigDict(meta["config"])
     config.mesh.data, config.mesh.fsdp = 1, 1
     config.batch_size = config.optim.grad_accum
     if not initial and config.student.get("init"):
         config.student.init = ""  # the trained student comes from the run's checkpoint, not from its init
+    try:
+        config_validation.validate(config, num_devices=1, files=False)  # the run's own config, on one device
+    except errors.ConfigError as error:
+        raise errors.ConfigError(f"{directory}/{step}/{META}: the run's config: {error}") from error
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     trainer = step_lib.make_trainer(config, mesh)
     if initial:
         state = trainer.init_state(jax.random.key(config.seed))
     else:
-        state = manager.restore(step, args=ocp.args.Composite(
-            **{STATE: ocp.args.StandardRestore(trainer.abstract_state())}))[STATE]
+        items = {STATE: ocp.args.StandardRestore(trainer.abstract_state())}
+        has_digest = (directory / str(step) / DIGEST).exists()
+        if has_digest:
+            items[DIGEST] = ocp.args.JsonRestore()
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+        state = restored[STATE]
+        try:
+            verify(step, state, dict(restored[DIGEST]) if has_digest else None)
+        except ValueError as error:
+            raise errors.UserError(f"{directory}/{step}: {error}") from error
     manager.close()
-    student = registry.create_model(config.student.name, rngs=nnx.Rngs(0))
+    student = registry.create_model(config.student.name, rngs=nnx.Rngs(0),
+                                    scan_layers=bool(config.student.get("scan_layers", False)))
     nnx.update(student, state.student_params)
     return student, config.student.name
 
@@ -80,19 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.initial and not args.workdir:
         parser.error("--initial needs --workdir")
+    if args.workdir:
+        model, name = student_from_workdir(args.workdir, args.step, args.initial)
+    else:
+        name = args.random_init
+        if name not in registry.ARCHS:
+            raise errors.UserError(f"--random-init: unknown model {name!r}; known: {', '.join(sorted(registry.ARCHS))}")
+        model = registry.create_model(name, rngs=nnx.Rngs(args.seed))
     try:
-        if args.workdir:
-            model, name = student_from_workdir(args.workdir, args.step, args.initial)
-        else:
-            name = args.random_init
-            model = registry.create_model(name, rngs=nnx.Rngs(args.seed))
         path = model_checkpoint.save_model(Path(args.out), model, name)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except FileExistsError as error:
+        raise errors.UserError(f"--out: {error}") from error
     print(f"wrote {name} student to {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run_cli(main, prog="python -m xmag_jax.distill.export")

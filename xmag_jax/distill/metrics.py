@@ -3,7 +3,7 @@
 Units: `step_time_s` in seconds per optimizer update (wall clock between two finished steps, input
 pipeline included), `pairs_per_s` in tile pairs per second over all devices, `model_tflops_per_s` in
 model TFLOP/s over all devices (the step's model FLOPs, not XLA's executed FLOPs), `mfu` as a fraction of
-`peak_tflops_per_device * device_count`.
+the devices' summed dense bf16 peak (`xmag_jax.chips`; absent where none is known, e.g. a CPU).
 """
 
 from __future__ import annotations
@@ -20,11 +20,16 @@ from absl import logging
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
+METRICS_PARTS_DIR = "metrics.parts"  # object stores (gs://): append-only parts, see MetricWriter
 TENSORBOARD_DIR = "tensorboard"
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss or norm became NaN/Inf; the state of that step is never checkpointed."""
+    """A loss or norm became NaN/Inf at `step`; the state of that step is never checkpointed."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def check_finite(step: int, metrics: Mapping[str, float]) -> None:
@@ -32,7 +37,7 @@ def check_finite(step: int, metrics: Mapping[str, float]) -> None:
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         shown = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
-        raise NonFiniteLossError(f"non-finite training metrics at step {step}: {shown}")
+        raise NonFiniteLossError(f"non-finite training metrics at step {step}: {shown}", step)
 
 
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -43,14 +48,15 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 class Throughput:
     """Step time, pairs/s, model TFLOP/s and MFU from the wall time between finished steps; with `views` > 1
     augmented views per pair also `views_per_s` (pairs/s x views, the images the student sees per second).
-    `flops_per_step` is the whole step's, views included (`flops.step_flops`)."""
+    `flops_per_step` is the whole step's, views included (`flops.step_flops`). `peak_flops_per_device` (FLOP/s,
+    `chips.peak_flops_per_device`) is None where no peak is known (a CPU): MFU is then left out, not made up."""
 
-    def __init__(self, *, batch_size: int, flops_per_step: float, peak_tflops_per_device: float,
+    def __init__(self, *, batch_size: int, flops_per_step: float, peak_flops_per_device: float | None,
                  device_count: int, views: int = 1):
         self.batch_size = batch_size
         self.views = views
         self.flops_per_step = flops_per_step
-        self.peak_tflops = peak_tflops_per_device * device_count
+        self.peak_tflops = None if peak_flops_per_device is None else peak_flops_per_device * device_count / 1e12
         self._last: float | None = None
 
     def reset(self) -> None:
@@ -71,8 +77,9 @@ class Throughput:
             "step_time_s": step_time_s,
             "pairs_per_s": self.batch_size / step_time_s,
             "model_tflops_per_s": tflops,
-            "mfu": tflops / self.peak_tflops,
         }
+        if self.peak_tflops is not None:
+            rates["mfu"] = tflops / self.peak_tflops
         if self.views > 1:
             rates["views_per_s"] = self.views * rates["pairs_per_s"]
         return rates
@@ -99,18 +106,21 @@ def progress_line(step: int, total_steps: int, metrics: Mapping[str, float]) -> 
 
 
 class MetricWriter:
-    """One JSON line per step in `workdir/metrics.jsonl`, TensorBoard scalars at log points (process 0 only).
+    """One JSON line per step, TensorBoard scalars at log points (process 0 only); lines are only ever added.
 
-    Each line: `{"step": int, <metric>: float, ..., "record_index": [int, ...]?}`. Local files are appended
-    and flushed every step; on object stores (gs://), which cannot append, the file is rewritten at each
-    log point and at `close()`.
+    Each line: `{"step": int, <metric>: float, ..., "record_index": [int, ...]?}`. On a local (or mounted)
+    workdir the lines go to `workdir/metrics.jsonl`, appended and flushed every step. Object stores (gs://)
+    cannot append, so there the lines since the last log point are written at each log point (and at
+    `close()`) as one new object `workdir/metrics.parts/{first:010d}-{last:010d}.jsonl`: the cost of a log
+    point is its own lines, never the whole history. `read_metrics` reads either layout.
     """
 
     def __init__(self, workdir: epath.PathLike, *, tensorboard: bool = True):
         self.active = jax.process_index() == 0
         self.path = epath.Path(workdir) / METRICS_FILE
+        self.parts = epath.Path(workdir) / METRICS_PARTS_DIR
         self._remote = "://" in os.fspath(workdir)
-        self._lines: list[str] | None = None  # object stores: the whole file, kept to rewrite it
+        self._pending: list[tuple[int, str]] = []  # object stores: lines not yet in a part
         self._file = None
         self._tb = None
         if not self.active:
@@ -121,34 +131,28 @@ class MetricWriter:
 
             self._tb = SummaryWriter(logdir=os.fspath(epath.Path(workdir) / TENSORBOARD_DIR))
 
-    def _read_lines(self) -> list[str]:
-        if not self.path.exists():
-            return []
-        return [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-
-    def _replace(self, lines: list[str]) -> None:
-        tmp = self.path.parent / (self.path.name + ".tmp")
-        tmp.write_text("".join(f"{ln}\n" for ln in lines))
-        tmp.replace(self.path)
-
     def resume_at(self, step: int) -> None:
         """Drop lines of steps after `step` (written by a run killed after its last checkpoint)."""
         if not self.active:
             return
-        kept = []
-        for ln in self._read_lines():
-            try:
-                if json.loads(ln)["step"] <= step:
-                    kept.append(ln)
-            except (json.JSONDecodeError, KeyError):
-                break  # a line cut by the kill: everything after it is from the lost steps
-        self._replace(kept)
-        if self._remote:
-            self._lines = kept
+        if self.path.exists():
+            kept = _lines_up_to(self.path.read_text(), step)
+            tmp = self.path.parent / (self.path.name + ".tmp")
+            tmp.write_text("".join(f"{ln}\n" for ln in kept))
+            tmp.replace(self.path)
+        for part in _part_files(self.parts):
+            first, last = (int(x) for x in part.stem.split("-"))
+            if first > step:
+                part.unlink()
+            elif last > step:  # the one part that straddles the checkpoint: rewritten once, at start-up
+                kept = _lines_up_to(part.read_text(), step)
+                part.unlink()
+                if kept:
+                    self._write_part(kept, first, json.loads(kept[-1])["step"])
 
     def write(self, step: int, metrics: Mapping[str, float], *, record_index: np.ndarray | None = None,
               log_point: bool = False) -> None:
-        """Record `step`; at a `log_point` also TensorBoard scalars (and the rewrite on object stores)."""
+        """Record `step`; at a `log_point` also TensorBoard scalars (and, on object stores, a new part)."""
         if not self.active:
             return
         entry: dict[str, Any] = {"step": step, **metrics}
@@ -156,11 +160,9 @@ class MetricWriter:
             entry["record_index"] = [int(i) for i in np.asarray(record_index).reshape(-1)]
         line = json.dumps(entry)
         if self._remote:
-            if self._lines is None:
-                self._lines = self._read_lines()
-            self._lines.append(line)
+            self._pending.append((step, line))
             if log_point:
-                self._replace(self._lines)
+                self._flush_part()
         else:
             if self._file is None:
                 self._file = self.path.open("a")
@@ -171,10 +173,17 @@ class MetricWriter:
                 self._tb.add_scalar(key, value, global_step=step)
             self._tb.flush()
 
+    def _flush_part(self) -> None:
+        if self._pending:
+            self._write_part([ln for _, ln in self._pending], self._pending[0][0], self._pending[-1][0])
+            self._pending = []
+
+    def _write_part(self, lines: list[str], first: int, last: int) -> None:
+        self.parts.mkdir(parents=True, exist_ok=True)
+        (self.parts / f"{first:010d}-{last:010d}.jsonl").write_text("".join(f"{ln}\n" for ln in lines))
+
     def close(self) -> None:
-        if self._lines is not None:
-            self._replace(self._lines)
-            self._lines = None
+        self._flush_part()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -183,10 +192,29 @@ class MetricWriter:
             self._tb = None
 
 
+def _lines_up_to(text: str, step: int) -> list[str]:
+    """The lines of `text` up to `step`, stopping at a line cut by a kill (what follows it is from lost steps)."""
+    kept = []
+    for ln in (ln for ln in text.splitlines() if ln.strip()):
+        try:
+            if json.loads(ln)["step"] > step:
+                break
+        except (json.JSONDecodeError, KeyError):
+            break
+        kept.append(ln)
+    return kept
+
+
+def _part_files(parts: epath.Path) -> list[epath.Path]:
+    return sorted(parts.glob("*.jsonl")) if parts.exists() else []
+
+
 def read_metrics(workdir: epath.PathLike) -> list[dict[str, Any]]:
-    """The JSONL lines of a run, in order."""
+    """The JSONL lines of a run, in order (`metrics.jsonl`, then any object-store parts)."""
     path = epath.Path(workdir) / METRICS_FILE
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    texts = [path.read_text()] if path.exists() else []
+    texts += [part.read_text() for part in _part_files(epath.Path(workdir) / METRICS_PARTS_DIR)]
+    return [json.loads(ln) for text in texts for ln in text.splitlines() if ln.strip()]
 
 
 def log_progress(step: int, total_steps: int, metrics: Mapping[str, float]) -> None:

@@ -51,9 +51,12 @@ STEP_BATCH_KEYS = ("image_5x", "tiles_20x")
 CACHED_BATCH_KEYS = ("image_5x", "target_tiles", "target_tokens")
 
 
-def _archs(config) -> tuple[registry.Arch, registry.Arch]:
-    student = registry.get_arch(config.student.name, dtype=config.student.dtype, remat=bool(config.student.remat))
-    teacher = registry.get_arch(config.teacher.name, dtype=config.teacher.dtype, param_dtype=config.teacher.dtype)
+def archs(config: ml_collections.ConfigDict) -> tuple[registry.Arch, registry.Arch]:
+    """The (student, teacher) registry architectures with the config's compute options."""
+    student = registry.get_arch(config.student.name, dtype=config.student.dtype, remat=bool(config.student.remat),
+                                scan_layers=_scan(config.student))
+    teacher = registry.get_arch(config.teacher.name, dtype=config.teacher.dtype, param_dtype=config.teacher.dtype,
+                                scan_layers=_scan(config.teacher))
     return student, teacher
 
 
@@ -79,14 +82,19 @@ def cached_targets(batch: dict[str, jax.Array]) -> losses.Targets:
                           tokens=None if tokens is None else tokens.astype(jnp.float32))
 
 
+def _scan(model_cfg: ml_collections.ConfigDict) -> bool:
+    return bool(model_cfg.get("scan_layers", False))  # absent in configs saved before the key existed
+
+
 def check_checkpoint_arch(key: str, path: str, arch: registry.Arch, name_key: str) -> None:
     """ConfigError naming `key` unless the model checkpoint `path` exists and holds `arch` (the model of the
-    config's `name_key`), compute/parameter dtypes and remat aside."""
+    config's `name_key`), compute/parameter dtypes, remat and scanning aside."""
     try:
         saved = model_checkpoint.read_arch(path)
     except (OSError, ValueError) as error:
         raise ConfigError(f"{key}: {error}") from error
-    ignored = dict(dtype=arch.vit.dtype, param_dtype=arch.vit.param_dtype, remat=arch.vit.remat)
+    ignored = dict(dtype=arch.vit.dtype, param_dtype=arch.vit.param_dtype, remat=arch.vit.remat,
+                   scan_layers=arch.vit.scan_layers)
     if dataclasses.replace(saved.vit, **ignored) != arch.vit:
         diff = {k: (v, getattr(arch.vit, k)) for k, v in saved.vit.to_dict().items()
                 if k not in ignored and v != getattr(arch.vit, k)}
@@ -98,21 +106,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Model-geometry checks from the registry architectures, raised before anything is compiled.
 
     The student's G x G token grid must split into 4x4 field blocks (G % 4 == 0), and the teacher field
-    mosaic (4·Gt per side) must average-pool onto it ((4·Gt) % G == 0), both for 224 px tiles. A
-    `student.init` must be a model checkpoint of `student.name`'s architecture.
+    mosaic (4·Gt per side) must average-pool onto it ((4·Gt) % G == 0), both for 224 px tiles. Value ranges
+    and the files a run reads (`student.init` among them) are `config_validation`'s.
     """
     for key in ("student.name", "teacher.name"):
         name = config.student.name if key == "student.name" else config.teacher.name
         if name not in registry.ARCHS:
             raise ConfigError(f"{key}: unknown model {name!r}; known models: {', '.join(sorted(registry.ARCHS))}")
-    student, teacher = _archs(config)
+    student, teacher = archs(config)
     if config.student.get("layer_scale_init") is not None and not student.vit.init_values:
         raise ConfigError(f"student.layer_scale_init: is set but {student.name!r} has no LayerScale to initialise")
-    if config.student.get("init"):
-        check_checkpoint_arch("student.init", config.student.init, student, "student.name")
-        if config.student.get("layer_scale_init") is not None:
-            raise ConfigError("student.layer_scale_init: is set together with student.init, whose LayerScale "
-                              "gammas are the start; unset one of them")
+    if config.student.get("init") and config.student.get("layer_scale_init") is not None:
+        raise ConfigError("student.layer_scale_init: is set together with student.init, whose LayerScale "
+                          "gammas are the start; unset one of them")
     weights = losses.LossWeights.from_config(config.loss)
     for key, arch in (("student.name", student), ("teacher.name", teacher)):
         if TILE_PX % arch.vit.patch_size:
@@ -132,12 +138,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.optim.warmup_steps >= config.total_steps:
         raise ConfigError(f"optim.warmup_steps: {config.optim.warmup_steps} must be < total_steps "
                           f"{config.total_steps}")
-    if not 0.0 <= config.optim.ema_decay < 1.0:
-        raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {config.optim.ema_decay}")
-    if not 0.0 <= config.loss.center_momentum < 1.0:
-        raise ConfigError(f"loss.center_momentum: must be in [0, 1), got {config.loss.center_momentum}")
-    if config.loss.projector_hidden < 1:
-        raise ConfigError(f"loss.projector_hidden: must be >= 1, got {config.loss.projector_hidden}")
 
 
 @dataclasses.dataclass
@@ -264,7 +264,7 @@ def _split_microbatches(x: jax.Array, accum: int) -> jax.Array:
 def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
     """Builds the step for `config` on `mesh`. Runs `validate(config)`; allocates nothing on devices."""
     validate(config)
-    student_arch, teacher_arch = _archs(config)
+    student_arch, teacher_arch = archs(config)
     weights = losses.LossWeights.from_config(config.loss)
     accum = int(config.optim.grad_accum)
     cached = bool(config.data.get("teacher_cache"))
@@ -292,7 +292,8 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
         layer_scale = config.student.get("layer_scale_init")  # absent in configs saved before the key existed
         overrides = {} if layer_scale is None else {"init_values": float(layer_scale)}
         student = registry.create_model(config.student.name, rngs=rngs, dtype=config.student.dtype,
-                                        remat=bool(config.student.remat), **overrides)
+                                        remat=bool(config.student.remat), scan_layers=_scan(config.student),
+                                        **overrides)
         return DistillModel(student, student_embed_dim=student_arch.vit.embed_dim,
                             teacher_embed_dim=teacher_arch.embed_dim, teacher_token_dim=teacher_arch.vit.embed_dim,
                             hidden=int(config.loss.projector_hidden), weights=weights, rngs=rngs,
@@ -300,7 +301,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
 
     def build_teacher(rng: jax.Array):
         return registry.create_model(config.teacher.name, rngs=nnx.Rngs(rng), dtype=config.teacher.dtype,
-                                     param_dtype=config.teacher.dtype)
+                                     param_dtype=config.teacher.dtype, scan_layers=_scan(config.teacher))
 
     def init(rng: jax.Array) -> TrainState:
         return _state_from_model(build_model(rng), tx, ema_decay > 0, center_dims, projector_norm == "batch")

@@ -10,7 +10,7 @@ qkv output / proj input), `layers` (the stacked block axis of a scanned model), 
 `xmag_jax.sharding` maps them to mesh axes.
 
 `scan_layers=True` (MaxText style) creates the blocks once with stacked parameters (`blocks.attn.qkv.kernel
-[depth, D, 3D]`) and runs them under `nnx.scan`, so the step compiles one block instead of `depth`.
+[depth, D, 3D]`) and runs them under a `jax.lax.scan`, so the step compiles one block instead of `depth`.
 It is a way of running the model, not an architecture: model checkpoints, timm import/export and
 everything a user sees keep timm's per-block layout (`blocks.N...`); `stack_blocks` / `unstack_blocks`
 convert at that boundary.
@@ -200,14 +200,17 @@ def _apply_block(block: Block, x: jax.Array) -> jax.Array:
 _apply_block_remat = nnx.remat(_apply_block)
 
 
-@nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-def _scan_blocks(x: jax.Array, block: Block) -> jax.Array:
-    return block(x)
+def _scan_blocks(blocks: Block, x: jax.Array, remat: bool) -> jax.Array:
+    """`x` through the stacked blocks with `jax.lax.scan` over their `[depth, ...]` state. Split/merge by hand
+    rather than `nnx.scan`: the model may be merged from parameters of an outer trace (a teacher inside the
+    step's gradient-accumulation scan), which NNX's own transforms refuse."""
+    graphdef, state = nnx.split(blocks)
 
+    def body(h: jax.Array, block_state: nnx.State) -> tuple[jax.Array, None]:
+        return nnx.merge(graphdef, block_state)(h), None
 
-@nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-def _scan_blocks_remat(x: jax.Array, block: Block) -> jax.Array:
-    return _apply_block_remat(block, x)
+    x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x, state)
+    return x
 
 
 def _stacked_blocks(cfg: ViTConfig, rngs: nnx.Rngs) -> Block:
@@ -309,7 +312,7 @@ class VisionTransformer(nnx.Module):
         gh, gw = self._check_size(h, w)
         x = self._embed_tokens(x)
         if cfg.scan_layers:
-            x = (_scan_blocks_remat if cfg.remat else _scan_blocks)(x, self.blocks)
+            x = _scan_blocks(self.blocks, x, cfg.remat)
         else:
             for block in self.blocks:
                 x = _apply_block_remat(block, x) if cfg.remat else block(x)

@@ -39,6 +39,8 @@ def _flags(argv: Sequence[str]) -> flags.FlagValues:
         fv(argv)
     except flags.Error as e:
         raise errors.UserError(str(e)) from None
+    except (AttributeError, KeyError, ValueError, OSError) as e:  # ml_collections: the config file or an override
+        raise errors.UserError(f"--config: {e}") from None
     for name in ("config", "out"):
         if fv[name].value is None:
             raise errors.UserError(f"--{name} is required")

@@ -1,12 +1,17 @@
 """The distillation config schema: every key a config may have, with defaults (big_vision style).
 
 `base_config()` is the single source of the schema: `xmag_jax.distill.config_validation` rejects a config
-that has a key not in it or lacks one of its keys, naming the key. The per-run files (`debug.py`,
-`uni2h_vits14.py`, ...) start from it and override values, never add keys.
+that has a key not in it or lacks one of its keys, naming the key. The experiment files in `configs/`
+(`configs/debug.py`, `configs/xmag_uni2h_vitb14.py`, ...), loaded by path, start from it and override
+values, never add keys; one experiment derived from another loads it with `load_sibling`.
 
 Units: batch sizes in tile pairs (one 5x tile + its 16 20x tiles), steps in optimizer updates,
 learning rates per update, `peak_tflops_per_device` in dense bf16 TFLOP/s.
 """
+
+import importlib.util
+import pathlib
+from types import ModuleType
 
 import ml_collections
 
@@ -29,12 +34,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.allow_random_teacher = False
     c.teacher.dtype = "bfloat16"
     c.teacher.sharding = "replicate"  # or "fsdp" when the teacher does not fit replicated
+    # Run the blocks under a scan with stacked parameters (compiles one block instead of `depth`); the
+    # checkpoints on disk keep the per-block layout either way. On in the real-size configs.
+    c.teacher.scan_layers = False
 
     # 5x student: a random init (seed), or the weights of `init`.
     c.student = ml_collections.ConfigDict()
     c.student.name = "vit_s14"  # ViT-S/14, 224 px -> 16x16 tokens
     c.student.dtype = "bfloat16"  # compute dtype; parameters stay float32
     c.student.remat = False
+    c.student.scan_layers = False  # as teacher.scan_layers
     # Initial LayerScale gamma; None keeps the registry's (1e-5, DINOv2's choice for long runs). Only the
     # initial value changes: the trained student has the registry architecture and exports unchanged.
     c.student.layer_scale_init = ml_collections.config_dict.placeholder(float)
@@ -108,7 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.log_every = 50  # steps between progress lines / TensorBoard points; JSONL gets every step
     c.log_record_index = False  # write each step's record indices (process 0's) into the JSONL
-    c.peak_tflops_per_device = 197.0  # for MFU: dense bf16 peak of one chip (TPU v5e: 197)
+    # MFU's peak (dense bf16 TFLOP/s per device): None takes it from the device kind (`xmag_jax.chips`: TPU
+    # v4/v5e/v5p/v6e, A100/H100/H200); CPUs have none and report no MFU. Set it only to override the table.
+    c.peak_tflops_per_device = ml_collections.config_dict.placeholder(float)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 1000  # steps; the last step is always saved
@@ -134,8 +145,21 @@ def real_size_config(*, teacher: str, teacher_checkpoint: str, epochs: int = 10)
     c.batch_size = 1024
     c.total_steps = epochs * XMAG_NUM_PAIRS // c.batch_size
     c.optim.warmup_steps = c.total_steps // 20
+    c.teacher.scan_layers = c.student.scan_layers = True  # compile time: see docs/aot.md
     # array_record reads local files: on a pod, the bucket mounted on every worker with Cloud Storage FUSE
     # (`launch/tpu_pod.sh --gcsfuse BUCKET`); GCS in open-source array_record: google/array_record#120.
     c.data.dir = "/gcs/YOUR_BUCKET/xmag_pairs"
     c.checkpoint.every = 1000
     return c
+
+
+def load_sibling(config_file: str, name: str) -> ModuleType:
+    """The experiment file `name`.py beside `config_file` (pass `__file__`), loaded by path: experiment files
+    are not a package, so `configs/demo.py` derives from `configs/debug.py` wherever it is run from."""
+    path = pathlib.Path(config_file).resolve().parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_xmag_config_{name}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{path}: no such experiment config")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
