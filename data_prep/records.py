@@ -182,7 +182,12 @@ def check_field_geometry(dataset_dir: str | os.PathLike, split: str) -> dict[str
                     f"{os.path.join(dataset_dir, METADATA_FILE)}")
     reader = array_record_module.ArrayRecordReader(shard_paths(dataset_dir, split)[0])
     try:
-        head = reader.read(list(range(min(reader.num_records(), 8))))
+        head = []
+        for index in range(min(reader.num_records(), 8)):
+            try:  # one at a time: a record in a corrupt block must not hide the readable ones
+                head.append(reader.read([index])[0])
+            except RuntimeError:  # Riegeli: a bad record, counted by the input pipeline when it reads it
+                head.append(None)
     finally:
         reader.close()
     for index, data in enumerate(head):
