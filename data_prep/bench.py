@@ -3,7 +3,8 @@
 Runs the whole `data_prep.tile_pairs` job (tissue mask, pairs, records, per-slide shards, TFDS assembly,
 Beam) in this process (DirectRunner in_memory, 1 worker, --no-isolation so all CPU time is counted here)
 and then, on exactly the same fields, the bare minimum: OpenSlide `read_region` of the 5x and 20x fields
-at the level the reader picks + JPEG encode of what was read. Prints pairs per CPU-second for both and their ratio (goal ≤ 1.3x).
+at the level the reader picks + JPEG encode of what was read. Prints pairs per CPU-second for both and
+their ratio (goal ≤ 1.3x).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.slides is not None and not os.path.isdir(args.slides):
         raise errors.UserError(f"--slides {args.slides}: expected a folder of slides")
     if args.size < synthetic.TILE_PX * synthetic.DOWNSAMPLES[-1]:
-        raise errors.UserError(f"--size {args.size}: expected at least {synthetic.TILE_PX * synthetic.DOWNSAMPLES[-1]} px")
+        raise errors.UserError(
+            f"--size {args.size}: expected at least {synthetic.TILE_PX * synthetic.DOWNSAMPLES[-1]} px")
     if not 1 <= args.jpeg_quality <= 100:
         raise errors.UserError(f"--jpeg-quality {args.jpeg_quality}: expected a JPEG quality in 1..100")
     with tempfile.TemporaryDirectory(prefix="xmag_prep_bench_") as tmp:

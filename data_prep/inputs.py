@@ -89,7 +89,8 @@ def _from_csv(path: str) -> list[SlideSpec]:
             try:
                 mpp = float(mpp_text) if mpp_text else None
             except ValueError:
-                raise ManifestError(f"{path}:{line}: `mpp` must be the level-0 µm/px (e.g. 0.25), got {mpp_text!r}")
+                raise ManifestError(
+                    f"{path}:{line}: `mpp` must be the level-0 µm/px (e.g. 0.25), got {mpp_text!r}") from None
             if mpp is not None and not slide_reader.PLAUSIBLE_MPP[0] <= mpp <= slide_reader.PLAUSIBLE_MPP[1]:
                 raise ManifestError(f"{path}:{line}: `mpp` {mpp} µm/px is outside {slide_reader.PLAUSIBLE_MPP}")
             split = (row.get("split") or "").strip() or None

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import simplejpeg
-from PIL import Image
 from array_record.python import array_record_module
+from PIL import Image
 from tqdm import tqdm
 
 from data_prep import inputs, records, slide_reader, tissue

@@ -6,8 +6,9 @@
   * `slide_XXX.tif`: generic tiled pyramidal TIFF "at 20x": tiled JPEG, level-0 0.5 µm/px written as
     XResolution/YResolution in px per centimetre, levels with downsample 1, 4, 16;
 and `DIR/labels.csv` (`slide_id,label`, slide_id = file stem). Label 0: round nuclei; label 1: twice as
-many thin spindle nuclei with the same total nuclear area (see `make_scene`): clear at 20x, subtle at 5x. Both formats cover the same physical field (`--size` px at
-0.25 µm/px), rendered at 0.5 µm/px; the 40x level 0 is that rendering upsampled 2x with a bilinear filter.
+many thin spindle nuclei with the same total nuclear area (see `make_scene`): clear at 20x, subtle at 5x.
+Both formats cover the same physical field (`--size` px at 0.25 µm/px), rendered at 0.5 µm/px; the 40x
+level 0 is that rendering upsampled 2x with a bilinear filter.
 
 Colour follows Beer-Lambert with the Ruifrok-Johnston H&E stain vectors: eosin (pink) stroma, hematoxylin
 (purple) nuclei, white glass.

@@ -151,7 +151,8 @@ def _run_locked(args: argparse.Namespace, options, out_dir: str, specs: list[inp
                          f"Fix or remove them and rerun: finished slides are kept.")
     metadata = {"mpp": args.mpp, "patch_px": args.patch_px, "min_tissue": args.min_tissue,
                 "thumbnail_mpp": args.thumbnail_mpp, "tiling": "xmag_jax.embed.plan_slide"}
-    counts = assemble.assemble(out_dir, {bag_records.SPLIT: [pairs.shard_path(work_dir, s.slide_id) for s in productive]},
+    counts = assemble.assemble(out_dir,
+                               {bag_records.SPLIT: [pairs.shard_path(work_dir, s.slide_id) for s in productive]},
                                args.examples_per_shard, metadata=metadata, dataset_name=bag_records.DATASET_NAME,
                                features=bag_records.features(),
                                description=f"5x tissue tiles per slide written by data_prep.tile_bags: "

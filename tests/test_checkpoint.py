@@ -1,10 +1,10 @@
 """Orbax checkpoints with a real Grain iterator: keep-last-N, exact data position, corrupt-latest fallback."""
 
 import grain
-import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from xmag_jax.distill.checkpointing import CORRUPT_DIR, Checkpointer
 
@@ -93,10 +93,10 @@ def test_no_readable_checkpoint_leaves_iterator_untouched(tmp_path):
 
 def test_input_position_regroups_for_another_process_count(tmp_path):
     """Two processes x 2 pairs, 3 batches each -> one process x 4 pairs continues with the same records."""
+    from configs import debug
     from xmag_jax.data import make_iterator
     from xmag_jax.data.synthetic_pairs import write_pair_shards
     from xmag_jax.distill.checkpointing import ProcessCountChangeError, regroup_iterator_state
-    from configs import debug
 
     write_pair_shards(tmp_path, 10, num_shards=1)  # 12 + 4 records read: the stream crosses an epoch
     cfg = debug.get_config().data

@@ -52,7 +52,8 @@ def test_d4_is_shared_and_tiles_follow_the_field(student_only):
         assert marked == [TOP_LEFT_GOES_TO[d4]], d4
         for k in range(16):  # student token block k and teacher tile k show the same part of the field
             r, c = divmod(k, 4)
-            np.testing.assert_array_equal(out_5x[r * BLOCK : (r + 1) * BLOCK, c * BLOCK : (c + 1) * BLOCK], tiles[k][::4, ::4])
+            np.testing.assert_array_equal(out_5x[r * BLOCK : (r + 1) * BLOCK, c * BLOCK : (c + 1) * BLOCK],
+                                          tiles[k][::4, ::4])
 
 
 def test_cut_tiles_is_row_major():
@@ -66,7 +67,8 @@ def test_cut_tiles_is_row_major():
 
 
 def test_colour_and_hed_draw_identical_across_magnifications():
-    options = augment.AugmentOptions(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1, hed_scale=0.2, hed_shift=0.2)
+    options = augment.AugmentOptions(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1,
+                                     hed_scale=0.2, hed_shift=0.2)
     rng = np.random.default_rng(0)
     image_5x, image_20x = _same_field(rng)
     outputs = []

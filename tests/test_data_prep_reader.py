@@ -1,9 +1,9 @@
 """slide_reader + tissue: pixel size from every source, level choice, aligned reads, tissue mask and grid."""
+import data_prep_fixtures as fx
 import numpy as np
 import pytest
 from PIL import Image
 
-import data_prep_fixtures as fx
 from data_prep import slide_reader, synthetic, tissue
 
 

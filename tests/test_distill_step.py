@@ -164,7 +164,8 @@ def test_flops_formula_counts_the_model_matmuls():
     assert flops.vit_forward_flops(cfg) == pytest.approx(expected)
     assert 0.36e12 < flops.vit_forward_flops(cfg) < 0.40e12  # ≈ 0.68 B params x 2 x 265 tokens + attention
     f = flops.step_flops(small_config(batch_size=4))
-    assert f.teacher_forward == pytest.approx(4 * 16 * flops.vit_forward_flops(registry.get_arch("vit_test_teacher").vit))
+    assert f.teacher_forward == pytest.approx(
+        4 * 16 * flops.vit_forward_flops(registry.get_arch("vit_test_teacher").vit))
     assert f.total > f.teacher_forward + f.student_forward_backward
 
 

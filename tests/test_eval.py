@@ -181,7 +181,7 @@ def test_mil_cli_cross_validates(tmp_path):
     rng = np.random.default_rng(1)
     bags, y, _ = key_instance_bags(12, rng)
     write_bags(tmp_path / "feats", {f"s{i}": b for i, b in enumerate(bags)})
-    labels = write_labels(tmp_path / "labels.csv", {f"s{i}": str(l) for i, l in enumerate(y)})
+    labels = write_labels(tmp_path / "labels.csv", {f"s{i}": str(label) for i, label in enumerate(y)})
     out = tmp_path / "mil.json"
     assert mil.main(["--features", str(tmp_path / "feats"), "--labels", str(labels), "--folds", "3",
                      "--epochs", "2", "--out", str(out),
@@ -245,6 +245,7 @@ def test_fidelity_from_pair_shards(tmp_path):
     assert set(result) == {"global", "tile", "tokens"} and result["tokens"]["n"] == 5 * 16
     # tile k of the teacher array is the teacher's embedding of the 20x tile at row k // 4, column k % 4
     import grain
+
     from data_prep import records
 
     source = grain.sources.ArrayRecordDataSource(records.shard_paths(tmp_path / "pairs", "test"))

@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 
+import data_prep_fixtures as fx
 import numpy as np
 import pytest
 import simplejpeg
 import tifffile
 from array_record.python import array_record_module
 
-import data_prep_fixtures as fx
 from data_prep import inputs, records, tile_pairs
 from xmag_jax import errors, workdir_lock
 
@@ -113,7 +113,7 @@ def test_unsafe_slide_ids_are_refused_before_anything_is_written(slides, tmp_pat
     manifest = tmp_path / "m.csv"
     manifest.write_text(f'path,slide_id\n{slides / "slide_001.tif"},"{slide_id}"\n')
     out = tmp_path / "deep" / "out"
-    with pytest.raises(inputs.ManifestError, match=rf"m\.csv:2: slide id .* one file-name component"):
+    with pytest.raises(inputs.ManifestError, match=r"m\.csv:2: slide id .* one file-name component"):
         tile_pairs.main(["--slides", str(manifest), "--out", str(out), *FAST])
     assert sorted(os.listdir(tmp_path)) == ["m.csv"], "nothing written, inside or outside --out"
 

@@ -5,7 +5,6 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 
 import h5py
 import numpy as np
@@ -296,6 +295,7 @@ def test_embed_bad_input_is_one_line_exit_2(slides, tmp_path, capsys, argv, expe
 
 def test_decoder_crash_in_the_reader_fails_that_slide_only(slides, encoder, tmp_path):
     import embed_fault_readers as readers
+
     from xmag_jax import embed
 
     out = tmp_path / "out"
@@ -317,6 +317,7 @@ def _reference(slides, encoder, tmp_path) -> pathlib.Path:
 
 def test_reader_killed_from_outside_is_retried_without_blame(slides, encoder, tmp_path, monkeypatch):
     import embed_fault_readers as readers
+
     from xmag_jax import embed
 
     monkeypatch.setenv(readers.KILLS_ENV, str(tmp_path / "kills"))
@@ -333,6 +334,7 @@ def test_reader_killed_from_outside_is_retried_without_blame(slides, encoder, tm
 
 def test_reader_killed_again_and_again_is_a_job_error(slides, encoder, tmp_path):
     import embed_fault_readers as readers
+
     from xmag_jax import embed, embed_read
 
     out = tmp_path / "out"

@@ -20,7 +20,8 @@ from data_prep import bag_records, records
 from xmag_jax import models
 from xmag_jax.errors import ConfigError
 from xmag_jax.finetune import config as schema
-from xmag_jax.finetune import data, model as model_lib, run
+from xmag_jax.finetune import data, run
+from xmag_jax.finetune import model as model_lib
 from xmag_jax.models import checkpoint
 
 PATCH_PX = 28  # 2 x 2 tokens of the 14 px vit_test patches: a cheap step
@@ -127,7 +128,8 @@ def test_cli_reports_one_line(inputs, tmp_path):
          f"--config.model.init={d / 'init'}", "--config.train.slides_per_step=3", "--config.train.grad_accum=2"],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == ("python -m xmag_jax.finetune: error: config.train.slides_per_step=3 "
+    assert proc.stderr.strip().splitlines()[-1] == ("python -m xmag_jax.finetune: error: "
+                                                    "config.train.slides_per_step=3 "
                                                     "is not divisible by config.train.grad_accum=2")
 
 
@@ -137,8 +139,9 @@ def test_freeze_and_layer_groups():
     e2e = model_lib.E2EModel(models.VisionTransformer(vit, rngs=nnx.Rngs(0)),
                              model_lib.GatedABMIL(vit.embed_dim, 2, hidden=8, attn_dim=4, rngs=nnx.Rngs(0)))
     _, trainable, frozen, _ = model_lib.split(e2e, keep)
-    top = lambda state: {(p[0], p[1], p[2] if p[1] == "blocks" else None)
-                         for p, _ in nnx.to_flat_state(state)}
+    def top(state):
+        return {(p[0], p[1], p[2] if p[1] == "blocks" else None) for p, _ in nnx.to_flat_state(state)}
+
     assert top(trainable) == {("backbone", "blocks", 1), ("backbone", "norm", None)} | {
         ("head", n, None) for n in ("fc", "attn_a", "attn_b", "attn_c", "classifier")}
     assert ("backbone", "blocks", 0) in top(frozen) and ("backbone", "patch_embed", None) in top(frozen)

@@ -51,7 +51,8 @@ def test_student_blocks_and_teacher_mosaic_geometry():
     # pooled to an 12x12 grid (identity) and to 2x2 (each token averages a 2x2 block of tiles)
     np.testing.assert_array_equal(np.asarray(losses.pool_to_grid(jnp.asarray(mosaic), 12)), mosaic)
     two = np.asarray(losses.pool_to_grid(jnp.asarray(mosaic), 2))[0, :, :, 0]
-    np.testing.assert_allclose(two, [[(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4], [(8 + 9 + 12 + 13) / 4, (10 + 11 + 14 + 15) / 4]])
+    np.testing.assert_allclose(two, [[(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4],
+                                     [(8 + 9 + 12 + 13) / 4, (10 + 11 + 14 + 15) / 4]])
 
 
 def test_token_pooling_averages_teacher_tokens_of_the_field():

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from xmag_jax.models import vit
-from xmag_jax.models import ARCHS, ViTConfig, VisionTransformer, create_model, embed, get_arch, normalize
+from xmag_jax.models import ARCHS, VisionTransformer, ViTConfig, create_model, embed, get_arch, normalize, vit
 from xmag_jax.models.checkpoint import load_model, load_params, save_model
 from xmag_jax.models.pos_embed import resample_pos_embed
 

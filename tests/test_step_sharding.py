@@ -82,8 +82,8 @@ def runs(request, tmp_path_factory):
     one_out = tmp_path_factory.mktemp("one_device") / "run.npz"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, __file__, str(one_out), projector_norm, str(views), str(int(scan))], env=env,
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, __file__, str(one_out), projector_norm, str(views), str(int(scan))],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     eight = run_steps(projector_norm, views, scan)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log

@@ -1,7 +1,6 @@
 """Survival: Cox loss vs lifelines / numpy, tokens contract, neighbours, bad input (one line, exit 2), resume."""
 
 import json
-import pathlib
 
 import h5py
 import jax.numpy as jnp
@@ -13,9 +12,11 @@ from lifelines import CoxPHFitter
 from configs import celleconet_debug
 from data_prep import synthetic_survival as ss
 from xmag_jax import errors
-from xmag_jax.survival import __main__ as cli
-from xmag_jax.survival import batching, clinical, cox, cv, model as model_lib, slides as slides_lib
 from xmag_jax import feature_tokens as tokens
+from xmag_jax.survival import __main__ as cli
+from xmag_jax.survival import batching, cox, cv
+from xmag_jax.survival import model as model_lib
+from xmag_jax.survival import slides as slides_lib
 
 
 def _breslow_nll(risk, time, event):
@@ -169,7 +170,7 @@ def test_cli_writes_results_and_resumes_only_unfinished_units(tmp_path, capsys):
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
     assert results["folds"] == 2 and set(results["models"]) == set(cv.MODELS)
-    for name, m in results["models"].items():
+    for m in results["models"].values():
         assert len(m["folds"]) == 2 and 0 <= m["c_index_mean"] <= 1
         assert {"c_index", "auc", "hazard_ratio", "hr_ci95", "logrank_p"} <= set(m["folds"][0])
         assert (run / m["km_plot"]).read_bytes()[:4] == b"\x89PNG"

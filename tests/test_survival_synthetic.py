@@ -6,7 +6,8 @@ import pytest
 
 from configs import celleconet_debug
 from data_prep import synthetic_survival as ss
-from xmag_jax.survival import clinical, cv, slides as slides_lib
+from xmag_jax.survival import clinical, cv
+from xmag_jax.survival import slides as slides_lib
 
 N_SLIDES = 90
 

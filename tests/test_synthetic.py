@@ -58,5 +58,8 @@ def test_dense_class_has_more_nuclei():
     rng = np.random.default_rng(0)
     sparse, dense = synthetic.make_scene(1024.0, 0, rng), synthetic.make_scene(1024.0, 1, rng)
     assert len(dense.nuclei) > 1.5 * len(sparse.nuclei)
-    elongation = lambda s: float(np.mean(s.nuclei[:, 2] / s.nuclei[:, 3]))
+
+    def elongation(s):
+        return float(np.mean(s.nuclei[:, 2] / s.nuclei[:, 3]))
+
     assert elongation(dense) > 1.8 > 1.3 > elongation(sparse)

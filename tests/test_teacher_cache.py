@@ -114,7 +114,8 @@ def test_rerun_resumes_only_the_unfinished_shard(built, tmp_path):
     with open(shard1, "r+b") as f:  # killed mid-write: a truncated shard and a stale temp file
         f.truncate(1000)
     (cache / f"{os.path.basename(shard1)}.tmp-123-abcd").write_bytes(b"partial")
-    with pytest.raises(pairs.ShardError, match=f"{os.path.basename(shard1)}: teacher-target shard has|cannot be opened"):
+    with pytest.raises(pairs.ShardError,
+                       match=f"{os.path.basename(shard1)}: teacher-target shard has|cannot be opened"):
         reader.TargetCache(cache)
     summary = writer.write(config, str(cache), progress=False)
     assert summary["pairs_written_now"] == 3 and os.stat(shard0).st_mtime_ns == before

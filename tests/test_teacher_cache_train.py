@@ -1,7 +1,7 @@
 """Training from a teacher-target cache equals training with the live teacher (colour and HED jitter off):
-same losses and parameters after 3 steps of the real input pipeline (2 views per pair), on 8 fake devices (this process) and
-on 1 device (a subprocess running this file, as in test_step_sharding.py). A bfloat16 cache stays within a
-stated tolerance of the live run.
+same losses and parameters after 3 steps of the real input pipeline (2 views per pair), on 8 fake devices
+(this process) and on 1 device (a subprocess running this file, as in test_step_sharding.py). A bfloat16
+cache stays within a stated tolerance of the live run.
 """
 
 import os

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import data_prep_fixtures as fx
 import grain
 import h5py
 import numpy as np
@@ -14,7 +15,6 @@ import simplejpeg
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import data_prep_fixtures as fx
 from data_prep import records, tile_pairs
 from xmag_jax.errors import UserError
 
@@ -118,7 +118,8 @@ def test_bad_slides_are_reported_and_counted(slides, tmp_path):
     fx.without_mpp(folder / "nompp.tif")
     fx.corrupt_tiles(slides / "slide_001.tif", folder / "badtiles.tif", every=2)
     summary = run(folder, tmp_path / "out", "--max-failure-fraction", "0.9")
-    failures = {f["slide_id"]: f for f in map(json.loads, (tmp_path / "out" / "failures.jsonl").read_text().splitlines())}
+    failures = {f["slide_id"]: f
+                for f in map(json.loads, (tmp_path / "out" / "failures.jsonl").read_text().splitlines())}
     assert {k: f["error_type"] for k, f in failures.items()} == {
         "readme": "NotASlideError", "cut": "RegionReadError", "nompp": "MissingMppError",
         "badtiles": "RegionReadError"}

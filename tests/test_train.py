@@ -125,7 +125,8 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(run, tmp_path):
 def test_a_resumed_run_does_not_reapply_student_init(run, tmp_path):
     from flax import nnx
 
-    from xmag_jax.models import checkpoint as model_checkpoint, registry
+    from xmag_jax.models import checkpoint as model_checkpoint
+    from xmag_jax.models import registry
 
     data_dir, workdir, final_params = run
     workdir = Path(shutil.copytree(workdir, tmp_path / "work"))

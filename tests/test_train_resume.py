@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import jax
 
 from xmag_jax.data.synthetic_pairs import write_pair_shards
 from xmag_jax.distill.metrics import read_metrics

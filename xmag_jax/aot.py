@@ -23,7 +23,8 @@ import math
 import re
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -70,7 +71,7 @@ class Report:
     error: str | None = None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Report":
+    def from_json(cls, data: dict[str, Any]) -> Report:
         """Inverse of `to_json` (which adds derived values)."""
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
 
@@ -177,7 +178,8 @@ def batch_unit(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> in
 def compile_step(config: ml_collections.ConfigDict, topo: Topology, *, global_batch: int | None = None,
                  mfu: float = DEFAULT_MFU, config_name: str = "", devices: list | None = None) -> Report:
     """Compiles the train step of `config` for `topo` at `global_batch` (default config.batch_size)."""
-    from xmag_jax.distill import config_validation, step as step_lib  # pylint: disable=g-import-not-at-top
+    from xmag_jax.distill import config_validation  # pylint: disable=g-import-not-at-top
+    from xmag_jax.distill import step as step_lib
 
     devices = topologies.compile_devices(topo) if devices is None else devices
     config = with_batch(config, int(config.batch_size if global_batch is None else global_batch))

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     run_stage("export student", ["xmag_jax.distill.export", "--workdir", str(workdir), "--out", str(student_dir)], env)
     run_stage("export the same student before training (the random-init baseline)",
               ["xmag_jax.distill.export", "--workdir", str(workdir), "--initial", "--out", str(initial_dir)], env)
-    run_stage("export to timm", ["xmag_jax.convert", "export", "--checkpoint", str(student_dir), "--out", str(timm_dir)], env)
+    run_stage("export to timm",
+              ["xmag_jax.convert", "export", "--checkpoint", str(student_dir), "--out", str(timm_dir)], env)
     features = {"distilled": out / "features_distilled", "random_init": out / "features_random_init"}
     run_stage(
         "slide embeddings at 5x (distilled student, from its timm export)",
@@ -106,7 +107,8 @@ def comparison_line(probe_json: Path) -> str:
     parts = []
     for method in ("linear", "knn"):
         d, r = results["distilled"][method], results["random_init"][method]
-        parts.append(f"{method} balanced acc {d['balanced_accuracy']['value']:.3f} vs {r['balanced_accuracy']['value']:.3f}, "
+        parts.append(f"{method} balanced acc {d['balanced_accuracy']['value']:.3f} "
+                     f"vs {r['balanced_accuracy']['value']:.3f}, "
                      f"AUC {d['auc']['value']:.3f} vs {r['auc']['value']:.3f}")
     return "distilled vs random-init student at 5x: " + "; ".join(parts)
 

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="teacher checkpoint directory to write (must not exist)")
     parser.add_argument("--steps", type=int, default=80, help="optimizer updates (80)")
     parser.add_argument("--batch", type=int, default=16, help="20x tiles per update (16)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (1e-2; warmup, cosine decay, clipping at norm 1)")
+    parser.add_argument("--lr", type=float, default=1e-2,
+                        help="peak learning rate (1e-2; warmup, cosine decay, clipping at norm 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1:

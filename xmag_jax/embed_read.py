@@ -83,7 +83,7 @@ class Failure:
         and `traceback`."""
         return {"slide": self.spec.path, "slide_id": self.spec.slide_id, "status": "failed",
                 "error_type": self.error_type, "message": self.message, "traceback": self.traceback,
-                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 class ReaderKilledError(errors.UserError):

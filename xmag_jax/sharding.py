@@ -18,7 +18,8 @@ import jax
 from flax import linen as nn
 from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from xmag_jax.errors import ConfigError
 

@@ -34,7 +34,8 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from xmag_jax import chips, data, errors, platforms, sharding, workdir_lock
-from xmag_jax.distill import config_validation, step as step_lib
+from xmag_jax.distill import config_validation
+from xmag_jax.distill import step as step_lib
 from xmag_jax.distill.checkpointing import Checkpointer
 from xmag_jax.distill.metrics import MetricWriter, NonFiniteLossError, Throughput, check_finite, log_progress, to_floats
 from xmag_jax.teacher_cache import spec as teacher_cache_spec
@@ -136,7 +137,7 @@ class _StopSignals:
                         signal.Signals(signum).name)
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["_StopSignals"]:
+    def installed(self) -> Iterator[_StopSignals]:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return

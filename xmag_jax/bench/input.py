@@ -134,11 +134,13 @@ def main(argv: list[str]) -> int:
         print(json.dumps(result))
     else:
         print(
-            f"input pipeline: {result['pairs_per_s']:.1f} pairs/s (median batch {result['median_batch_s'] * 1e3:.0f} ms, "
+            f"input pipeline: {result['pairs_per_s']:.1f} pairs/s "
+            f"(median batch {result['median_batch_s'] * 1e3:.0f} ms, "
             f"batch {args.batch}, workers {args.workers}, threads {args.threads}, {args.steps} batches, "
             f"data {result['data']})\n"
             f"  cores busy {result['cores_busy']:.2f} of {result['cpu_count']}: "
             f"{result['pairs_per_s_per_core']:.1f} pairs/s per core\n"
-            f"  decode+augment alone, one thread: {result['single_thread_decode_augment_pairs_per_s']:.1f} pairs per CPU s"
+            f"  decode+augment alone, one thread: "
+            f"{result['single_thread_decode_augment_pairs_per_s']:.1f} pairs per CPU s"
         )
     return 0

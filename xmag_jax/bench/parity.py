@@ -15,7 +15,6 @@ from flax import nnx
 
 from xmag_jax.models.registry import ARCHS, embed, get_arch
 
-
 LAYER_SCALES = ("gamma", "lambda1")  # timm's LayerScale, transformers Dinov2's
 TOKENS = ("cls_token", "reg_token", "pos_embed", "mask_token", "position_embeddings")
 
@@ -92,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     d_embed = float(np.abs(np.asarray(embed(arch, out)) - ref_embed).max())
     d_patch = float(np.abs(np.asarray(out.patches).reshape(ref_patches.shape) - ref_patches).max())
-    print(f"parity {args.model}: depth {arch.vit.depth}{' (full)' if args.full else ''}, {n_params / 1e6:.1f} M params, "
+    print(f"parity {args.model}: depth {arch.vit.depth}{' (full)' if args.full else ''}, "
+          f"{n_params / 1e6:.1f} M params, "
           f"batch {args.batch}, {args.img_size} px, fp32")
     print(f"max abs diff: embedding [{arch.embed_dim}] {d_embed:.3e}, patch tokens {d_patch:.3e}")
     print(f"timm: build+randomise {build_s:.1f} s, eager forward {timm_s:.2f} s")

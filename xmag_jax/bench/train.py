@@ -27,7 +27,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from xmag_jax import chips, sharding
-from xmag_jax.distill import config_validation, step as step_lib
+from xmag_jax.distill import config_validation
+from xmag_jax.distill import step as step_lib
 from xmag_jax.distill.metrics import Throughput
 
 
@@ -56,7 +57,8 @@ def _random_batch(trainer: step_lib.Trainer, rng: np.random.Generator) -> dict[s
             host = rng.integers(0, 256, size=abstract.shape, dtype=np.uint8)
         else:
             host = rng.standard_normal(abstract.shape, dtype=np.float32)
-        batch[key] = jax.make_array_from_callback(abstract.shape, abstract.sharding, lambda index: host[index])
+        batch[key] = jax.make_array_from_callback(abstract.shape, abstract.sharding,
+                                                   lambda index, host=host: host[index])
     return batch
 
 

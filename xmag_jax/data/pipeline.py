@@ -31,7 +31,7 @@ from absl import flags
 
 from data_prep import records
 from xmag_jax.data import augment
-from xmag_jax.data.bad_records import BadRecordBudgetIterDataset, BadRecordBudgetIterator, SkipBadRecordsIterDataset
+from xmag_jax.data.bad_records import BadRecordBudgetIterator, BadRecordBudgetIterDataset, SkipBadRecordsIterDataset
 from xmag_jax.data.pairs import BadRecordError, DecodeAndAugment, PairSource, TagIndex, decode_images
 from xmag_jax.teacher_cache import reader as teacher_cache_reader
 

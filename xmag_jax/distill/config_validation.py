@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
 from etils import epath
 
-from xmag_jax import config as schema, sharding
+from xmag_jax import config as schema
+from xmag_jax import sharding
 from xmag_jax.distill.projectors import PROJECTOR_NORMS
 from xmag_jax.errors import ConfigError
 

@@ -22,7 +22,8 @@ from etils import epath
 from flax import nnx
 
 from xmag_jax import errors, sharding
-from xmag_jax.distill import config_validation, step as step_lib
+from xmag_jax.distill import config_validation
+from xmag_jax.distill import step as step_lib
 from xmag_jax.distill.checkpointing import CHECKPOINT_DIR, DIGEST, META, STATE, verify
 from xmag_jax.models import checkpoint as model_checkpoint
 from xmag_jax.models import registry

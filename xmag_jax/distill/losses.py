@@ -37,7 +37,7 @@ class LossWeights:
     token: float
 
     @classmethod
-    def from_config(cls, loss_cfg) -> "LossWeights":
+    def from_config(cls, loss_cfg) -> LossWeights:
         """Reads `config.loss` (global_weight, global_smooth_l1_weight, tile_weight, token_weight, mode)."""
         mode = loss_cfg.mode
         if mode not in MODES:

@@ -11,10 +11,11 @@ Inputs are uint8; each architecture's own normalisation runs on device. The teac
 runs on every view under `stop_gradient` and is never differentiated; gradients flow to the student and the
 projectors only. Each view's student output is compared with the teacher on the same view and the loss is
 the mean over views. With `data.teacher_cache` the teacher is not in the step at all: the batch brings each
-view's cached targets (`xmag_jax.teacher_cache`) and the teacher argument is None. With `loss.center_targets` the teacher targets are centred by running means kept in
-the state (`losses.center_targets`); with `loss.projector_norm="batch"` the projectors' BatchNorm statistics
-are those of each micro-batch (over all devices, per view) and their running means are kept in the state.
-The state is donated.
+view's cached targets (`xmag_jax.teacher_cache`) and the teacher argument is None. With
+`loss.center_targets` the teacher targets are centred by running means kept in the state
+(`losses.center_targets`); with `loss.projector_norm="batch"` the projectors' BatchNorm statistics are those
+of each micro-batch (over all devices, per view) and their running means are kept in the state. The state is
+donated.
 
 `init_state` starts the student from `student.init` when set (a model checkpoint whose architecture
 `validate` checks against `student.name` before anything is compiled).

@@ -186,7 +186,7 @@ def encode_labels(labels: list[str]) -> tuple[np.ndarray, list[str]]:
     """String labels -> (`int32 [N]` class indices, sorted class names)."""
     classes = sorted(set(labels))
     index = {c: i for i, c in enumerate(classes)}
-    return np.array([index[l] for l in labels], np.int32), classes
+    return np.array([index[label] for label in labels], np.int32), classes
 
 
 def _plain(value):

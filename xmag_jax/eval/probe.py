@@ -62,7 +62,7 @@ def tiles_from_npz(path: str | pathlib.Path) -> TileSet:
     if x.ndim != 2 or len(labels) != len(x) or (groups is not None and len(groups) != len(x)):
         raise feats.EvalInputError(
             f"{path}: expected features [N, D], labels [N], groups [N]; got {x.shape}, {labels.shape}")
-    y, classes = feats.encode_labels([str(l) for l in labels])
+    y, classes = feats.encode_labels([str(label) for label in labels])
     return TileSet(x, y, groups, classes)
 
 

@@ -84,7 +84,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     schema, given = flatten(base_config()), flatten(config)
     unknown, missing = sorted(set(given) - set(schema)), sorted(set(schema) - set(given))
     if unknown or missing:
-        raise ConfigError(f"config: unknown keys {unknown}, missing keys {missing} (schema: xmag_jax/finetune/config.py)")
+        raise ConfigError(
+            f"config: unknown keys {unknown}, missing keys {missing} (schema: xmag_jax/finetune/config.py)")
     for key in ("data.bags", "data.labels", "model.init"):
         if not given[key]:
             raise ConfigError(f"config.{key}: required (pass --config.{key}=PATH)")

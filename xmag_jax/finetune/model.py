@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from xmag_jax import models, sharding
 from xmag_jax.errors import ConfigError
@@ -104,8 +105,8 @@ def optimizer(config: ml_collections.ConfigDict, trainable: nnx.State, depth: in
 
     labels = jax.tree_util.tree_map_with_path(group, trainable)
     peaks = {"head": config.optim.head_lr}
-    peaks.update({f"layer_{l}": config.optim.backbone_lr * config.optim.layer_decay ** (depth + 1 - l)
-                  for l in range(depth + 2)})
+    peaks.update({f"layer_{layer}": config.optim.backbone_lr * config.optim.layer_decay ** (depth + 1 - layer)
+                  for layer in range(depth + 2)})
     decay_mask = jax.tree.map(lambda v: v.ndim >= 2, trainable)
     transforms = {name: optax.adamw(schedule(peak), weight_decay=config.optim.weight_decay, mask=decay_mask)
                   for name, peak in peaks.items()}

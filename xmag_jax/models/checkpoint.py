@@ -4,9 +4,10 @@ Layout of `path/`: `params/` (Orbax StandardCheckpointer, the `nnx.Param` state 
 like timm: `blocks/0/attn/qkv/kernel`, ...) and `arch.json` (`{"name": ..., "vit": ViTConfig fields}`),
 so non-registry overrides such as a reduced depth round-trip. The blocks are always stored per block, as
 timm has them; a scanned model (`ViTConfig.scan_layers`) is unstacked on save and restored onto a scanned
-target by stacking (`vit.stack_blocks`), so the layout on disk does not depend on how a model runs. The directory is written under a temporary
-name and renamed, so a present `path/arch.json` means a complete checkpoint. Checkpoints are written to a
-local (or mounted) path and read from a local path or Cloud Storage (`gs://`, through etils.epath).
+target by stacking (`vit.stack_blocks`), so the layout on disk does not depend on how a model runs. The
+directory is written under a temporary name and renamed, so a present `path/arch.json` means a complete
+checkpoint. Checkpoints are written to a local (or mounted) path and read from a local path or Cloud Storage
+(`gs://`, through etils.epath).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flax import nnx
 
 from xmag_jax import atomic
 from xmag_jax.models.registry import Arch, get_arch
-from xmag_jax.models.vit import ViTConfig, VisionTransformer, stack_blocks, unstack_blocks
+from xmag_jax.models.vit import VisionTransformer, ViTConfig, stack_blocks, unstack_blocks
 
 ARCH_FILE = "arch.json"
 PARAMS_DIR = "params"

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from xmag_jax.errors import ConfigError
-from xmag_jax.models.vit import ViTConfig, ViTOutput, VisionTransformer
+from xmag_jax.models.vit import VisionTransformer, ViTConfig, ViTOutput
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

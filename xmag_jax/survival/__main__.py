@@ -40,7 +40,9 @@ def _flags(argv: Sequence[str]) -> flags.FlagValues:
 def main(argv: Sequence[str] | None = None) -> int:
     fv = _flags(list(sys.argv[1:] if argv is None else argv))
     config, workdir = fv.config, pathlib.Path(fv.workdir)
-    from xmag_jax.survival import clinical as clinical_lib, cv, slides as slides_lib
+    from xmag_jax.survival import clinical as clinical_lib
+    from xmag_jax.survival import cv
+    from xmag_jax.survival import slides as slides_lib
 
     cv.check_config(config)
     clinical = clinical_lib.read_clinical(config.data.clinical, tuple(config.data.covariates))

@@ -35,7 +35,7 @@ class Clinical:
     fold: np.ndarray | None
     covariates: dict[str, np.ndarray]
 
-    def subset(self, ids: Sequence[str]) -> "Clinical":
+    def subset(self, ids: Sequence[str]) -> Clinical:
         index = {s: i for i, s in enumerate(self.slide_ids)}
         rows = np.array([index[s] for s in ids], int)
         return Clinical(list(ids), self.time[rows], self.event[rows],

@@ -57,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.val_fraction = 0.2  # of each training fold, held out to keep the epoch of best C-index (0: last epoch)
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.binary_months = 0.0  # > 0: a second head for "recurrence within this many months" (censored before: left out)
+    # > 0: a second head for "recurrence within this many months" (censored before: left out)
+    c.loss.binary_months = 0.0
     c.loss.binary_weight = 0.5
 
     c.clinical = ml_collections.ConfigDict()

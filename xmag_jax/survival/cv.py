@@ -62,7 +62,8 @@ def assign_folds(clinical: Clinical, k: int, seed: int) -> np.ndarray:
     if clinical.fold is not None:
         found = sorted(set(clinical.fold.tolist()))
         if found != list(range(k)):
-            raise UserError(f"the clinical CSV's fold column has values {found}; expected 0..{k - 1} (config.folds={k})")
+            raise UserError(
+                f"the clinical CSV's fold column has values {found}; expected 0..{k - 1} (config.folds={k})")
         short = [f for f in range(k) if clinical.event[clinical.fold == f].sum() == 0]
         if short:
             raise UserError(f"not enough events for {k} folds: fold(s) {short} of the CSV's fold column have no event")

@@ -4,7 +4,8 @@ Output 0 is the log-risk (Cox), output 1, when the binary head is on, the logit 
 A batch (`xmag_jax.survival.batching`) holds, for B slides padded to L tiles:
   `features [B, L, D]` tile embeddings, `words [B, L, W, Dw]` words per tile, `neighbours [B, L, 9]` row indices
   of each tile's 3 x 3 grid neighbourhood (-1: none), `centres [B, L, 2]` tile centres in µm relative to the
-  slide's centroid, `mask [B, L]` real tiles, `local [B]` slides with more tiles than `model.global_attention_max_tiles`.
+  slide's centroid, `mask [B, L]` real tiles, `local [B]` slides with more tiles than
+  `model.global_attention_max_tiles`.
 
 Models:
   * `SpatialRisk` (CellEcoNet-style): words of a tile and its 8 neighbours -> phrase transformer -> one phrase per
@@ -78,18 +79,18 @@ class SpatialRisk(nnx.Module):
 
     def phrases(self, words: jax.Array, neighbours: jax.Array) -> jax.Array:
         """`words [B, L, W, Dw]`, `neighbours [B, L, 9]` -> phrase embeddings `[B, L, d]`."""
-        b, l, w, _ = words.shape
+        b, n_tiles, w, _ = words.shape
         x = self.word_proj(words)  # [B, L, W, d]
         present = neighbours >= 0
         x = jax.vmap(lambda xb, ib: xb[jnp.maximum(ib, 0)])(x, neighbours)  # [B, L, 9, W, d]
-        x = x.reshape(b * l, -1, self.dim) + self.word_pos[...]
-        tokens = jnp.repeat(present.reshape(b * l, -1), w, axis=1)  # [B*L, 9W]
+        x = x.reshape(b * n_tiles, -1, self.dim) + self.word_pos[...]
+        tokens = jnp.repeat(present.reshape(b * n_tiles, -1), w, axis=1)  # [B*L, 9W]
         mask = tokens[:, None, None, :]
         for block in self.phrase:
             x = block(x, mask)
         x = self.phrase_norm(x)
         counts = jnp.maximum(tokens.sum(axis=1, keepdims=True), 1)
-        return (jnp.where(tokens[..., None], x, 0.0).sum(axis=1) / counts).reshape(b, l, self.dim)
+        return (jnp.where(tokens[..., None], x, 0.0).sum(axis=1) / counts).reshape(b, n_tiles, self.dim)
 
     def __call__(self, batch: dict[str, jax.Array]) -> jax.Array:
         mask, centres = batch["mask"], batch["centres"]

@@ -75,7 +75,8 @@ def km_plot(path: pathlib.Path, time: np.ndarray, event: np.ndarray, high: np.nd
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, group in (("low risk", ~high), ("high risk", high)):
         if group.any():
-            KaplanMeierFitter(label=f"{name} (n={int(group.sum())})").fit(time[group], event[group]).plot_survival_function(ax=ax)
+            fitter = KaplanMeierFitter(label=f"{name} (n={int(group.sum())})").fit(time[group], event[group])
+            fitter.plot_survival_function(ax=ax)
     ax.set_xlabel("months")
     ax.set_ylabel("recurrence-free")
     ax.set_title(title, fontsize=9)

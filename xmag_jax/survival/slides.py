@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import h5py
 import numpy as np
 
+from xmag_jax import feature_tokens as tokens_lib
 from xmag_jax.errors import UserError
 from xmag_jax.eval import features as feats
-from xmag_jax import feature_tokens as tokens_lib
 
 # Offsets (dx, dy) in tiles of a tile's 3 x 3 neighbourhood, the tile itself first.
 NEIGHBOUR_OFFSETS = np.array([(0, 0), (-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1)], np.int64)
@@ -44,7 +44,8 @@ class Slide:
 
 
 def grid_neighbours(coords: np.ndarray, stride: float) -> np.ndarray:
-    """`[N, 9]` indices of each tile's neighbours on the grid of `stride` level-0 px (`coords [N, 2]` px), -1 if none."""
+    """`[N, 9]` indices of each tile's neighbours on the grid of `stride` level-0 px (`coords [N, 2]` px),
+    -1 if none."""
     cells = np.round(np.asarray(coords, np.float64) / stride).astype(np.int64)
     index = {(int(x), int(y)): i for i, (x, y) in enumerate(cells)}
     out = np.full((len(cells), len(NEIGHBOUR_OFFSETS)), -1, np.int64)
@@ -81,7 +82,8 @@ def load_slides(directory: str | pathlib.Path, slide_ids: Sequence[str], *, use_
         raise SlideDataError(str(e)) from e
     missing = [s for s in slide_ids if s not in files]
     if missing:
-        raise SlideDataError(f"{len(missing)} slide(s) of the clinical CSV have no feature file in {directory}: {missing}")
+        raise SlideDataError(
+            f"{len(missing)} slide(s) of the clinical CSV have no feature file in {directory}: {missing}")
     raw = []
     for slide_id in slide_ids:
         try:

@@ -86,7 +86,7 @@ def fit(model: nnx.Module, slides: Sequence[Slide], time: np.ndarray, event: np.
                                global_attention_max_tiles=config.model.global_attention_max_tiles,
                                max_tiles=t.max_tiles, rng=rng)
             losses.append(step(model, optimizer, {k: jnp.asarray(v) for k, v in batch.items()}))
-        history["losses"].append(float(np.mean([float(l) for l in losses])) if losses else float("nan"))
+        history["losses"].append(float(np.mean([float(loss) for loss in losses])) if losses else float("nan"))
         if len(val_idx):
             risk = predict(model, [slides[i] for i in val_idx], config)[:, 0]
             score = report.c_index(time[val_idx], event[val_idx], risk)

@@ -32,7 +32,8 @@ from data_prep import pairs as prep_pairs
 from data_prep import records as pair_records
 from xmag_jax import encoders, errors, sharding, workdir_lock
 from xmag_jax.data import augment, pairs
-from xmag_jax.distill import config_validation, losses, step as step_lib
+from xmag_jax.distill import config_validation, losses
+from xmag_jax.distill import step as step_lib
 from xmag_jax.teacher_cache import reader, records, spec
 
 
@@ -177,7 +178,8 @@ def _write_locked(config, out: str, trainer: step_lib.Trainer, teacher: Any, met
             shard_bad = 0
             for lo in range(0, lengths[i], pairs_per_chunk):
                 indices = range(offsets[i] + lo, offsets[i] + min(lo + pairs_per_chunk, lengths[i]))
-                decoded = list(pool.map(lambda g: _decode(source, g, offsets[i]), indices))
+                decoded = list(pool.map(lambda g, source=source, offset=offsets[i]: _decode(source, g, offset),
+                                        indices))
                 for rec in runner.run(list(indices), decoded):
                     writer.write(rec)
                 n_bad = sum(1 for image, _ in decoded if image is None)
