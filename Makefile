@@ -27,8 +27,9 @@ $(FULL): $(BASE)
 demo: $(BASE)
 	$(PY) -m xmag_jax.demo --out $(DEMO)
 
-# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+# ruff first (rules in pyproject.toml); pytest exits 5 when it collected no test: a failure here, not a pass.
 test: $(FULL)
+	$(VENV)/bin/ruff check .
 	@rc=0; $(PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
