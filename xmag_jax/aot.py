@@ -69,6 +69,7 @@ class Report:
     mfu: float = DEFAULT_MFU
     compile_seconds: float = 0.0
     error: str | None = None
+    scanned_layers: bool = False  # student or teacher blocks under a scan: XLA's cost analysis counts a body once
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Report:
@@ -193,6 +194,7 @@ def compile_step(config: ml_collections.ConfigDict, topo: Topology, *, global_ba
         config_name=config_name, topology=topo.describe(), mesh=dict(mesh.shape), global_batch=batch,
         knobs=knobs(config), fits=False, compiled=False, hbm_bytes=topo.chip.usable_hbm_bytes,
         argument_groups=argument_groups(trainer, batch), model_flops=step_flops.total,
+        scanned_layers=bool(config.student.get("scan_layers") or config.teacher.get("scan_layers")),
         model_flops_parts={f.name: getattr(step_flops, f.name) for f in dataclasses.fields(step_flops)}, mfu=mfu)
     start = time.perf_counter()
     try:
@@ -321,9 +323,11 @@ def format_report(report: Report) -> str:
         lines.append("  dominant buffers: " + _gib_list(report.dominant_buffers()))
     parts = ", ".join(f"{k} {_flops(v)}" for k, v in report.model_flops_parts.items())
     lines.append(f"model FLOPs per step: {_flops(report.model_flops)} ({parts})")
+    loops = [name for name, on in (("the grad_accum loop", report.knobs["optim.grad_accum"] > 1),
+                                    ("the scanned layers", report.scanned_layers)) if on]
+    loop = f"; XLA counts the body of {' and '.join(loops)} once" if loops else ""
     if report.compiled_flops_per_chip is not None:
         total = report.compiled_flops_per_chip * report.num_chips
-        loop = "; XLA counts the grad_accum loop body once" if report.knobs["optim.grad_accum"] > 1 else ""
         per_chip = _flops(report.compiled_flops_per_chip)
         lines.append(f"compiled FLOPs per step (XLA cost analysis): {_flops(total)} ({per_chip} per chip; "
                      f"{total / report.model_flops:.2f}x model{loop})")
@@ -333,7 +337,8 @@ def format_report(report: Report) -> str:
                  f"{XMAG_NUM_PAIRS / 1e6:.2f} M pairs")
     if report.xla_seconds is not None:
         lines.append(f"XLA:TPU estimate: {report.xla_seconds * 1e3:.1f} ms/step "
-                     f"({report.global_batch / report.xla_seconds / report.num_chips:.2f} pairs/s/chip)")
+                     f"({report.global_batch / report.xla_seconds / report.num_chips:.2f} pairs/s/chip)"
+                     + (" — loop bodies counted once: an underestimate" if loop else ""))
     lines.append(f"compile: {report.compile_seconds:.1f} s on this host")
     return "\n".join(lines)
 
