@@ -3,7 +3,7 @@
     python -m data_prep.tile_bags --slides DIR_OR_CSV --out BAGS [--mpp 2.0 --patch-px 224 --min-tissue 0.25]
 
 The tiles are exactly those `python -m xmag_jax.embed` embeds at the same options (its tissue mask and
-grid: `embed.plan_slide`, tiles read with `slide_reader.read_field`), stored as JPEG so that end-to-end
+grid: `embed_read.plan_slide`, tiles read with `slide_reader.read_field`), stored as JPEG so that end-to-end
 training (`python -m xmag_jax.finetune`) never opens a slide. Each slide is read once.
 
 Output folder:
@@ -32,7 +32,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from data_prep import assemble, bag_records, inputs, pairs, slide_reader, tile_pairs, tissue
-from xmag_jax import errors, workdir_lock
+from xmag_jax import embed_read, errors, workdir_lock
 
 PROG = "python -m data_prep.tile_bags"
 
@@ -54,12 +54,10 @@ class BagConfig:
 
 def process_slide(spec: inputs.SlideSpec, config: BagConfig, work_dir: str, overlay_dir: str | None) -> dict:
     """Every tissue tile of one slide into its shard under `work_dir`; returns the done marker or failure record."""
-    from xmag_jax import embed  # imported in the worker: it brings JAX, which the Beam driver does not need
-
-    tiling = embed.Tiling(mpp=config.mpp, patch_px=config.patch_px, min_tissue=config.min_tissue)
+    tiling = embed_read.Tiling(mpp=config.mpp, patch_px=config.patch_px, min_tissue=config.min_tissue)
 
     def records_of(slide: slide_reader.Slide) -> tuple[int, Iterator[bytes], dict]:
-        plan = embed.plan_slide(slide, spec, tiling)
+        plan = embed_read.plan_slide(slide, spec, tiling)
         mpp = plan.field_level0 * slide.mpp / config.patch_px
 
         def tiles() -> Iterator[bytes]:
@@ -150,7 +148,7 @@ def _run_locked(args: argparse.Namespace, options, out_dir: str, specs: list[inp
         raise SystemExit(f"FAILED: {why}; see {os.path.join(out_dir, 'failures.jsonl')} and {summary_path}. "
                          f"Fix or remove them and rerun: finished slides are kept.")
     metadata = {"mpp": args.mpp, "patch_px": args.patch_px, "min_tissue": args.min_tissue,
-                "thumbnail_mpp": args.thumbnail_mpp, "tiling": "xmag_jax.embed.plan_slide"}
+                "thumbnail_mpp": args.thumbnail_mpp, "tiling": "xmag_jax.embed_read.plan_slide"}
     counts = assemble.assemble(out_dir,
                                {bag_records.SPLIT: [pairs.shard_path(work_dir, s.slide_id) for s in productive]},
                                args.examples_per_shard, metadata=metadata, dataset_name=bag_records.DATASET_NAME,

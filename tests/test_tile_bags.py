@@ -11,7 +11,7 @@ import simplejpeg
 from array_record.python import array_record_module
 
 from data_prep import bag_records, inputs, slide_reader, synthetic, tile_bags
-from xmag_jax import embed
+from xmag_jax import embed_read
 
 MPP = 1.0  # µm/px: a 1 mm synthetic slide gives a 4x4 grid of 224 px tiles
 ARGS = ["--mpp", str(MPP), "--no-progress", "--no-isolation", "--direct_running_mode=in_memory",
@@ -44,12 +44,12 @@ def test_tiles_are_embeds_plan_and_pixels(bags, slides):
     assert summary["tiles"] == sum(e.tiles for e in entries.values())
     (shard,) = bag_records.shard_paths(out)
     reader = array_record_module.ArrayRecordReader(shard)
-    tiling = embed.Tiling(MPP)
+    tiling = embed_read.Tiling(MPP)
     for name in ("slide_000.svs", "slide_001.tif"):
         spec = inputs.SlideSpec(path=str(slides / name), slide_id=name.split(".")[0])
         entry = entries[spec.slide_id]
         with slide_reader.open_slide(spec.path) as slide:
-            plan = embed.plan_slide(slide, spec, tiling)
+            plan = embed_read.plan_slide(slide, spec, tiling)
             records = [bag_records.decode_tile(r) for r in reader.read(list(range(entry.first,
                                                                                   entry.first + entry.tiles)))]
             assert [[r["x"], r["y"]] for r in records] == plan.coords.tolist()

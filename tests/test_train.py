@@ -143,8 +143,8 @@ def test_a_resumed_run_does_not_reapply_student_init(run, tmp_path):
     ({"teacher.allow_random_teacher": False}, "teacher.checkpoint: is empty"),
     ({"student.name": "uni"}, "student.name: uni's 14x14 token grid does not split into 4x4 blocks"),
     ({"data.dir": "/nonexistent/pairs"}, "data.dir: '/nonexistent/pairs' is not a directory"),
-    ({"student.init": "/nonexistent/dinov2_vitb14"}, "student.init: model checkpoint /nonexistent/dinov2_vitb14 "
-                                                     "does not exist"),
+    ({"student.init": "/nonexistent/dinov2_vitb14", "student.layer_scale_init": None},
+     "student.init: model checkpoint /nonexistent/dinov2_vitb14 does not exist"),
     ({"data.views": 0}, "data.views: must be >= 1"),
 ])
 def test_config_errors_before_compile(tmp_path, overrides, message):
