@@ -383,16 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m xmag_jax.aot --config=configs/NAME.py --topology=v5p-256 [flags]\n\n"
               f"{fv.get_help()}")
         return 0
-    try:
-        rest = fv([argv[0], *[a.replace("--find-batch", "--find_batch").replace("--require-fit", "--require_fit")
-                              .replace("--global-batch", "--global_batch").replace("--max-batch", "--max_batch")
-                              for a in argv[1:]]])
-    except flags.Error as error:
-        errors.report(error, PROG)
-        return errors.EXIT_USER_ERROR
+    rest = errors.parse_flags(fv, [argv[0], *[
+        a.replace("--find-batch", "--find_batch").replace("--require-fit", "--require_fit")
+        .replace("--global-batch", "--global_batch").replace("--max-batch", "--max_batch") for a in argv[1:]]])
     if len(rest) > 1:
-        errors.report(errors.UserError(f"unexpected arguments {rest[1:]}"), PROG)
-        return errors.EXIT_USER_ERROR
+        raise errors.UserError(f"unexpected arguments {rest[1:]}")
     if fv.docs:
         from xmag_jax import aot_docs  # pylint: disable=g-import-not-at-top
         if fv.rerender:

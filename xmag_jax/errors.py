@@ -52,29 +52,45 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], *, prog: str,
     sys.exit(rc or 0)
 
 
+def parse_flags(fv, argv: list[str], known_keys: Callable[[], Iterable[str]] | None = None) -> list[str]:
+    """`fv(argv)` (an absl `FlagValues`, with an ml_collections `--config` flag if the command has one), where a
+    bad flag, a config file that does not load or an override of a key the config lacks raises `UserError`.
+    The config file is loaded here (ml_collections loads it lazily, at its first use). `known_keys()` (the
+    schema's dotted keys) gives the did-you-mean for an unknown `--config.KEY`. Returns the unparsed arguments."""
+    from absl import flags
+
+    try:
+        rest = fv(argv)
+        config = fv["config"].value if "config" in fv else None
+        if config is not None:
+            config.to_dict()
+        return rest
+    except flags.Error as error:
+        message = str(error)
+    except (AttributeError, KeyError, ValueError, OSError) as error:  # ml_collections: the file or an override
+        keys = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
+        known = set(known_keys()) if known_keys else set()
+        unknown = [k for k in keys if known and k not in known]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            message = f"--config.{unknown[0]}: not a key of the config{hint}"
+        else:  # KeyError's str() is the repr of its message
+            message = f"--config: {error.args[0] if isinstance(error, KeyError) and error.args else error}"
+    raise UserError(message)
+
+
 def absl_flags_parser(prog: str, known_keys: Callable[[], Iterable[str]] | None = None
                       ) -> Callable[[list[str]], list[str]]:
-    """A `flags_parser` for `absl.app.run`: absl's parsing, where a bad flag, a config file that does not load or
-    an override of a key the config lacks is one line and exit 2. `known_keys()` (the schema's dotted keys)
-    gives the did-you-mean for an unknown `--config.KEY`."""
+    """A `flags_parser` for `absl.app.run`: `parse_flags` on absl's global flags, its `UserError` as one line
+    and exit 2."""
     from absl import flags
 
     def parse(argv: list[str]) -> list[str]:
         try:
-            return flags.FLAGS(argv)
-        except flags.Error as error:
-            message = str(error)
-        except (AttributeError, KeyError, ValueError, OSError) as error:  # ml_collections: the file or an override
-            keys = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
-            known = set(known_keys()) if known_keys else set()
-            unknown = [k for k in keys if known and k not in known]
-            if unknown:
-                close = difflib.get_close_matches(unknown[0], known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                message = f"--config.{unknown[0]}: not a key of the config{hint}"
-            else:  # KeyError's str() is the repr of its message
-                message = f"--config: {error.args[0] if isinstance(error, KeyError) and error.args else error}"
-        report(UserError(message), prog)
-        sys.exit(EXIT_USER_ERROR)
+            return parse_flags(flags.FLAGS, argv, known_keys)
+        except UserError as error:
+            report(error, prog)
+            sys.exit(EXIT_USER_ERROR)
 
     return parse

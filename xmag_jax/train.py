@@ -285,11 +285,7 @@ def main(argv: list[str]) -> None:
     platforms.configure()
     logging.get_absl_handler().addFilter(_DropOrbaxInfo())
     try:
-        config = _CONFIG.value
-        try:
-            config.to_dict()  # config_flags reports a config file that failed to load only once it is read
-        except OSError as error:
-            raise errors.ConfigError(f"--config: {error}") from error
+        config = _CONFIG.value  # loaded and checked by errors.parse_flags
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
         train(config, _WORKDIR.value)
     except errors.UserError as error:  # ConfigError, WorkdirLocked

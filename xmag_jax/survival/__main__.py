@@ -26,10 +26,7 @@ def _flags(argv: Sequence[str]) -> flags.FlagValues:
                                     lock_config=True, sys_argv=argv)  # --config.KEY overrides are found in argv
     flags.DEFINE_string("workdir", None, "Run directory: run.json, units/, checkpoints/, results.json, km_*.png.",
                         flag_values=fv)
-    try:
-        rest = fv(argv)
-    except (flags.Error, ValueError, AttributeError, KeyError) as e:  # config_flags: bad file or override
-        raise errors.UserError(str(e)) from e
+    rest = errors.parse_flags(fv, argv)
     if len(rest) > 1:
         raise errors.UserError(f"unexpected arguments {rest[1:]}")
     if fv.config is None or fv.workdir is None:

@@ -35,12 +35,7 @@ def _flags(argv: Sequence[str]) -> flags.FlagValues:
     flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with cluster auto-detection.",
                       flag_values=fv)
-    try:
-        fv(argv)
-    except flags.Error as e:
-        raise errors.UserError(str(e)) from None
-    except (AttributeError, KeyError, ValueError, OSError) as e:  # ml_collections: the config file or an override
-        raise errors.UserError(f"--config: {e}") from None
+    errors.parse_flags(fv, argv)
     for name in ("config", "out"):
         if fv[name].value is None:
             raise errors.UserError(f"--{name} is required")
