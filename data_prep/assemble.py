@@ -2,7 +2,7 @@
 
 Everything is first written to a staging folder inside the output folder; then the old dataset's
 `dataset_info.json` is removed, old shards removed, new shards moved in, and `dataset_info.json` moved in
-last. A dataset folder holding `dataset_info.json` is therefore always complete, and `records.shard_paths`
+last. A dataset folder holding `dataset_info.json` is therefore always complete, and `pair_records.shard_paths`
 refuses a partial shard set.
 """
 
@@ -16,7 +16,7 @@ import shutil
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
-from data_prep import records
+from xmag_jax.formats import pair_records
 
 READ_CHUNK = 64
 METADATA_FILES = ("features.json", "dataset_info.json")
@@ -41,7 +41,7 @@ def _write_split(stage: str, split: str, slide_shards: list[str], examples_per_s
     num_bytes = 0
     current, left = None, 0
     for index, length in enumerate(lengths):
-        path = os.path.join(stage, records.shard_name(split, index, num_shards, dataset_name))
+        path = os.path.join(stage, pair_records.shard_name(split, index, num_shards, dataset_name))
         writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
         written = 0
         while written < length:
@@ -62,16 +62,16 @@ def _write_split(stage: str, split: str, slide_shards: list[str], examples_per_s
 
 
 def _old_dataset_files(out_dir: str, dataset_name: str) -> list[str]:
-    pattern = re.compile(rf"^{re.escape(dataset_name)}-[a-z0-9_]+\.{records.FILE_FORMAT}-\d{{5}}-of-\d{{5}}$")
+    pattern = re.compile(rf"^{re.escape(dataset_name)}-[a-z0-9_]+\.{pair_records.FILE_FORMAT}-\d{{5}}-of-\d{{5}}$")
     return [n for n in os.listdir(out_dir) if pattern.match(n)]
 
 
 def assemble(out_dir: str, split_shards: dict[str, list[str]], examples_per_shard: int, description: str = "",
-             metadata: dict | None = None, *, dataset_name: str = records.DATASET_NAME,
+             metadata: dict | None = None, *, dataset_name: str = pair_records.DATASET_NAME,
              features: tfds.features.FeaturesDict | None = None) -> dict[str, int]:
     """Write the TFDS dataset for {split: [per-slide shard paths]} into `out_dir`; returns {split: examples}.
     Records keep the order of the per-slide shards. `metadata` (JSON-able) becomes the TFDS `metadata.json`
-    (`records.read_metadata`); `dataset_name`/`features`: the shard names and record schema (default: pairs)."""
+    (`pair_records.read_metadata`); `dataset_name`/`features`: the shard names and record schema (default: pairs)."""
     stage = os.path.join(out_dir, f".assemble-tmp-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(stage)
@@ -84,7 +84,7 @@ def assemble(out_dir: str, split_shards: dict[str, list[str]], examples_per_shar
     for name in os.listdir(stage):  # splits without examples leave an empty shard 0-of-1: drop it
         if not any(name.startswith(f"{dataset_name}-{s.name}.") for s in split_infos):
             os.remove(os.path.join(stage, name))
-    tfds.folder_dataset.write_metadata(data_dir=stage, features=features or records.features(),
+    tfds.folder_dataset.write_metadata(data_dir=stage, features=features or pair_records.features(),
                                        split_infos=split_infos,
                                        check_data=False, description=description,
                                        metadata=tfds.core.MetadataDict(metadata or {}))

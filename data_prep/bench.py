@@ -21,8 +21,10 @@ import numpy as np
 import openslide
 import simplejpeg
 
-from data_prep import records, slide_reader, synthetic, tile_pairs
+from data_prep import tile_pairs
 from xmag_jax import errors
+from xmag_jax.formats import pair_records
+from xmag_jax.wsi import slide_reader, synthetic
 
 
 def _bare_cost(slides_dir: str, pairs: list[dict], quality: int) -> dict[str, tuple[float, int]]:
@@ -38,8 +40,8 @@ def _bare_cost(slides_dir: str, pairs: list[dict], quality: int) -> dict[str, tu
         kind = f"{mpp0:g} µm/px scan"
         start = time.process_time()
         for p in items:
-            field = p["mpp_5x"] * records.TILE_5X_PX / mpp0
-            for out_px in (records.TILE_5X_PX, records.REGION_20X_PX):
+            field = p["mpp_5x"] * pair_records.TILE_5X_PX / mpp0
+            for out_px in (pair_records.TILE_5X_PX, pair_records.REGION_20X_PX):
                 level = slide_reader.best_level(handle.level_downsamples, field / out_px)
                 size = int(np.ceil(field / handle.level_downsamples[level] - 1e-6))
                 region = np.asarray(handle.read_region((p["x"], p["y"]), level, (size, size)))
@@ -55,9 +57,9 @@ def _read_all(out: str) -> list[dict]:
 
     pairs = []
     for split in ("train", "val"):
-        for path in records.shard_paths(out, split):
+        for path in pair_records.shard_paths(out, split):
             reader = array_record_module.ArrayRecordReader(path)
-            pairs += [records.decode_pair(r) for r in reader.read_all()]
+            pairs += [pair_records.decode_pair(r) for r in reader.read_all()]
             reader.close()
     return pairs
 

@@ -9,7 +9,9 @@ import multiprocessing
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 
-from data_prep import inputs, pairs
+from data_prep import pairs
+from xmag_jax import atomic
+from xmag_jax.wsi import inputs
 
 
 class SlideProcess:
@@ -29,7 +31,7 @@ class SlideProcess:
             self._pool = None
             failure = {"slide": spec.path, "slide_id": spec.slide_id, "status": "failed", "error_type": "WorkerCrash",
                        "message": f"the process reading this slide died (a crash in a decoder?): {err}"}
-            pairs.write_json_atomic(pairs.failed_path(work_dir, spec.slide_id), failure)
+            atomic.write_json(pairs.failed_path(work_dir, spec.slide_id), failure)
             return failure
 
     def close(self) -> None:

@@ -15,7 +15,6 @@ import logging
 import os
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,7 +24,9 @@ from array_record.python import array_record_module
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep import inputs, records, slide_reader, tissue
+from xmag_jax import atomic
+from xmag_jax.formats import pair_records
+from xmag_jax.wsi import inputs, slide_reader, tissue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,33 +72,6 @@ def failed_path(work_dir: str, slide_id: str) -> str:
     return os.path.join(work_dir, f"{slide_id}.failed.json")
 
 
-def temp_name(path: str) -> str:
-    """A unique sibling name no reader takes for the final file."""
-    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = temp_name(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-DIGEST_SPAN = 1 << 20  # bytes hashed at each end of a shard
-
-
-def shard_digest(path: str) -> str:
-    """sha256 of the file's size and its first and last DIGEST_SPAN bytes: catches a truncated or overwritten
-    shard without reading a multi-GB file on every rerun."""
-    size = os.path.getsize(path)
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        digest.update(f.read(DIGEST_SPAN))
-        f.seek(max(size - DIGEST_SPAN, 0))
-        digest.update(f.read(DIGEST_SPAN))
-    return digest.hexdigest()[:32]
-
-
 def read_done(work_dir: str, spec: inputs.SlideSpec, config: PairConfig) -> dict | None:
     """The done marker of `spec` if it is complete for `config` and its shard is what it vouches for, else
     None (with a warning when the shard changed: the slide is then tiled again)."""
@@ -110,7 +84,7 @@ def read_done(work_dir: str, spec: inputs.SlideSpec, config: PairConfig) -> dict
         return None
     shard = shard_path(work_dir, spec.slide_id)
     try:
-        size, digest = os.path.getsize(shard), shard_digest(shard)
+        size, digest = os.path.getsize(shard), atomic.file_digest(shard)
     except OSError:
         size, digest = None, None
     if (size, digest) != (done.get("num_bytes"), done.get("digest")):
@@ -124,13 +98,13 @@ def read_done(work_dir: str, spec: inputs.SlideSpec, config: PairConfig) -> dict
 def field_size_level0(slide: slide_reader.Slide, config: PairConfig) -> int:
     """Level-0 px side of a 5x tile's field; raises ResolutionError if the scan is too coarse for the 20x
     region (more than `mpp_tolerance` coarser), unless `allow_upsample`."""
-    mpp_20x = config.mpp_5x * records.TILE_5X_PX / records.REGION_20X_PX
+    mpp_20x = config.mpp_5x * pair_records.TILE_5X_PX / pair_records.REGION_20X_PX
     if slide.mpp > mpp_20x * (1 + config.mpp_tolerance) and not config.allow_upsample:
         raise slide_reader.ResolutionError(
             f"{slide.path}: scanned at {slide.mpp:g} µm/px, coarser than the 20x target {mpp_20x:g} µm/px "
             f"(+{config.mpp_tolerance:.0%} tolerance): its 20x regions would be upsampled; rerun with "
             f"--allow-upsample to tile it anyway")
-    return int(round(records.TILE_5X_PX * config.mpp_5x / slide.mpp))
+    return int(round(pair_records.TILE_5X_PX * config.mpp_5x / slide.mpp))
 
 
 def plan_tiles(slide: slide_reader.Slide, spec: inputs.SlideSpec, config: PairConfig, overlay_dir: str | None
@@ -170,17 +144,17 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
 
 def pair_record(slide: slide_reader.Slide, x: int, y: int, field: int, fraction: float, config: PairConfig) -> bytes:
     """The encoded record of the field at level-0 (x, y): 5x tile [224, 224, 3] + 20x region [896, 896, 3]."""
-    image_20x = slide_reader.read_field_image(slide, x, y, field, records.REGION_20X_PX, config.resample)
+    image_20x = slide_reader.read_field_image(slide, x, y, field, pair_records.REGION_20X_PX, config.resample)
     if config.low_mag_source == "resize":
-        image_5x = image_20x.resize((records.TILE_5X_PX, records.TILE_5X_PX), Image.LANCZOS)
+        image_5x = image_20x.resize((pair_records.TILE_5X_PX, pair_records.TILE_5X_PX), Image.LANCZOS)
     else:
-        image_5x = slide_reader.read_field_image(slide, x, y, field, records.TILE_5X_PX, config.resample)
-    return records.encode_pair({
+        image_5x = slide_reader.read_field_image(slide, x, y, field, pair_records.TILE_5X_PX, config.resample)
+    return pair_records.encode_pair({
         "image_5x": encode_jpeg(image_5x, config.jpeg_quality),
         "image_20x": encode_jpeg(image_20x, config.jpeg_quality),
         "slide_id": slide.slide_id, "x": x, "y": y,
-        "mpp_5x": field * slide.mpp / records.TILE_5X_PX,
-        "mpp_20x": field * slide.mpp / records.REGION_20X_PX,
+        "mpp_5x": field * slide.mpp / pair_records.TILE_5X_PX,
+        "mpp_20x": field * slide.mpp / pair_records.REGION_20X_PX,
         "tissue_fraction": fraction,
     })
 
@@ -210,7 +184,7 @@ def write_slide_shard(spec: inputs.SlideSpec, config: Any, work_dir: str,
         with slide_reader.open_slide(spec.path, spec.mpp, spec.slide_id) as slide:
             count, records_iter, extra = records_of(slide)
             final = shard_path(work_dir, spec.slide_id)
-            tmp = temp_name(final)
+            tmp = atomic.temp_name(final)
             writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
             try:
                 for record in tqdm(records_iter, total=count, desc=spec.slide_id, unit=unit, leave=False,
@@ -224,11 +198,11 @@ def write_slide_shard(spec: inputs.SlideSpec, config: Any, work_dir: str,
             os.replace(tmp, final)
             done = {
                 "slide_id": spec.slide_id, "path": spec.path, "status": "done", "num_pairs": count,
-                "num_bytes": os.path.getsize(final), "digest": shard_digest(final), "mpp_level0": slide.mpp,
+                "num_bytes": os.path.getsize(final), "digest": atomic.file_digest(final), "mpp_level0": slide.mpp,
                 "mpp_source": slide.mpp_source, "backend": slide.backend, **extra,
                 "seconds": round(time.time() - start, 3), "fingerprint": config.fingerprint(spec),
             }
-        write_json_atomic(done_path(work_dir, spec.slide_id), done)
+        atomic.write_json(done_path(work_dir, spec.slide_id), done)
         if os.path.exists(failed_path(work_dir, spec.slide_id)):
             os.remove(failed_path(work_dir, spec.slide_id))
         return done
@@ -238,5 +212,5 @@ def write_slide_shard(spec: inputs.SlideSpec, config: Any, work_dir: str,
     except Exception as err:  # an unexpected bug or library error: still one slide, still reported
         failure = {"slide": spec.path, "slide_id": spec.slide_id, "status": "failed",
                    "error_type": type(err).__name__, "message": f"{err}\n{traceback.format_exc(limit=5)}"}
-    write_json_atomic(failed_path(work_dir, spec.slide_id), failure)
+    atomic.write_json(failed_path(work_dir, spec.slide_id), failure)
     return failure

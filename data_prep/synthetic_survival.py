@@ -17,10 +17,10 @@ Two writers:
     `xmag_jax.embed` would write them for a 5x encoder: `coords` on a grid of `patch_size_level0` px,
     `features` = the mean of the tile's word-class prototypes + Gaussian noise, attrs `mpp` 2.0 µm/px,
     `patch_size` 224, `patch_size_level0` 896 (level 0 at 0.5 µm/px), `encoder`; with `--tokens S` also the
-    `tokens [N, S, S, D]` dataset (word prototypes + noise, `xmag_jax.feature_tokens`).
-  * `slides` (the real path, slow): pyramidal TIFFs rendered by `data_prep.synthetic` (its class-0 round and class-1
+    `tokens [N, S, S, D]` dataset (word prototypes + noise, `xmag_jax.formats.feature_h5`).
+  * `slides` (the real path, slow): pyramidal TIFFs rendered by `xmag_jax.wsi.synthetic` (its class-0 round and class-1
     spindle nuclei, chosen per word cell by the class map) for `xmag_jax.embed`; the tissue there is
-    `data_prep.synthetic`'s own islands, so tiles outside them are dropped by tiling.
+    `xmag_jax.wsi.synthetic`'s own islands, so tiles outside them are dropped by tiling.
 Both also write `DIR/clinical.csv` and `DIR/class_maps.npz` (one bool map per slide).
 """
 
@@ -32,12 +32,11 @@ import dataclasses
 import os
 import pathlib
 
-import h5py
 import numpy as np
 from scipy import ndimage
 
 from xmag_jax import atomic
-from xmag_jax import feature_tokens as tokens_lib
+from xmag_jax.formats import feature_h5
 
 COHORTS = ("spatial", "amount")
 MPP = 2.0  # µm/px of the 5x features
@@ -132,20 +131,14 @@ def write_features(out: str | os.PathLike, slides: list[SyntheticSlide], *, dim:
         attrs = {"patch_size": PATCH_PX, "patch_size_level0": stride, "mpp": MPP, "level0_mpp": LEVEL0_MPP,
                  "target_magnification": 5.0, "level0_magnification": 20.0, "encoder": "synthetic:class-prototypes",
                  "embed_dim": dim, "name": slide.slide_id}
-        with atomic.target(out / f"{slide.slide_id}.h5") as tmp, h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=feats.astype(np.float32))
-            c = f.create_dataset("coords", data=coords)
-            for k, v in attrs.items():
-                f.attrs[k] = v
-                c.attrs[k] = v
-            if tokens:
-                tokens_lib.add_tokens(f, word_vecs, patch_grid=words, patch_px=PATCH_PX, mpp=MPP)
+        feature_h5.write(out / f"{slide.slide_id}.h5", feats, coords, attrs,
+                         tokens=word_vecs if tokens else None, patch_grid=words)
 
 
 def write_slides(out: str | os.PathLike, slides: list[SyntheticSlide], *, words: int = 1, seed: int = 0) -> None:
-    """Pyramidal TIFFs `out/{slide_id}.tif` (level 0 at 0.5 µm/px) rendered by `data_prep.synthetic`: nuclei of
+    """Pyramidal TIFFs `out/{slide_id}.tif` (level 0 at 0.5 µm/px) rendered by `xmag_jax.wsi.synthetic`: nuclei of
     class 0 (round) or 1 (spindle) where the class map says so; one map cell = 448 / `words` µm."""
-    from data_prep import synthetic
+    from xmag_jax.wsi import synthetic
 
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

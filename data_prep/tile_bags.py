@@ -7,7 +7,7 @@ grid: `embed_read.plan_slide`, tiles read with `slide_reader.read_field`), store
 training (`python -m xmag_jax.finetune`) never opens a slide. Each slide is read once.
 
 Output folder:
-  xmag_bags-train.array_record-00000-of-0000N ...  the tiles (`data_prep.bag_records`), slide by slide
+  xmag_bags-train.array_record-00000-of-0000N ...  the tiles (`xmag_jax.formats.bag_records`), slide by slide
   dataset_info.json, features.json, metadata.json  TFDS metadata; metadata.json holds the µm/px and tile size
   slides.csv                                       slide_id, first record, tiles, µm/px, px, level-0 field, path
   summary.json, failures.jsonl                     what happened; one JSON line per failed slide
@@ -31,8 +31,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from data_prep import assemble, bag_records, inputs, pairs, slide_reader, tile_pairs, tissue
-from xmag_jax import embed_read, errors, workdir_lock
+from data_prep import assemble, pairs, tile_pairs
+from xmag_jax import atomic, embed_read, errors, workdir_lock
+from xmag_jax.formats import bag_records
+from xmag_jax.wsi import inputs, slide_reader, tissue
 
 PROG = "python -m data_prep.tile_bags"
 
@@ -142,7 +144,7 @@ def _run_locked(args: argparse.Namespace, options, out_dir: str, specs: list[inp
     too_many = failures and len(failures) > args.max_failure_fraction * len(specs)
     if too_many or not productive:
         summary["seconds"] = round(time.time() - start, 2)
-        pairs.write_json_atomic(summary_path, summary)
+        atomic.write_json(summary_path, summary)
         why = (f"{len(failures)} of {len(specs)} slides failed ({summary['failures_by_type']}), more than "
                f"--max-failure-fraction {args.max_failure_fraction}" if too_many else "no slide gave a tissue tile")
         raise SystemExit(f"FAILED: {why}; see {os.path.join(out_dir, 'failures.jsonl')} and {summary_path}. "
@@ -162,7 +164,7 @@ def _run_locked(args: argparse.Namespace, options, out_dir: str, specs: list[inp
                                os.path.abspath(s.path)) for s, first in zip(productive, firsts)])
     summary["tiles"] = counts[bag_records.SPLIT]
     summary["seconds"] = round(time.time() - start, 2)
-    pairs.write_json_atomic(summary_path, summary)
+    atomic.write_json(summary_path, summary)
     return summary
 
 

@@ -51,8 +51,10 @@ logging.getLogger().addFilter(lambda record: "apitools not found" not in record.
 import apache_beam as beam  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
-from data_prep import assemble, inputs, isolation, pairs, records, tissue  # noqa: E402
-from xmag_jax import errors, workdir_lock  # noqa: E402
+from data_prep import assemble, isolation, pairs  # noqa: E402
+from xmag_jax import atomic, errors, workdir_lock  # noqa: E402
+from xmag_jax.formats import pair_records  # noqa: E402
+from xmag_jax.wsi import inputs, tissue  # noqa: E402
 
 PROG = "python -m data_prep.tile_pairs"
 
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "target too (their 20x regions upsampled); without it they fail with ResolutionError")
     g.add_argument("--resample", choices=("area", "lanczos"), default="area",
                    help="filter from the pyramid level to the target µm/px (area)")
-    g.add_argument("--low-mag-source", choices=records.LOW_MAG_SOURCES, default="pyramid",
+    g.add_argument("--low-mag-source", choices=pair_records.LOW_MAG_SOURCES, default="pyramid",
                    help="the 5x tile: 'pyramid' (the default) reads the slide at --mpp-5x; 'resize' "
                    "Lanczos-resizes the 896 px 20x region to 224 px, as XMAG's released code does")
     g = p.add_argument_group("tissue")
@@ -134,7 +136,7 @@ def check_args(args: argparse.Namespace) -> None:
     need(not os.path.exists(args.out) or os.path.isdir(args.out), "--out", "a folder (this is a file)", args.out)
     for flag in ("mpp_5x", "mpp_20x", "thumbnail_mpp"):
         need(getattr(args, flag) > 0, f"--{flag.replace('_', '-')}", "a pixel size > 0 µm/px", getattr(args, flag))
-    records.check_ratio(args.mpp_5x, args.mpp_20x, "--mpp-5x / --mpp-20x")
+    pair_records.check_ratio(args.mpp_5x, args.mpp_20x, "--mpp-5x / --mpp-20x")
     need(args.mpp_tolerance >= 0, "--mpp-tolerance", "a fraction >= 0", args.mpp_tolerance)
     need(0 <= args.min_tissue <= 1, "--min-tissue", "a fraction in [0, 1]", args.min_tissue)
     need(1 <= args.jpeg_quality <= 100, "--jpeg-quality", "a JPEG quality in 1..100", args.jpeg_quality)
@@ -210,15 +212,8 @@ def collect_results(specs: list[inputs.SlideSpec], config, out_dir: str, work_di
             except (OSError, ValueError):
                 failures.append({"slide": spec.path, "slide_id": spec.slide_id, "status": "failed",
                                  "error_type": "WorkerCrash", "message": "no result: the worker died on this slide"})
-    write_text_atomic(os.path.join(out_dir, "failures.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
+    atomic.write_text(os.path.join(out_dir, "failures.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
     return done, failures
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = pairs.temp_name(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> dict:
@@ -259,7 +254,7 @@ def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str
     summary_path = os.path.join(out_dir, "summary.json")
     if failures and len(failures) > args.max_failure_fraction * len(specs):
         summary["seconds"] = round(time.time() - start, 2)
-        pairs.write_json_atomic(summary_path, summary)
+        atomic.write_json(summary_path, summary)
         raise SystemExit(f"FAILED: {len(failures)} of {len(specs)} slides failed "
                          f"({summary['failures_by_type']}), more than --max-failure-fraction "
                          f"{args.max_failure_fraction}; see {os.path.join(out_dir, 'failures.jsonl')}. "
@@ -270,11 +265,11 @@ def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str
     summary["slides_per_split"] = {k: len(v) for k, v in sorted(split_shards.items())}
     if "train" not in split_shards:
         summary["seconds"] = round(time.time() - start, 2)
-        pairs.write_json_atomic(summary_path, summary)
+        atomic.write_json(summary_path, summary)
         raise SystemExit(f"FAILED: no train split: {len(productive)} of {len(specs)} slides produced pairs, split "
                          f"{summary['slides_per_split'] or 'none'}; see {summary_path}. Add slides, lower "
                          f"--val-fraction or fix the manifest's `split` column and rerun: finished slides are kept.")
-    metadata = records.dataset_metadata(mpp_5x=args.mpp_5x, mpp_20x=args.mpp_20x,
+    metadata = pair_records.dataset_metadata(mpp_5x=args.mpp_5x, mpp_20x=args.mpp_20x,
                                         low_mag_source=args.low_mag_source, resample=args.resample,
                                         allow_upsample=args.allow_upsample)
     summary["pairs"] = assemble.assemble(out_dir, split_shards, args.examples_per_shard, metadata=metadata,
@@ -285,9 +280,9 @@ def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str
         [("slide_id", "split", "pairs", "mpp_level0", "path")]
         + [(s.slide_id, splits[s.slide_id], done[s.slide_id]["num_pairs"], done[s.slide_id]["mpp_level0"], s.path)
            for s in productive])
-    write_text_atomic(os.path.join(out_dir, "slides.csv"), table.getvalue())
+    atomic.write_text(os.path.join(out_dir, "slides.csv"), table.getvalue())
     summary["seconds"] = round(time.time() - start, 2)
-    pairs.write_json_atomic(summary_path, summary)
+    atomic.write_json(summary_path, summary)
     return summary
 
 

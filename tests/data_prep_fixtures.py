@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import tifffile
 
-from data_prep import synthetic
+from xmag_jax.wsi import synthetic
 
 SIZE_PX = 4096  # 1.024 mm side: 2 x 2 fields of 448 µm at 5x
 

@@ -6,8 +6,8 @@ import os
 import pathlib
 import signal
 
-from data_prep import slide_reader
 from xmag_jax import embed_read
+from xmag_jax.wsi import slide_reader
 
 VICTIM = "slide_001"
 KILLS_ENV = "XMAG_TEST_KILLS_DIR"  # a folder; one file per SIGKILL so far

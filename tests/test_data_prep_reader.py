@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import slide_reader, synthetic, tissue
+from xmag_jax.wsi import slide_reader, synthetic, tissue
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from PIL import Image
 
-from data_prep import records
+from xmag_jax.formats import pair_records
 
 
 def _jpeg(px: int, seed: int) -> bytes:
@@ -24,48 +24,48 @@ def _pair(i: int = 0) -> dict:
 
 def test_round_trip():
     pair = _pair(3)
-    assert records.decode_pair(records.encode_pair(pair)) == pair
+    assert pair_records.decode_pair(pair_records.encode_pair(pair)) == pair
 
 
 def test_float_fields_are_float32():
     pair = dict(_pair(), mpp_5x=2.016, tissue_fraction=0.3)
-    out = records.decode_pair(records.encode_pair(pair))
+    out = pair_records.decode_pair(pair_records.encode_pair(pair))
     assert out["mpp_5x"] == pytest.approx(2.016, rel=1e-6) and out["tissue_fraction"] == pytest.approx(0.3, rel=1e-6)
 
 
 def test_rejects_bad_fields():
     with pytest.raises(ValueError, match="missing fields \\['tissue_fraction'\\]"):
-        records.encode_pair({k: v for k, v in _pair().items() if k != "tissue_fraction"})
+        pair_records.encode_pair({k: v for k, v in _pair().items() if k != "tissue_fraction"})
     with pytest.raises(ValueError, match="image_5x.*JPEG"):
-        records.encode_pair(dict(_pair(), image_5x=b"\x89PNG not a jpeg"))
+        pair_records.encode_pair(dict(_pair(), image_5x=b"\x89PNG not a jpeg"))
 
 
 def _write_shard(path: str, n: int) -> None:
     writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
     for i in range(n):
-        writer.write(records.encode_pair(_pair(i)))
+        writer.write(pair_records.encode_pair(_pair(i)))
     writer.close()
 
 
 def test_shard_paths_ignores_temp_and_rejects_incomplete(tmp_path):
     for i in range(2):
-        _write_shard(str(tmp_path / records.shard_name("train", i, 2)), 1)
-    (tmp_path / (records.shard_name("train", 0, 3) + ".tmp-123")).write_bytes(b"partial")
-    (tmp_path / records.shard_name("val", 1, 2)).write_bytes(b"")
-    assert [os.path.basename(p) for p in records.shard_paths(tmp_path, "train")] == [
+        _write_shard(str(tmp_path / pair_records.shard_name("train", i, 2)), 1)
+    (tmp_path / (pair_records.shard_name("train", 0, 3) + ".tmp-123")).write_bytes(b"partial")
+    (tmp_path / pair_records.shard_name("val", 1, 2)).write_bytes(b"")
+    assert [os.path.basename(p) for p in pair_records.shard_paths(tmp_path, "train")] == [
         "xmag_pairs-train.array_record-00000-of-00002", "xmag_pairs-train.array_record-00001-of-00002"]
     with pytest.raises(ValueError, match="incomplete shard set for split 'val'"):
-        records.shard_paths(tmp_path, "val")
+        pair_records.shard_paths(tmp_path, "val")
     with pytest.raises(FileNotFoundError, match="no shards for split 'test'"):
-        records.shard_paths(tmp_path, "test")
+        pair_records.shard_paths(tmp_path, "test")
 
 
 def test_tfds_decodes_records(tmp_path):
-    shard = tmp_path / records.shard_name("train", 0, 1)
+    shard = tmp_path / pair_records.shard_name("train", 0, 1)
     _write_shard(str(shard), 2)
     split = tfds.core.SplitInfo(name="train", shard_lengths=[2], num_bytes=shard.stat().st_size,
                                 filename_template=None)
-    tfds.folder_dataset.write_metadata(data_dir=tmp_path, features=records.features(), split_infos=[split],
+    tfds.folder_dataset.write_metadata(data_dir=tmp_path, features=pair_records.features(), split_infos=[split],
                                        check_data=False)
     source = tfds.builder_from_directory(tmp_path).as_data_source(split="train")
     assert len(source) == 2

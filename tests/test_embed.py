@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from data_prep import inputs, slide_reader, synthetic, tissue
 from xmag_jax import embed, encoders
 from xmag_jax.eval import features as feats
+from xmag_jax.formats import feature_h5
+from xmag_jax.wsi import inputs, slide_reader, synthetic, tissue
 
 MPP = 1.0  # µm/px: a 1 mm synthetic slide gives a 4x4 grid of 224 px tiles
 
@@ -63,7 +64,7 @@ def test_h5_layout_and_coords(run, slides, encoder):
             assert attrs["mpp"] == MPP and attrs["target_magnification"] == 10.0
             assert attrs["level0_mpp"] == slide.mpp and attrs["name"] == slide_id
             assert attrs["encoder"] == encoder.name
-            # the same grid data_prep.tissue gives, and each feature is the forward of the tile at its coords
+            # the same grid xmag_jax.wsi.tissue gives, and each feature is the forward of the tile at its coords
             _, mask, ds = tissue.slide_mask(slide)
             np.testing.assert_array_equal(coords, tissue.tile_grid(slide.dimensions, field, mask, ds, 0.25).coords)
             assert (coords % field == 0).all() and (coords + field <= np.array(slide.dimensions)).all()
@@ -162,7 +163,7 @@ def test_attention_heatmap_over_thumbnail(run):
     from xmag_jax.eval import heatmap
 
     out, _, _ = run
-    bag = feats.read_bag(out / "slide_001.h5")
+    bag = feature_h5.read(out / "slide_001.h5")
     attention = np.linspace(0, 1, len(bag.coords))
     path = heatmap.write_heatmap(bag, attention, out / "maps", max_side=256)
     image = np.asarray(Image.open(path).convert("RGB")).astype(int)
@@ -206,7 +207,6 @@ def test_slide_failing_mid_read_leaves_others_intact(run, slides, encoder, tmp_p
 
 
 def test_tokens_are_each_tiles_pooled_patch_tokens_and_survival_reads_them(slides, encoder, tmp_path):
-    from xmag_jax import feature_tokens
     from xmag_jax.survival import slides as survival_slides
 
     specs = [s for s in inputs.list_slides(str(slides)) if s.slide_id == "slide_001"]
@@ -225,7 +225,7 @@ def test_tokens_are_each_tiles_pooled_patch_tokens_and_survival_reads_them(slide
     batch = np.zeros((8, 224, 224, 3), np.uint8)
     batch[0] = tile
     _, patches = encoder.forward_with_tokens(batch)
-    expected = feature_tokens.pool_tokens(np.asarray(patches)[:1], 4)[0]
+    expected = feature_h5.pool_tokens(np.asarray(patches)[:1], 4)[0]
     np.testing.assert_allclose(stored[-1].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
     assert not np.allclose(stored[0], stored[-1])  # rows follow coords, not one tile repeated
     # the same folder without --tokens is another preprocessing: refused unless --overwrite

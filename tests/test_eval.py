@@ -10,6 +10,7 @@ import pytest
 from xmag_jax import errors
 from xmag_jax.eval import features as feats
 from xmag_jax.eval import fidelity, mil, probe
+from xmag_jax.formats import feature_h5
 
 
 def write_bags(directory: pathlib.Path, bags: dict[str, np.ndarray]) -> None:
@@ -95,7 +96,7 @@ def test_probe_npz_input(tmp_path):
 def test_mismatched_feature_dims_name_the_file(tmp_path):
     rng = np.random.default_rng(0)
     write_bags(tmp_path / "feats", {"a": rng.normal(size=(5, 16)), "b": rng.normal(size=(5, 32))})
-    with pytest.raises(feats.FeatureFileError, match=r"b\.h5: feature dim 32 differs from 16"):
+    with pytest.raises(feature_h5.FeatureFileError, match=r"b\.h5: feature dim 32 differs from 16"):
         feats.load_labelled_bags(tmp_path / "feats", {"a": "x", "b": "y"})
 
 
@@ -246,9 +247,9 @@ def test_fidelity_from_pair_shards(tmp_path):
     # tile k of the teacher array is the teacher's embedding of the 20x tile at row k // 4, column k % 4
     import grain
 
-    from data_prep import records
+    from xmag_jax.formats import pair_records
 
-    source = grain.sources.ArrayRecordDataSource(records.shard_paths(tmp_path / "pairs", "test"))
+    source = grain.sources.ArrayRecordDataSource(pair_records.shard_paths(tmp_path / "pairs", "test"))
     _, region = pairs.decode_images(source[0], 0)
     teacher = encoders.load_encoder(model="vit_test_teacher", random_init=True)
     emb, tokens = teacher.forward_with_tokens(pairs.cut_tiles(region))

@@ -13,8 +13,10 @@ import simplejpeg
 import tifffile
 from array_record.python import array_record_module
 
-from data_prep import inputs, records, tile_pairs
+from data_prep import tile_pairs
 from xmag_jax import errors, workdir_lock
+from xmag_jax.formats import pair_records
+from xmag_jax.wsi import inputs
 
 FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1", "--no-progress", "--no-isolation"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +63,7 @@ def test_a_second_job_on_the_same_out_is_refused_and_leaves_the_first_ones_files
 
 
 def test_mpp_ratio_must_be_the_field_geometry(slides, tmp_path):
-    with pytest.raises(records.GeometryError, match="ratio must be 4"):
+    with pytest.raises(pair_records.GeometryError, match="ratio must be 4"):
         tile_pairs.main(["--slides", str(slides), "--out", str(tmp_path / "out"), "--mpp-5x", "0.5",
                          "--mpp-20x", "2.0", *FAST])
     assert not (tmp_path / "out").exists(), "stopped before reading a slide"
@@ -76,17 +78,18 @@ def test_upsampling_is_refused_per_slide_unless_allowed(slides, tmp_path):
     assert "--allow-upsample" in failure["message"] and summary["slides_per_split"] == {"train": 1}
     summary = run(manifest, tmp_path / "up", "--allow-upsample", "--val-fraction", "0")
     assert summary["failed"] == 0 and summary["slides_per_split"] == {"train": 2}
-    assert records.read_metadata(tmp_path / "up")["allow_upsample"] is True
+    assert pair_records.read_metadata(tmp_path / "up")["allow_upsample"] is True
 
 
 def _write_pairs(directory, mpp_5x, mpp_20x, n=4):
     directory.mkdir(parents=True, exist_ok=True)
     jpeg_5x = simplejpeg.encode_jpeg(np.full((224, 224, 3), 128, np.uint8))
     jpeg_20x = simplejpeg.encode_jpeg(np.full((896, 896, 3), 128, np.uint8))
-    writer = array_record_module.ArrayRecordWriter(str(directory / records.shard_name("train", 0, 1)), "group_size:1")
+    shard = directory / pair_records.shard_name("train", 0, 1)
+    writer = array_record_module.ArrayRecordWriter(str(shard), "group_size:1")
     for i in range(n):
-        writer.write(records.encode_pair({"image_5x": jpeg_5x, "image_20x": jpeg_20x, "slide_id": "s", "x": i, "y": 0,
-                                          "mpp_5x": mpp_5x, "mpp_20x": mpp_20x, "tissue_fraction": 1.0}))
+        writer.write(pair_records.encode_pair({"image_5x": jpeg_5x, "image_20x": jpeg_20x, "slide_id": "s", "x": i,
+                                               "y": 0, "mpp_5x": mpp_5x, "mpp_20x": mpp_20x, "tissue_fraction": 1.0}))
     writer.close()
     return directory
 
@@ -98,14 +101,14 @@ def test_training_refuses_records_that_are_not_the_field_geometry(tmp_path):
     data = get_config().data
     data.worker_count = 0
     data.dir = str(_write_pairs(tmp_path / "good", 2.0, 0.5))
-    assert records.check_field_geometry(data.dir, "train") == {"mpp_5x": 2.0, "mpp_20x": 0.5}
+    assert pair_records.check_field_geometry(data.dir, "train") == {"mpp_5x": 2.0, "mpp_20x": 0.5}
     build_dataset(data, seed=0, batch_size=2, process_index=0, process_count=1)
     data.dir = str(_write_pairs(tmp_path / "upsampled", 0.5, 2.0))
-    with pytest.raises(records.GeometryError, match=r"upsampled split 'train' record 0 .*ratio must be 4"):
+    with pytest.raises(pair_records.GeometryError, match=r"upsampled split 'train' record 0 .*ratio must be 4"):
         build_dataset(data, seed=0, batch_size=2, process_index=0, process_count=1)
-    (tmp_path / "good" / records.METADATA_FILE).write_text(json.dumps({"mpp_5x": 1.0, "mpp_20x": 0.5}))
-    with pytest.raises(records.GeometryError, match="metadata.json"):
-        records.check_field_geometry(tmp_path / "good", "train")
+    (tmp_path / "good" / pair_records.METADATA_FILE).write_text(json.dumps({"mpp_5x": 1.0, "mpp_20x": 0.5}))
+    with pytest.raises(pair_records.GeometryError, match="metadata.json"):
+        pair_records.check_field_geometry(tmp_path / "good", "train")
 
 
 @pytest.mark.parametrize("slide_id", ["../../x", "a/b", "..", ".hidden", "tab\there"])
@@ -161,7 +164,7 @@ def test_failed_slides_take_no_place_in_the_splits(slides, tmp_path):
 
 RSS_PROBE = """
 import resource, sys
-from data_prep import slide_reader, tissue
+from xmag_jax.wsi import slide_reader, tissue
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with slide_reader.open_slide(sys.argv[1]) as slide:
     thumb, mask, downsample = tissue.slide_mask(slide)
@@ -196,7 +199,7 @@ def test_tissue_mask_memory_does_not_grow_with_the_slide(tmp_path):
 def test_thumbnail_is_read_in_bounded_blocks_and_equals_a_whole_level_read(slides, monkeypatch):
     from PIL import Image
 
-    from data_prep import slide_reader
+    from xmag_jax.wsi import slide_reader
 
     monkeypatch.setattr(slide_reader, "THUMB_READ_PX", 64)
     with slide_reader.open_slide(slides / "slide_000.svs") as slide:  # 4096 px at 0.25 µm/px, levels 1, 4, 16
@@ -233,7 +236,7 @@ def test_data_prep_command_lines_report_bad_values_in_one_line(slides, tmp_path)
     rc, err = cli("data_prep.tile_pairs", "--slides", slides, "--out", tmp_path / "o", "--jpeg-quality", "500")
     assert (rc, err.strip().splitlines()) == (2, [
         "python -m data_prep.tile_pairs: error: --jpeg-quality 500: expected a JPEG quality in 1..100"])
-    rc, err = cli("data_prep.synthetic", "--out", tmp_path / "syn", "--n", "-1")
-    assert (rc, err.strip()) == (2, "python -m data_prep.synthetic: error: --n -1: expected an integer >= 1")
+    rc, err = cli("xmag_jax.wsi.synthetic", "--out", tmp_path / "syn", "--n", "-1")
+    assert (rc, err.strip()) == (2, "python -m xmag_jax.wsi.synthetic: error: --n -1: expected an integer >= 1")
     rc, err = cli("data_prep.tile_pairs", "--slides", tmp_path / "nowhere", "--out", tmp_path / "o")
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "neither a folder of slides nor a CSV" in err

@@ -13,6 +13,7 @@ import pytest
 from xmag_jax import errors
 from xmag_jax.eval import features as feats
 from xmag_jax.eval import fidelity, mil, probe
+from xmag_jax.formats import feature_h5
 
 
 def _cli(main, argv, capsys) -> str:
@@ -43,7 +44,7 @@ def test_eval_refuses_features_of_mixed_encoders_and_mpp(tmp_path, capsys):
     for i in range(8):  # same feature dim throughout: the old dim check saw nothing wrong
         _bag(d / f"s{i}.h5", 5, 16, seed=i, mpp=0.5 if i >= 6 else 2.0)
         labels[f"s{i}"] = "ab"[i % 2]
-    with pytest.raises(feats.FeatureFileError) as e:
+    with pytest.raises(feature_h5.FeatureFileError) as e:
         feats.load_labelled_bags(d, labels)
     message = str(e.value)
     assert "2 different encoders/tilings" in message and "6 file(s) with encoder=vit_s:/ckpt, mpp=2.0" in message
@@ -54,10 +55,10 @@ def test_eval_refuses_features_of_mixed_encoders_and_mpp(tmp_path, capsys):
     # another encoder, or other weights at the same path (a different fingerprint), is refused the same way
     _bag(d / "s6.h5", 5, 16, seed=6, encoder="uni2_h:/w")
     _bag(d / "s7.h5", 5, 16, seed=7)
-    with pytest.raises(feats.FeatureFileError, match=r"encoder=uni2_h:/w.*\(s6\.h5\)"):
+    with pytest.raises(feature_h5.FeatureFileError, match=r"encoder=uni2_h:/w.*\(s6\.h5\)"):
         feats.load_labelled_bags(d, labels)
     _bag(d / "s6.h5", 5, 16, seed=6, weights_fingerprint="aaaa")
-    with pytest.raises(feats.FeatureFileError, match=r"weights_fingerprint=aaaa.*\(s6\.h5\)"):
+    with pytest.raises(feature_h5.FeatureFileError, match=r"weights_fingerprint=aaaa.*\(s6\.h5\)"):
         feats.load_labelled_bags(d, labels)
     _bag(d / "s6.h5", 5, 16, seed=6)
     assert len(feats.load_labelled_bags(d, labels)) == 8
@@ -179,7 +180,7 @@ MPP = 1.0  # µm/px: a 1 mm synthetic slide gives a 4x4 grid of 224 px tiles
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory) -> pathlib.Path:
-    from data_prep import synthetic
+    from xmag_jax.wsi import synthetic
 
     d = tmp_path_factory.mktemp("slides")
     synthetic.write_dataset(str(d), 3, size_px=2048, seed=0)  # slide_000 .. slide_002
@@ -194,7 +195,7 @@ def encoder():
 
 
 def _specs(slides):
-    from data_prep import inputs
+    from xmag_jax.wsi import inputs
 
     return inputs.list_slides(str(slides))
 

@@ -16,12 +16,12 @@ import simplejpeg
 from array_record.python import array_record_module
 from flax import nnx
 
-from data_prep import bag_records, records
 from xmag_jax import models
 from xmag_jax.errors import ConfigError
 from xmag_jax.finetune import config as schema
 from xmag_jax.finetune import data, run
 from xmag_jax.finetune import model as model_lib
+from xmag_jax.formats import bag_records, pair_records
 from xmag_jax.models import checkpoint
 
 PATCH_PX = 28  # 2 x 2 tokens of the 14 px vit_test patches: a cheap step
@@ -33,7 +33,7 @@ def write_bags(out, tiles: dict[str, int], seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     entries, first = [], 0
     writer = array_record_module.ArrayRecordWriter(
-        os.path.join(out, records.shard_name(bag_records.SPLIT, 0, 1, bag_records.DATASET_NAME)), "group_size:1")
+        os.path.join(out, pair_records.shard_name(bag_records.SPLIT, 0, 1, bag_records.DATASET_NAME)), "group_size:1")
     for sid, n in tiles.items():
         for i in range(n):
             image = rng.integers(0, 256, (PATCH_PX, PATCH_PX, 3), np.uint8)

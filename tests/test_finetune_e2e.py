@@ -11,10 +11,11 @@ import json
 from flax import nnx
 
 from configs import mil_e2e_debug
-from data_prep import synthetic, tile_bags
+from data_prep import tile_bags
 from xmag_jax import models
 from xmag_jax.finetune import run
 from xmag_jax.models import checkpoint
+from xmag_jax.wsi import synthetic
 
 
 def test_end_to_end_beats_frozen_on_the_same_folds(tmp_path):

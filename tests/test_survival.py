@@ -12,7 +12,7 @@ from lifelines import CoxPHFitter
 from configs import celleconet_debug
 from data_prep import synthetic_survival as ss
 from xmag_jax import errors
-from xmag_jax import feature_tokens as tokens
+from xmag_jax.formats import feature_h5
 from xmag_jax.survival import __main__ as cli
 from xmag_jax.survival import batching, cox, cv
 from xmag_jax.survival import model as model_lib
@@ -57,10 +57,10 @@ def test_binary_within_leaves_out_censored_before_t():
 
 def test_pool_tokens_adaptive_average():
     patches = np.arange(2 * 6 * 6 * 3, dtype=np.float32).reshape(2, 6, 6, 3)
-    np.testing.assert_allclose(tokens.pool_tokens(patches, 3)[:, 1, 2], patches[:, 2:4, 4:6].mean(axis=(1, 2)))
-    pooled = tokens.pool_tokens(patches, 4)  # 6 -> 4: cells [0:2], [1:3], [3:5], [4:6]
+    np.testing.assert_allclose(feature_h5.pool_tokens(patches, 3)[:, 1, 2], patches[:, 2:4, 4:6].mean(axis=(1, 2)))
+    pooled = feature_h5.pool_tokens(patches, 4)  # 6 -> 4: cells [0:2], [1:3], [3:5], [4:6]
     np.testing.assert_allclose(pooled[:, 2, 1], patches[:, 3:5, 1:3].mean(axis=(1, 2)))
-    assert tokens.pool_tokens(patches, 1).shape == (2, 1, 1, 3)
+    assert feature_h5.pool_tokens(patches, 1).shape == (2, 1, 1, 3)
 
 
 def test_grid_neighbours_with_a_missing_tile():

@@ -5,7 +5,7 @@ import numpy as np
 import openslide
 import pytest
 
-from data_prep import synthetic
+from xmag_jax.wsi import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,10 @@ import pytest
 import simplejpeg
 from array_record.python import array_record_module
 
-from data_prep import bag_records, inputs, slide_reader, synthetic, tile_bags
+from data_prep import tile_bags
 from xmag_jax import embed_read
+from xmag_jax.formats import bag_records
+from xmag_jax.wsi import inputs, slide_reader, synthetic
 
 MPP = 1.0  # µm/px: a 1 mm synthetic slide gives a 4x4 grid of 224 px tiles
 ARGS = ["--mpp", str(MPP), "--no-progress", "--no-isolation", "--direct_running_mode=in_memory",

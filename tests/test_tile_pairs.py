@@ -15,8 +15,9 @@ import simplejpeg
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_prep import records, tile_pairs
+from data_prep import tile_pairs
 from xmag_jax.errors import UserError
+from xmag_jax.formats import pair_records
 
 FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1", "--no-progress", "--no-isolation"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,8 +31,8 @@ def run(slides, out, *extra, fast=True):
 
 
 def read_split(out, split):
-    source = grain.sources.ArrayRecordDataSource(records.shard_paths(out, split))
-    return [records.decode_pair(source[i]) for i in range(len(source))]
+    source = grain.sources.ArrayRecordDataSource(pair_records.shard_paths(out, split))
+    return [pair_records.decode_pair(source[i]) for i in range(len(source))]
 
 
 def psnr(a, b):
@@ -64,7 +65,7 @@ def test_tfds_and_grain_see_the_same_splits_and_counts(dataset):
     assert counts == summary["pairs"] and counts["train"] > 5
     assert builder.info.splits["train"].num_shards == -(-counts["train"] // 5)
     for split, n in counts.items():
-        assert len(grain.sources.ArrayRecordDataSource(records.shard_paths(out, split))) == n
+        assert len(grain.sources.ArrayRecordDataSource(pair_records.shard_paths(out, split))) == n
     example = builder.as_data_source(split="val")[0]
     assert example["image_5x"].shape == (224, 224, 3) and example["image_20x"].shape == (896, 896, 3)
 
@@ -85,7 +86,7 @@ def resized_dataset(slides, tmp_path_factory):
 @pytest.mark.parametrize("source", ["pyramid", "resize"])
 def test_pairs_are_aligned_and_on_tissue_at_both_scan_magnifications(source, request):
     out, _ = request.getfixturevalue({"pyramid": "dataset", "resize": "resized_dataset"}[source])
-    assert records.read_metadata(out)["low_mag_source"] == source
+    assert pair_records.read_metadata(out)["low_mag_source"] == source
     assert source in tfds.builder_from_directory(str(out)).info.description
     pairs = read_split(out, "train") + read_split(out, "val")
     assert {round(p["mpp_5x"], 4) for p in pairs} == {2.0} and {round(p["mpp_20x"], 4) for p in pairs} == {0.5}
@@ -192,7 +193,7 @@ def test_resume_after_a_killed_run(slides, tmp_path):
     proc.wait()
     assert not (out / "dataset_info.json").exists()
     with pytest.raises((FileNotFoundError, ValueError)):
-        records.shard_paths(out, "train")
+        pair_records.shard_paths(out, "train")
     summary = run(slides, out)
     assert summary["skipped_already_done"] >= 1 and summary["failed"] == 0
     total = sum(summary["pairs"].values())
@@ -215,7 +216,8 @@ def test_help_and_unknown_options(tmp_path, capsys):
 
 
 def test_a_crashing_decoder_fails_only_its_slide(tmp_path):
-    from data_prep import inputs, isolation
+    from data_prep import isolation
+    from xmag_jax.wsi import inputs
 
     child = isolation.SlideProcess()
     try:
@@ -247,7 +249,8 @@ def test_mpp_tolerance(slides, tmp_path):
 
 
 def test_resize_source_is_the_lanczos_resize_of_the_20x_region(resized_dataset):
-    from data_prep import pairs, slide_reader
+    from data_prep import pairs
+    from xmag_jax.wsi import slide_reader
 
     out, _ = resized_dataset
     p = read_split(out, "train")[0]

@@ -11,11 +11,14 @@ job killed half-way leaves no file under the final name that could be taken for 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -38,3 +41,36 @@ def target(path: str | os.PathLike, *, directory: bool = False) -> Iterator[Path
             shutil.rmtree(tmp)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def temp_name(path: str | os.PathLike) -> str:
+    """A unique sibling name of `path` that no reader takes for the final file."""
+    return f"{os.fspath(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to a temp sibling of `path` and renames it over `path`."""
+    tmp = temp_name(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """`obj` as indented, key-sorted JSON, written as `write_text` does."""
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+DIGEST_SPAN = 1 << 20  # bytes hashed at each end of a file
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of the file's size and its first and last DIGEST_SPAN bytes: catches a truncated or overwritten
+    shard without reading a multi-GB file on every rerun (done markers record it)."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(DIGEST_SPAN))
+        f.seek(max(size - DIGEST_SPAN, 0))
+        digest.update(f.read(DIGEST_SPAN))
+    return digest.hexdigest()[:32]

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     student_dir, timm_dir, initial_dir = out / "student", out / "student_timm", out / "student_initial"
 
     teacher = out / "teacher"
-    run_stage("synthetic slides", ["data_prep.synthetic", "--out", str(slides), "--n", str(args.slides),
+    run_stage("synthetic slides", ["xmag_jax.wsi.synthetic", "--out", str(slides), "--n", str(args.slides),
                                    "--size", str(args.slide_size), "--seed", str(args.seed)], env)
     run_stage("tile pairs", ["data_prep.tile_pairs", "--slides", str(slides), "--out", str(pairs)], env)
     run_stage(

@@ -28,12 +28,13 @@ import optax
 from flax import nnx
 from PIL import Image
 
-from data_prep import records, tissue
 from xmag_jax.data import augment
 from xmag_jax.data import pairs as pair_data
 from xmag_jax.eval import features as eval_features
+from xmag_jax.formats import pair_records
 from xmag_jax.models import checkpoint, registry
 from xmag_jax.models.vit import VisionTransformer
+from xmag_jax.wsi import tissue
 
 ARCH_NAME = "vit_test_teacher"
 # LayerScale starts at 1e-5 in the registry (DINOv2 practice for long runs), which leaves the blocks inert for
@@ -50,13 +51,13 @@ def load_tiles(pairs_dir: str, split: str, labels: dict[str, str], classes: list
                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The 20x tiles of `split` that are at least `MIN_TISSUE` tissue, with their slides' labels:
     (`uint8 [M, 224, 224, 3]`, `int32 [M]`, class names). Raises ValueError naming slides `labels` lacks."""
-    source = grain.sources.ArrayRecordDataSource(records.shard_paths(pairs_dir, split))
+    source = grain.sources.ArrayRecordDataSource(pair_records.shard_paths(pairs_dir, split))
     tiles, names = [], []
     for index in range(len(source)):
         raw = source[index]
         _, region = pair_data.decode_images(raw, index)
         tiles.append(pair_data.cut_tiles(region))
-        names.append(records.decode_pair(raw)["slide_id"])
+        names.append(pair_records.decode_pair(raw)["slide_id"])
     missing = sorted(set(names) - set(labels))
     if missing:
         raise ValueError(f"labels CSV lacks slide(s) {missing} of the {split!r} pairs in {pairs_dir}")
@@ -70,7 +71,7 @@ def load_tiles(pairs_dir: str, split: str, labels: dict[str, str], classes: list
 
 def tissue_fraction(tiles: np.ndarray) -> np.ndarray:
     """Fraction of each tile's pixels `[N, H, W, 3]` uint8 whose HSV saturation marks tissue, `[N]`
-    (the threshold of `data_prep.tissue`'s mask, without its Otsu step: a tile may be all tissue)."""
+    (the threshold of `xmag_jax.wsi.tissue`'s mask, without its Otsu step: a tile may be all tissue)."""
     saturation = np.stack([np.asarray(Image.fromarray(t).convert("HSV"))[..., 1] for t in tiles])
     return (saturation > tissue.MaskParams().min_saturation).mean(axis=(1, 2))
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xmag_jax.demo_teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", required=True, help="pair dataset folder from data_prep.tile_pairs")
-    parser.add_argument("--labels", required=True, help="CSV slide_id,label (data_prep.synthetic's labels.csv)")
+    parser.add_argument("--labels", required=True, help="CSV slide_id,label (xmag_jax.wsi.synthetic's labels.csv)")
     parser.add_argument("--out", required=True, help="teacher checkpoint directory to write (must not exist)")
     parser.add_argument("--steps", type=int, default=80, help="optimizer updates (80)")
     parser.add_argument("--batch", type=int, default=16, help="20x tiles per update (16)")

@@ -4,7 +4,7 @@
     python -m xmag_jax.embed --slides DIR_OR_CSV --out DIR --model uni2_h --weights W --mpp 0.5  # teacher, 20x
 
 Per slide: CLAM-style tissue mask and a grid of non-overlapping `--patch-px` tiles at `--mpp` µm/px
-(`data_prep.tissue`), tiles read from the best pyramid level (`data_prep.slide_reader`) by background
+(`xmag_jax.wsi.tissue`), tiles read from the best pyramid level (`xmag_jax.wsi.slide_reader`) by background
 threads into a bounded queue while the device computes, a jitted forward on fixed-shape batches that
 run across slide boundaries (only the job's last one is zero-padded; one compile), sharded over the
 local devices along the batch.
@@ -36,14 +36,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 
-import h5py
 import jax
 import numpy as np
 import tqdm
 
-from data_prep import inputs, tissue
-from xmag_jax import atomic, encoders, errors, feature_tokens, models, workdir_lock
+from xmag_jax import encoders, errors, models, workdir_lock
 from xmag_jax.embed_read import Batch, Failure, SlidePlan, Tiling, isolated_batches, read_batches
+from xmag_jax.formats import feature_h5
+from xmag_jax.wsi import inputs, tissue
 
 FAILURES_FILE = "failures.jsonl"
 
@@ -100,33 +100,15 @@ def h5_attrs(plan: SlidePlan, tiling: Tiling, made_by: Provenance, embed_dim: in
     }
 
 
-def write_h5(path: pathlib.Path, features: np.ndarray, coords: np.ndarray, attrs: dict,
-             tokens: np.ndarray | None = None, patch_grid: int = 0) -> None:
-    """`features [N, D]` float32 and `coords [N, 2]` int64 with `attrs` (and, if given, pooled `tokens
-    [N, S, S, D]` of a `patch_grid`-sided token grid, `xmag_jax.feature_tokens`), written to a temp file and
-    renamed."""
-    with atomic.target(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=np.asarray(features, np.float32))
-        c = f.create_dataset("coords", data=np.asarray(coords, np.int64))
-        for k, v in attrs.items():
-            f.attrs[k] = v
-            c.attrs[k] = v
-        if tokens is not None:
-            feature_tokens.add_tokens(f, tokens, patch_grid=patch_grid, patch_px=int(attrs["patch_size"]),
-                                      mpp=float(attrs["mpp"]))
-
-
 def is_done(path: pathlib.Path, made_by: Provenance, *, overwrite: bool = False) -> bool:
     """True if `path` is a complete h5 made by `made_by`. An h5 made otherwise raises StaleFeaturesError,
     or with `overwrite` is False (to be embedded again)."""
     if not path.exists():
         return False
-    try:
-        with h5py.File(path, "r") as f:
-            found = {k: f.attrs.get(k) for k in dataclasses.asdict(made_by)}
-    except OSError:
+    attrs = feature_h5.read_attrs(path)
+    if attrs is None:
         return False  # unreadable: redo it
-    found = {k: v.decode() if isinstance(v, bytes) else v for k, v in found.items()}
+    found = {k: attrs.get(k) for k in dataclasses.asdict(made_by)}
     differ = [f"{k} {found[k] or 'not recorded'} (this run: {v})"
               for k, v in dataclasses.asdict(made_by).items() if found[k] != v]
     if differ and not overwrite:
@@ -155,7 +137,7 @@ def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_d
     """Embed every slide not already done into `out_dir`, holding its lock; failures go to
     `out_dir/failures.jsonl`. `overwrite`: re-embed slides whose h5 other weights/settings made (else an
     error). `isolate`: read tiles in a child process (`embed_read.isolated_batches`, which runs `read`).
-    `tokens` = S > 0 also stores each tile's patch tokens average-pooled to S x S (`feature_tokens`)."""
+    `tokens` = S > 0 also stores each tile's patch tokens average-pooled to S x S (`feature_h5.pool_tokens`)."""
     out_dir = pathlib.Path(out_dir)
     with workdir_lock.hold(out_dir, job="embed"):
         return _embed(specs, encoder, out_dir, tiling, batch=batch, workers=workers, prefetch=prefetch,
@@ -189,7 +171,7 @@ def _embed(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: pa
         state = slides.pop(slide_id)
         try:
             feats = state.features(encoder.embed_dim)
-            write_h5(out_dir / f"{slide_id}.h5", feats, state.plan.coords,
+            feature_h5.write(out_dir / f"{slide_id}.h5", feats, state.plan.coords,
                      h5_attrs(state.plan, tiling, made_by, encoder.embed_dim),
                      tokens=state.tokens((tokens, tokens, encoder.arch.vit.embed_dim)) if tokens else None,
                      patch_grid=patch_grid)
@@ -215,7 +197,7 @@ def _embed(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: pa
         elif isinstance(item, Batch):
             if tokens:
                 out, patches = encoder.forward_with_tokens(item.images)
-                pooled = feature_tokens.pool_tokens(np.asarray(patches), tokens)
+                pooled = feature_h5.pool_tokens(np.asarray(patches), tokens)
             else:
                 out, pooled = encoder.forward(item.images), None
             row = 0

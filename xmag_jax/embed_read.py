@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from data_prep import inputs, slide_reader, tissue
 from xmag_jax import errors
+from xmag_jax.wsi import inputs, slide_reader, tissue
 
 FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL})
 MAX_READER_KILLS = 3  # reader deaths in a row, not attributable to a slide, before the job stops

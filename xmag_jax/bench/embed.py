@@ -3,7 +3,7 @@
     python -m xmag_jax.bench embed [--models student=vit_test,teacher=vit_test_teacher] [--n-slides 4]
         [--size 8192] [--teacher-depth N] [--dtype bfloat16] [--slides DIR] [--out results.json]
 
-Writes `--n-slides` synthetic slides (`data_prep.synthetic`, `--size` px at 0.25 µm/px) unless `--slides`
+Writes `--n-slides` synthetic slides (`xmag_jax.wsi.synthetic`, `--size` px at 0.25 µm/px) unless `--slides`
 is given, then runs `xmag_jax.embed.embed_slides` twice on them: the student at `--student-mpp` (2.0 µm/px,
 5x) and the teacher at `--teacher-mpp` (0.5 µm/px, 20x). Both use random-init weights (speed does not
 depend on them). Reports, per model: wall time per slide (after the one-off compile, which is listed
@@ -23,8 +23,8 @@ import warnings
 
 import jax
 
-from data_prep import inputs, synthetic
 from xmag_jax import embed, encoders
+from xmag_jax.wsi import inputs, synthetic
 
 
 def run_model(label: str, name: str, specs, out_dir: pathlib.Path, mpp: float, args, **overrides) -> dict:

@@ -21,12 +21,12 @@ import time
 import grain
 import numpy as np
 
-from data_prep import records
 from xmag_jax import config as schema
 from xmag_jax.data import make_iterator
 from xmag_jax.data.augment import AugmentOptions
 from xmag_jax.data.pairs import DecodeAndAugment
 from xmag_jax.data.synthetic_pairs import write_pair_shards
+from xmag_jax.formats import pair_records
 
 
 def _descendants(root: int) -> list[int]:
@@ -62,7 +62,7 @@ def _cpu_seconds() -> float:
 
 
 def _single_thread_pairs_per_s(data_dir: str, split: str, options: AugmentOptions, n: int) -> float:
-    source = grain.sources.ArrayRecordDataSource(records.shard_paths(data_dir, split))
+    source = grain.sources.ArrayRecordDataSource(pair_records.shard_paths(data_dir, split))
     transform = DecodeAndAugment(options)
     raws = [source[i % len(source)] for i in range(n)]
     rng = np.random.default_rng(0)

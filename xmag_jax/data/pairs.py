@@ -20,12 +20,12 @@ import simplejpeg
 from absl import logging
 from array_record.python import array_record_module
 
-from data_prep import records
 from xmag_jax import errors
 from xmag_jax.data import augment
+from xmag_jax.formats import pair_records
 
-TILE_PX = records.TILE_5X_PX  # 224: the 5x tile and each 20x tile, px
-GRID = records.REGION_20X_PX // records.TILE_5X_PX  # 4: the 20x region is GRID x GRID tiles
+TILE_PX = pair_records.TILE_5X_PX  # 224: the 5x tile and each 20x tile, px
+GRID = pair_records.REGION_20X_PX // pair_records.TILE_5X_PX  # 4: the 20x region is GRID x GRID tiles
 
 
 class BadRecordError(ValueError):
@@ -110,13 +110,13 @@ def decode_images(raw: bytes | UnreadableRecord, index: int, *, with_20x: bool =
     if isinstance(raw, UnreadableRecord):
         raise BadRecordError(f"record {index}: {raw.reason}")
     try:
-        pair = records.decode_pair(raw)
+        pair = pair_records.decode_pair(raw)
     except Exception as e:  # noqa: BLE001 - any parser failure on untrusted bytes makes the record bad
         raise BadRecordError(f"record {index}: not a pair record ({type(e).__name__}: {e})") from e
-    image_5x = _decode_jpeg(pair["image_5x"], "image_5x", records.TILE_5X_PX, index)
+    image_5x = _decode_jpeg(pair["image_5x"], "image_5x", pair_records.TILE_5X_PX, index)
     if not with_20x:
         return image_5x, None
-    return image_5x, _decode_jpeg(pair["image_20x"], "image_20x", records.REGION_20X_PX, index)
+    return image_5x, _decode_jpeg(pair["image_20x"], "image_20x", pair_records.REGION_20X_PX, index)
 
 
 def cut_tiles(region: np.ndarray) -> np.ndarray:

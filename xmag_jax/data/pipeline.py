@@ -29,10 +29,10 @@ import grain
 import jax
 from absl import flags
 
-from data_prep import records
 from xmag_jax.data import augment
 from xmag_jax.data.bad_records import BadRecordBudgetIterator, BadRecordBudgetIterDataset, SkipBadRecordsIterDataset
 from xmag_jax.data.pairs import BadRecordError, DecodeAndAugment, PairSource, TagIndex, decode_images
+from xmag_jax.formats import pair_records
 from xmag_jax.teacher_cache import reader as teacher_cache_reader
 
 _DATA_KEYS = frozenset(
@@ -92,8 +92,8 @@ def build_dataset(
     if views < 1:
         raise ValueError(f"data.views must be >= 1 augmented views per pair, got {views}")
 
-    source = PairSource(records.shard_paths(data["dir"], data["split"]))
-    records.check_field_geometry(data["dir"], data["split"])  # µm/px must be the 4 x 4 field geometry
+    source = PairSource(pair_records.shard_paths(data["dir"], data["split"]))
+    pair_records.check_field_geometry(data["dir"], data["split"])  # µm/px must be the 4 x 4 field geometry
     if len(source) < process_count * batch_size:
         raise ValueError(
             f"{data['dir']} split {data['split']!r}: {len(source)} records cannot fill a batch of "

@@ -14,11 +14,11 @@ import numpy as np
 import simplejpeg
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from data_prep import records
 from xmag_jax import atomic
+from xmag_jax.formats import pair_records
 
-REGION_PX = records.REGION_20X_PX
-TILE_PX = records.TILE_5X_PX
+REGION_PX = pair_records.REGION_20X_PX
+TILE_PX = pair_records.TILE_5X_PX
 CORRUPTIONS = ("jpeg", "size", "proto")
 
 
@@ -49,7 +49,7 @@ def _record(index: int, rng: np.random.Generator, corruption: str | None) -> byt
         jpeg_20x = simplejpeg.encode_jpeg(np.ascontiguousarray(image_20x[:, :800]), quality=90)
     elif corruption == "jpeg":
         jpeg_20x = jpeg_20x[:4] + rng.bytes(len(jpeg_20x) // 8)
-    return records.encode_pair({
+    return pair_records.encode_pair({
         "image_5x": jpeg_5x,
         "image_20x": jpeg_20x,
         "slide_id": f"synthetic_{index // 100:03d}",
@@ -84,7 +84,7 @@ def write_pair_shards(
     bounds = np.linspace(0, num_records, num_shards + 1).astype(int)
     paths = []
     for shard in range(num_shards):
-        path = os.path.join(os.fspath(out_dir), records.shard_name(split, shard, num_shards))
+        path = os.path.join(os.fspath(out_dir), pair_records.shard_name(split, shard, num_shards))
         with atomic.target(path) as tmp:
             writer = ArrayRecordWriter(str(tmp), "group_size:1")
             for index in range(bounds[shard], bounds[shard + 1]):

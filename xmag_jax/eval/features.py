@@ -1,52 +1,29 @@
-"""Slide feature files (TRIDENT-layout h5) and slide labels, as the evaluations read them.
+"""Slide labels and the labelled feature bags the evaluations read.
 
-A feature file `DIR/{slide_id}.h5` holds `features [N, D]` float32 and `coords [N, 2]` int64 (level-0
-top-left x, y in px), with the slide attributes (`patch_size`, `patch_size_level0`, `mpp`, ...) on the
-root and on `coords`. A labels CSV has a header with `slide_id` and `label` columns (a UTF-8 byte-order mark,
-as spreadsheet programs write, is accepted).
-
-The feature files of one evaluation must come from one encoder and one tiling: files whose `encoder`, `mpp`,
-`patch_size`, `weights_fingerprint` or `preprocessing_fingerprint` attrs differ are refused, naming a few
-files of each kind.
+The feature files are `xmag_jax.formats.feature_h5` (TRIDENT layout). A labels CSV has a header with
+`slide_id` and `label` columns (a UTF-8 byte-order mark, as spreadsheet programs write, is accepted). The
+feature files of one evaluation must come from one encoder and one tiling (`feature_h5.check_same_provenance`).
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import pathlib
 import warnings
 
-import h5py
 import numpy as np
 
 from xmag_jax import errors
-
-# The attrs that must agree across the feature files of one evaluation (written by `xmag_jax.embed`).
-PROVENANCE_ATTRS = ("encoder", "mpp", "patch_size", "weights_fingerprint", "preprocessing_fingerprint")
+from xmag_jax.formats import feature_h5
+from xmag_jax.formats.feature_h5 import FeatureFileError, SlideBag
 
 
 class EvalInputError(errors.UserError, ValueError):
     """Bad evaluation input (a file, an array, too few slides): the message names it."""
 
 
-class FeatureFileError(EvalInputError):
-    """A feature file is unreadable or disagrees with the others (names the file)."""
-
-
 class LabelsError(EvalInputError):
     """The labels CSV is malformed or does not cover the slides (lists them)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SlideBag:
-    """One slide's tile features: `features [N, D]` float32, `coords [N, 2]` int64 level-0 px."""
-
-    slide_id: str
-    path: pathlib.Path
-    features: np.ndarray
-    coords: np.ndarray
-    attrs: dict
 
 
 def read_labels(path: str | pathlib.Path) -> dict[str, str]:
@@ -74,39 +51,6 @@ def read_labels(path: str | pathlib.Path) -> dict[str, str]:
     return labels
 
 
-def feature_files(directory: str | pathlib.Path) -> dict[str, pathlib.Path]:
-    """`slide_id -> DIR/{slide_id}.h5` for the complete feature files in `directory` (temp files skipped)."""
-    directory = pathlib.Path(directory)
-    if not directory.is_dir():
-        raise FeatureFileError(f"feature directory {directory} does not exist")
-    files = {p.stem: p for p in sorted(directory.glob("*.h5"))}
-    if not files:
-        raise FeatureFileError(f"no *.h5 feature files in {directory} (expected {{slide_id}}.h5 from xmag_jax.embed)")
-    return files
-
-
-def read_bag(path: str | pathlib.Path) -> SlideBag:
-    """Reads one TRIDENT-layout feature file, checking `features [N, D]` and `coords [N, 2]` agree."""
-    path = pathlib.Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            if "features" not in f:
-                raise FeatureFileError(f"{path}: no 'features' dataset (datasets: {list(f.keys())})")
-            features = np.asarray(f["features"][...], dtype=np.float32)
-            coords = (np.asarray(f["coords"][...], dtype=np.int64) if "coords" in f
-                      else np.zeros((len(features), 2), np.int64))
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            if "coords" in f:
-                attrs.update({k: _plain(v) for k, v in f["coords"].attrs.items() if k not in attrs})
-    except OSError as e:
-        raise FeatureFileError(f"{path}: not a readable h5 file ({e})") from e
-    if features.ndim != 2:
-        raise FeatureFileError(f"{path}: 'features' has shape {features.shape}, expected [N, D]")
-    if coords.shape != (len(features), 2):
-        raise FeatureFileError(f"{path}: 'coords' has shape {coords.shape}, expected [{len(features)}, 2]")
-    return SlideBag(path.stem, path, features, coords, attrs)
-
-
 def load_labelled_bags(
     directory: str | pathlib.Path, labels: dict[str, str], *, skip_unlabelled: bool = False
 ) -> list[tuple[SlideBag, str]]:
@@ -116,7 +60,7 @@ def load_labelled_bags(
     `skip_unlabelled`); labelled slides without a feature file and empty bags (no tissue) are dropped with
     a warning listing them.
     """
-    files = feature_files(directory)
+    files = feature_h5.list_files(directory)
     unlabelled = sorted(set(files) - set(labels))
     if unlabelled and not skip_unlabelled:
         raise LabelsError(
@@ -130,7 +74,7 @@ def load_labelled_bags(
                       stacklevel=2)
     bags, empty, dim, dim_file = [], [], None, None
     for slide_id in sorted(set(files) & set(labels)):
-        bag = read_bag(files[slide_id])
+        bag = feature_h5.read(files[slide_id])
         if dim is None:
             dim, dim_file = bag.features.shape[1], bag.path
         elif bag.features.shape[1] != dim:
@@ -142,28 +86,12 @@ def load_labelled_bags(
             empty.append(slide_id)
             continue
         bags.append((bag, labels[slide_id]))
-    check_same_provenance([b for b, _ in bags], directory)
+    feature_h5.check_same_provenance([b for b, _ in bags], directory)
     if empty:
         warnings.warn(f"skipping {len(empty)} slide(s) with no tiles (no tissue): {empty}", stacklevel=2)
     if not bags:
         raise LabelsError(f"no labelled slide with tiles in {directory}")
     return bags
-
-
-def check_same_provenance(bags: list[SlideBag], directory: str | pathlib.Path, shown: int = 3) -> None:
-    """Raises FeatureFileError if the bags' `PROVENANCE_ATTRS` differ, naming up to `shown` files per kind."""
-    groups: dict[tuple, list[str]] = {}
-    for bag in bags:
-        groups.setdefault(tuple(bag.attrs.get(k) for k in PROVENANCE_ATTRS), []).append(bag.path.name)
-    if len(groups) < 2:
-        return
-    kinds = []
-    for key, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        made_by = ", ".join(f"{k}={v}" for k, v in zip(PROVENANCE_ATTRS, key) if v is not None) or "no provenance attrs"
-        more = f" and {len(names) - shown} more" if len(names) > shown else ""
-        kinds.append(f"{len(names)} file(s) with {made_by} ({', '.join(names[:shown])}{more})")
-    raise FeatureFileError(f"{directory}: feature files of {len(groups)} different encoders/tilings cannot be "
-                           f"evaluated together: {'; '.join(kinds)}; put each kind in its own folder")
 
 
 def npz_arrays(path: str | pathlib.Path, required: tuple[str, ...], optional: tuple[str, ...] = ()
@@ -187,13 +115,3 @@ def encode_labels(labels: list[str]) -> tuple[np.ndarray, list[str]]:
     classes = sorted(set(labels))
     index = {c: i for i, c in enumerate(classes)}
     return np.array([index[label] for label in labels], np.int32), classes
-
-
-def _plain(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value

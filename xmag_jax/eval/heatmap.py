@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 from scipy import stats
 
-from data_prep import inputs, slide_reader
 from xmag_jax import atomic
-from xmag_jax.eval.features import SlideBag
+from xmag_jax.formats.feature_h5 import SlideBag
+from xmag_jax.wsi import inputs, slide_reader
 
 _JET = np.array([[0, 0, .5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [.5, 0, 0]], np.float32)
 _JET_AT = np.array([0, .125, .375, .625, .875, 1], np.float32)

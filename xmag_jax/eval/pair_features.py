@@ -16,11 +16,11 @@ import argparse
 import numpy as np
 import tqdm
 
-from data_prep import records
 from xmag_jax import encoders
 from xmag_jax.data import pairs
 from xmag_jax.distill import losses
 from xmag_jax.eval import features as feats
+from xmag_jax.formats import pair_records
 from xmag_jax.teacher_cache import reader
 from xmag_jax.teacher_cache import records as cache_records
 
@@ -68,7 +68,7 @@ def pair_arrays(source, indices: np.ndarray, student: encoders.Encoder, teacher:
         except pairs.BadRecordError as e:
             bad, latest = bad + 1, e
             continue
-        out["groups"].append(records.decode_pair(raw)["slide_id"])
+        out["groups"].append(pair_records.decode_pair(raw)["slide_id"])
         images_5x.append(image_5x)
         if cache is None:
             tiles_20x.append(pairs.cut_tiles(image_20x))
@@ -88,7 +88,7 @@ def pair_arrays(source, indices: np.ndarray, student: encoders.Encoder, teacher:
 def from_args(args: argparse.Namespace) -> dict[str, np.ndarray]:
     """The arrays for `eval fidelity --pairs DIR` (encoders from the --student-* / --teacher-* flags)."""
     try:
-        paths = records.shard_paths(args.pairs, args.split)
+        paths = pair_records.shard_paths(args.pairs, args.split)
     except (FileNotFoundError, ValueError) as e:  # no or an incomplete shard set
         raise feats.EvalInputError(str(e)) from e
     source = pairs.PairSource(paths)

@@ -17,9 +17,9 @@ from absl import logging
 from array_record.python import array_record_module
 from sklearn import model_selection
 
-from data_prep import bag_records
 from xmag_jax.data import augment
 from xmag_jax.errors import UserError
+from xmag_jax.formats import bag_records
 
 
 class LabelsError(UserError, ValueError):

@@ -32,10 +32,10 @@ from xmag_jax.data import augment
 from xmag_jax.distill.metrics import MetricWriter, NonFiniteLossError, check_finite, log_progress, to_floats
 from xmag_jax.errors import ConfigError
 from xmag_jax.eval import heatmap, metrics, mil
-from xmag_jax.eval.features import SlideBag
 from xmag_jax.finetune import config as schema
 from xmag_jax.finetune import data
 from xmag_jax.finetune import model as model_lib
+from xmag_jax.formats.feature_h5 import SlideBag
 from xmag_jax.models import checkpoint
 
 METHODS = ("end_to_end", "frozen")

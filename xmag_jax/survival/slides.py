@@ -1,7 +1,7 @@
 """Slides as the survival models see them: tile words, tile embeddings, µm positions and grid neighbours.
 
-Reads TRIDENT-layout feature h5 files (`xmag_jax.eval.features.read_bag`) plus, when present, the `tokens`
-dataset (`xmag_jax.feature_tokens`). All slides of a run must share the encoder (`encoder` attr), the pixel
+Reads TRIDENT-layout feature h5 files (`xmag_jax.formats.feature_h5`) plus, when present, the `tokens`
+dataset (`xmag_jax.formats.feature_h5`). All slides of a run must share the encoder (`encoder` attr), the pixel
 size (`mpp`, µm/px) and the tile size (`patch_size`, px); mixed files are refused, naming them.
 """
 
@@ -11,12 +11,10 @@ import dataclasses
 import pathlib
 from collections.abc import Sequence
 
-import h5py
 import numpy as np
 
-from xmag_jax import feature_tokens as tokens_lib
 from xmag_jax.errors import UserError
-from xmag_jax.eval import features as feats
+from xmag_jax.formats import feature_h5
 
 # Offsets (dx, dy) in tiles of a tile's 3 x 3 neighbourhood, the tile itself first.
 NEIGHBOUR_OFFSETS = np.array([(0, 0), (-1, -1), (0, -1), (1, -1), (-1, 0), (1, 0), (-1, 1), (0, 1), (1, 1)], np.int64)
@@ -56,15 +54,11 @@ def grid_neighbours(coords: np.ndarray, stride: float) -> np.ndarray:
 
 
 def _read_words(path: pathlib.Path, n: int) -> tuple[np.ndarray | None, dict]:
-    with h5py.File(path, "r") as f:
-        if tokens_lib.DATASET not in f:
-            return None, {}
-        d = f[tokens_lib.DATASET]
-        words = np.asarray(d[...], np.float32)
-        attrs = {k: feats._plain(v) for k, v in d.attrs.items()}
-    if words.ndim != 4 or words.shape[0] != n or words.shape[1] != words.shape[2]:
-        raise SlideDataError(f"{path}: 'tokens' has shape {words.shape}, expected [{n}, S, S, D]")
-    return words.reshape(n, -1, words.shape[-1]), attrs
+    try:
+        words, attrs = feature_h5.read_tokens(path, n)
+    except feature_h5.FeatureFileError as e:
+        raise SlideDataError(str(e)) from e
+    return (None if words is None else words.reshape(n, -1, words.shape[-1])), attrs
 
 
 def load_slides(directory: str | pathlib.Path, slide_ids: Sequence[str], *, use_tokens: bool = True
@@ -77,7 +71,7 @@ def load_slides(directory: str | pathlib.Path, slide_ids: Sequence[str], *, use_
     every file has them and `use_tokens`, else each tile's embedding (one word per tile).
     """
     try:
-        files = feats.feature_files(directory)
+        files = feature_h5.list_files(directory)
     except FileNotFoundError as e:
         raise SlideDataError(str(e)) from e
     missing = [s for s in slide_ids if s not in files]
@@ -87,8 +81,8 @@ def load_slides(directory: str | pathlib.Path, slide_ids: Sequence[str], *, use_
     raw = []
     for slide_id in slide_ids:
         try:
-            bag = feats.read_bag(files[slide_id])
-        except feats.FeatureFileError as e:
+            bag = feature_h5.read(files[slide_id])
+        except feature_h5.FeatureFileError as e:
             raise SlideDataError(str(e)) from e
         words, word_attrs = _read_words(bag.path, len(bag.features)) if use_tokens else (None, {})
         raw.append((bag, words, word_attrs))

@@ -36,8 +36,8 @@ import numpy as np
 from tensorflow_datasets.core import example_parser, example_serializer
 from tensorflow_datasets.core import features as tfds_features
 
-from data_prep import records as pair_records
 from xmag_jax.errors import UserError
+from xmag_jax.formats import pair_records
 
 DATASET_NAME = "xmag_teacher_targets"
 FORMAT_VERSION = 1

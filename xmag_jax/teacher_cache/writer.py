@@ -4,7 +4,7 @@ geometric state of the config's augmentation, exactly the targets the loss uses 
 The teacher runs as in training (`teacher.dtype`, `teacher.sharding`, the config's mesh); each process
 writes the cache shards of its source shards (`i % process_count == process_index`), all processes step
 the sharded forward in lockstep. A shard is written under a temporary name, renamed when complete, then
-vouched for by `work/SHARD.done.json` (spec digest, size and `data_prep.pairs.shard_digest`); a rerun
+vouched for by `work/SHARD.done.json` (spec digest, size and `atomic.file_digest`); a rerun
 skips the shards whose marker still matches, so a killed job resumes. `dataset_info.json` is moved in last:
 a directory holding it is a finished cache.
 """
@@ -28,12 +28,11 @@ from array_record.python import array_record_module
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from data_prep import pairs as prep_pairs
-from data_prep import records as pair_records
-from xmag_jax import encoders, errors, sharding, workdir_lock
+from xmag_jax import atomic, encoders, errors, sharding, workdir_lock
 from xmag_jax.data import augment, pairs
 from xmag_jax.distill import config_validation, losses
 from xmag_jax.distill import step as step_lib
+from xmag_jax.formats import pair_records
 from xmag_jax.teacher_cache import reader, records, spec
 
 
@@ -55,7 +54,7 @@ def _done_ok(cache_dir: str, shard: str, digest: str) -> dict | None:
     if done.get("spec_digest") != digest:
         return None
     try:
-        if (os.path.getsize(shard), prep_pairs.shard_digest(shard)) != (done.get("num_bytes"), done.get("digest")):
+        if (os.path.getsize(shard), atomic.file_digest(shard)) != (done.get("num_bytes"), done.get("digest")):
             return None
     except OSError:
         return None
@@ -173,7 +172,7 @@ def _write_locked(config, out: str, trainer: step_lib.Trainer, teacher: Any, met
     try:
         for i in todo:
             source = pairs.PairSource([sources[i]])
-            tmp = prep_pairs.temp_name(targets[i])
+            tmp = atomic.temp_name(targets[i])
             writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
             shard_bad = 0
             for lo in range(0, lengths[i], pairs_per_chunk):
@@ -189,9 +188,9 @@ def _write_locked(config, out: str, trainer: step_lib.Trainer, teacher: Any, met
             writer.close()
             os.replace(tmp, targets[i])
             bad += shard_bad
-            prep_pairs.write_json_atomic(records.done_path(out, targets[i]), {
+            atomic.write_json(records.done_path(out, targets[i]), {
                 "spec_digest": digest, "num_bytes": os.path.getsize(targets[i]),
-                "digest": prep_pairs.shard_digest(targets[i]), "num_pairs": lengths[i], "bad_pairs": shard_bad,
+                "digest": atomic.file_digest(targets[i]), "num_pairs": lengths[i], "bad_pairs": shard_bad,
                 "source_shard": os.path.basename(sources[i])})
         for _ in range(chunks_all - chunks):  # keep the sharded forward in lockstep with the other processes
             runner.run([], [])

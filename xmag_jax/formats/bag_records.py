@@ -19,8 +19,8 @@ import numpy as np
 from tensorflow_datasets.core import example_parser, example_serializer
 from tensorflow_datasets.core import features as tfds_features
 
-from data_prep import records
 from xmag_jax.errors import UserError
+from xmag_jax.formats import pair_records
 
 DATASET_NAME = "xmag_bags"
 SPLIT = "train"  # every slide: folds are drawn by the trainer, by slide
@@ -75,8 +75,8 @@ def decode_tile(data: bytes) -> dict[str, Any]:
 
 
 def shard_paths(dataset_dir: str | os.PathLike) -> list[str]:
-    """The complete shard set of a bag dataset, in order (see `records.shard_paths`)."""
-    return records.shard_paths(dataset_dir, SPLIT, DATASET_NAME)
+    """The complete shard set of a bag dataset, in order (see `pair_records.shard_paths`)."""
+    return pair_records.shard_paths(dataset_dir, SPLIT, DATASET_NAME)
 
 
 @dataclasses.dataclass(frozen=True)

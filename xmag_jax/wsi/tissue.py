@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from data_prep import slide_reader
+from xmag_jax.wsi import slide_reader
 
 THUMBNAIL_MPP = 8.0
 

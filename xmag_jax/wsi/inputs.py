@@ -21,8 +21,8 @@ import re
 import h5py
 import numpy as np
 
-from data_prep import slide_reader
 from xmag_jax.errors import UserError
+from xmag_jax.wsi import slide_reader
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")

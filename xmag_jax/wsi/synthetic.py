@@ -1,6 +1,6 @@
 """Synthetic H&E-like whole-slide images that OpenSlide opens with a physical pixel size.
 
-`python -m data_prep.synthetic --out DIR --n N [--size PX] [--seed S]` writes N slides, alternating:
+`python -m xmag_jax.wsi.synthetic --out DIR --n N [--size PX] [--seed S]` writes N slides, alternating:
   * `slide_XXX.svs`: Aperio-style SVS scanned "at 40x": tiled JPEG, level-0 0.25 µm/px, levels with
     downsample 1, 4, 16, ImageDescription `Aperio Image Library ...|AppMag = 40|MPP = 0.2500`;
   * `slide_XXX.tif`: generic tiled pyramidal TIFF "at 20x": tiled JPEG, level-0 0.5 µm/px written as
@@ -227,7 +227,7 @@ def write_dataset(out: str, n: int, size_px: int = DEFAULT_SIZE_PX, seed: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.synthetic", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m xmag_jax.wsi.synthetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--n", type=int, required=True, help="number of slides")
@@ -250,4 +250,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    errors.run_cli(main, prog="python -m data_prep.synthetic")
+    errors.run_cli(main, prog="python -m xmag_jax.wsi.synthetic")
