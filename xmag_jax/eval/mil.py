@@ -98,7 +98,7 @@ def train(bags: list[np.ndarray], y: np.ndarray, n_classes: int, cfg: MILConfig)
     rng = np.random.default_rng(cfg.seed)
     model = GatedABMIL(bags[0].shape[1], n_classes, hidden=cfg.hidden, attn_dim=cfg.attn_dim,
                        dropout=cfg.dropout, rngs=nnx.Rngs(cfg.seed))
-    optimizer = nnx.Optimizer(model, _adamw(cfg.learning_rate, cfg.weight_decay), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, adamw(cfg.learning_rate, cfg.weight_decay), wrt=nnx.Param)
     model.train()
     for _ in range(cfg.epochs):
         order = rng.permutation(len(bags))
@@ -148,7 +148,7 @@ def cross_validate(bags: list[np.ndarray], y: np.ndarray, n_classes: int, n_fold
 
 
 @functools.cache
-def _adamw(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
+def adamw(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
     # One transformation object per setting: it is static in the jitted step, so a new one would recompile.
     return optax.adamw(learning_rate, weight_decay=weight_decay)
 

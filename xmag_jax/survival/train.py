@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from sklearn import model_selection
 
-from xmag_jax.eval.mil import _adamw
+from xmag_jax.eval.mil import adamw
 from xmag_jax.survival import cox, report
 from xmag_jax.survival.batching import make_batch
 from xmag_jax.survival.slides import Slide
@@ -70,7 +70,7 @@ def fit(model: nnx.Module, slides: Sequence[Slide], time: np.ndarray, event: np.
         stratify = event if min(np.bincount(event, minlength=2)) >= 2 else None  # too few of a kind: unstratified
         train_idx, val_idx = model_selection.train_test_split(train_idx, test_size=t.val_fraction, stratify=stratify,
                                                               random_state=seed)
-    optimizer = nnx.Optimizer(model, _adamw(float(t.lr), float(t.weight_decay)), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, adamw(float(t.lr), float(t.weight_decay)), wrt=nnx.Param)
     step = _step_fn(float(config.loss.binary_months), float(config.loss.binary_weight))
     history: dict = {"losses": [], "val_c_index": []}
     best, best_state = -np.inf, None
