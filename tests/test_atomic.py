@@ -1,6 +1,13 @@
 """Write-then-rename: results appear complete or not at all, and no temporary is left behind."""
 
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
+from etils import epath
+from etils.epath import testing as _  # noqa: F401  (registers epath.testing)
 
 from xmag_jax import atomic
 
@@ -35,3 +42,115 @@ def test_file_appears_only_complete(tmp_path):
         assert not tmp.exists()
         tmp.write_bytes(b"done")
     assert out.read_bytes() == b"done" and list(tmp_path.iterdir()) == [out]
+
+
+def test_exception_inside_a_file_target_keeps_the_old_file(tmp_path):
+    out = tmp_path / "labels.csv"
+    atomic.write_text(out, "old")
+    with pytest.raises(RuntimeError):
+        with atomic.target(out) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["labels.csv"]
+
+
+def test_a_directory_without_its_marker_is_not_published(tmp_path):
+    out = tmp_path / "ckpt"
+    with pytest.raises(ValueError, match="arch.json was not written"):
+        with atomic.target(out, directory=True, marker="arch.json") as tmp:
+            (tmp / "params").write_text("p")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_publish_adds_files_with_the_marker_last_and_removes_stale_ones(tmp_path):
+    out = tmp_path / "pairs"
+    out.mkdir()
+    for name, text in [("dataset_info.json", "old"), ("old-shard-00000-of-00002", "o"), ("slides.csv", "keep")]:
+        (out / name).write_text(text)
+    with pytest.raises(RuntimeError):
+        with atomic.publish(out, marker="dataset_info.json", stale=["old-shard-00000-of-00002"]) as stage:
+            (stage / "new-shard").write_text("half")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in out.iterdir()) == ["dataset_info.json", "old-shard-00000-of-00002", "slides.csv"]
+    with atomic.publish(out, marker="dataset_info.json", stale=["old-shard-00000-of-00002"]) as stage:
+        (stage / "new-shard").write_text("n")
+        (stage / "dataset_info.json").write_text("new")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "dataset_info.json": "new", "new-shard": "n", "slides.csv": "keep"}
+
+
+def test_remove_leftovers(tmp_path):
+    (tmp_path / "slide_003.array_record.tmp-4242-deadbeef").write_bytes(b"half")  # an older writer's name
+    (tmp_path / ".publish.tmp-0123abcd").mkdir()
+    (tmp_path / "slide_003.array_record").write_bytes(b"done")
+    assert atomic.remove_leftovers(tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["slide_003.array_record"]
+
+
+@contextlib.contextmanager
+def _bucket(root: Path, log: list):
+    """gs://bkt/... served by the local folder `root` through etils' own epath mock; every object write is
+    logged, and a rename or replace on the bucket fails (object stores have none)."""
+    def local(p):
+        s = os.fspath(p)
+        return str(root / s[len("gs://bkt/"):]) if s.startswith("gs://") else s
+
+    def one(fn, path, *args, **kwargs):
+        if os.fspath(path).startswith("gs://") and args[:1] and "w" in str(args[0]):
+            log.append(os.fspath(path))
+            os.makedirs(os.path.dirname(local(path)), exist_ok=True)  # a bucket has no folders to create
+        return fn(local(path), *args, **kwargs)
+
+    def copy(fn, path, dst, **kwargs):
+        log.append(os.fspath(dst))
+        os.makedirs(os.path.dirname(local(dst)), exist_ok=True)
+        return fn(local(path), local(dst), **kwargs)
+
+    def no_rename(fn, path, dst):
+        assert not (os.fspath(path) + os.fspath(dst)).count("gs://"), f"rename on an object store: {path} -> {dst}"
+        return fn(path, dst)
+
+    with epath.testing.mock_epath(open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one,
+                                  remove=one, rmtree=one, stat=one, copy=copy, rename=no_rename,
+                                  replace=no_rename):
+        yield
+
+
+def test_object_store_file_is_written_in_place_and_deleted_on_failure(tmp_path):
+    log = []
+    with _bucket(tmp_path, log):
+        atomic.write_json("gs://bkt/run/summary.json", {"pairs": 3})
+        assert log == ["gs://bkt/run/summary.json"]  # one upload, straight to the final name
+        with pytest.raises(RuntimeError):
+            with atomic.target("gs://bkt/run/summary.json") as tmp:
+                assert os.fspath(tmp) == "gs://bkt/run/summary.json"
+                with tmp.open("w") as f:
+                    f.write("{half")
+                raise RuntimeError("killed")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and list((tmp_path / "run").iterdir()) == []
+
+
+def test_object_store_directory_is_uploaded_with_its_marker_last(tmp_path):
+    log = []
+    with _bucket(tmp_path, log):
+        with atomic.target("gs://bkt/ckpt", directory=True, marker="arch.json") as tmp:
+            assert not os.fspath(tmp).startswith("gs://")  # staged locally
+            (tmp / "arch.json").write_text("v1")
+            (tmp / "params").mkdir()
+            (tmp / "params" / "a").write_text("a1")
+        assert log == ["gs://bkt/ckpt/params/a", "gs://bkt/ckpt/arch.json"]
+        with pytest.raises(ValueError, match="marker"):
+            with atomic.target("gs://bkt/ckpt", directory=True):
+                pass
+        with pytest.raises(RuntimeError):
+            with atomic.target("gs://bkt/ckpt", directory=True, marker="arch.json") as tmp:
+                (tmp / "arch.json").write_text("v2")
+                raise RuntimeError("killed")
+        assert (tmp_path / "ckpt" / "arch.json").read_text() == "v1"
+        log.clear()
+        with atomic.target("gs://bkt/ckpt", directory=True, marker="arch.json") as tmp:
+            (tmp / "b").write_text("b2")
+            (tmp / "arch.json").write_text("v2")
+        assert log == ["gs://bkt/ckpt/b", "gs://bkt/ckpt/arch.json"]
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"arch.json", "b"}  # the old params/ went
+    assert not list(Path(tempfile.gettempdir()).glob(f"ckpt{atomic.TEMP_MARK}*"))

@@ -149,7 +149,7 @@ def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overwr
     model, arch = load_model(checkpoint)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     state_dict = to_timm(params)
-    with atomic.target(out, directory=True) as tmp:
+    with atomic.target(out, directory=True, marker="config.json") as tmp:
         save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(timm_config(arch), indent=2))
     return out

@@ -38,7 +38,7 @@ def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str
     get_arch(arch_name)
     if path.exists() and not overwrite:
         raise FileExistsError(f"checkpoint directory {path} already exists")
-    with atomic.target(path, directory=True) as tmp:
+    with atomic.target(path, directory=True, marker=ARCH_FILE) as tmp:
         params = unstack_blocks(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg.depth)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
@@ -47,14 +47,9 @@ def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str
     return path
 
 
-def _readable(path: str | os.PathLike) -> epath.Path:
-    """`path` as an absolute epath (local, or a cloud URL such as gs://bucket/dir, which stays as it is)."""
-    return epath.Path(path) if "://" in os.fspath(path) else epath.Path(os.path.abspath(path))
-
-
 def read_arch(path: str | os.PathLike, **vit_overrides: Any) -> Arch:
     """The architecture stored in checkpoint `path` (registry entry + saved ViTConfig + overrides)."""
-    path = _readable(path)
+    path = atomic.as_path(path)
     arch_file = path / ARCH_FILE
     if not path.is_dir():
         raise FileNotFoundError(f"model checkpoint {path} does not exist (expected a directory from save_model)")
@@ -74,7 +69,7 @@ def load_params(path: str | os.PathLike, abstract_state: nnx.State) -> nnx.State
     values are `jax.ShapeDtypeStruct`s, with `.sharding` set for a sharded restore, else on the default
     device). Arrays are restored in the abstract dtypes. A scanned target (stacked `blocks`) is filled from
     the per-block checkpoint and stacked on its own shardings. Returns the filled state."""
-    params_dir = _readable(path) / PARAMS_DIR
+    params_dir = atomic.as_path(path) / PARAMS_DIR
     if not params_dir.is_dir():
         raise FileNotFoundError(f"model checkpoint parameters {params_dir} do not exist")
     target = nnx.to_pure_dict(abstract_state)
