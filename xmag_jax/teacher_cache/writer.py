@@ -27,9 +27,9 @@ from array_record.python import array_record_module
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from xmag_jax import atomic, encoders, errors, sharding, workdir_lock
+from xmag_jax import atomic, encoders, errors, geometry, sharding, workdir_lock
 from xmag_jax.data import augment, pairs
-from xmag_jax.distill import config_validation, losses
+from xmag_jax.distill import config_validation
 from xmag_jax.distill import step as step_lib
 from xmag_jax.formats import pair_records
 from xmag_jax.teacher_cache import reader, records, spec
@@ -220,7 +220,7 @@ class _ChunkRunner:
         tiles_out, tokens_out = [], []
         for c in range(self.calls):
             part = fields[c * self.local_batch:(c + 1) * self.local_batch]
-            x = np.zeros((self.local_batch, losses.FIELD_TILES, pairs.TILE_PX, pairs.TILE_PX, 3), np.uint8)
+            x = np.zeros((self.local_batch, geometry.FIELD_TILES, geometry.TILE_PX, geometry.TILE_PX, 3), np.uint8)
             for k, tiles in enumerate(part):
                 if tiles is not None:
                     x[k] = tiles
