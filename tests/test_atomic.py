@@ -1,13 +1,11 @@
 """Write-then-rename: results appear complete or not at all, and no temporary is left behind."""
 
-import contextlib
 import os
 import tempfile
 from pathlib import Path
 
+import epath_bucket
 import pytest
-from etils import epath
-from etils.epath import testing as _  # noqa: F401  (registers epath.testing)
 
 from xmag_jax import atomic
 
@@ -87,38 +85,9 @@ def test_remove_leftovers(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["slide_003.array_record"]
 
 
-@contextlib.contextmanager
-def _bucket(root: Path, log: list):
-    """gs://bkt/... served by the local folder `root` through etils' own epath mock; every object write is
-    logged, and a rename or replace on the bucket fails (object stores have none)."""
-    def local(p):
-        s = os.fspath(p)
-        return str(root / s[len("gs://bkt/"):]) if s.startswith("gs://") else s
-
-    def one(fn, path, *args, **kwargs):
-        if os.fspath(path).startswith("gs://") and args[:1] and "w" in str(args[0]):
-            log.append(os.fspath(path))
-            os.makedirs(os.path.dirname(local(path)), exist_ok=True)  # a bucket has no folders to create
-        return fn(local(path), *args, **kwargs)
-
-    def copy(fn, path, dst, **kwargs):
-        log.append(os.fspath(dst))
-        os.makedirs(os.path.dirname(local(dst)), exist_ok=True)
-        return fn(local(path), local(dst), **kwargs)
-
-    def no_rename(fn, path, dst):
-        assert not (os.fspath(path) + os.fspath(dst)).count("gs://"), f"rename on an object store: {path} -> {dst}"
-        return fn(path, dst)
-
-    with epath.testing.mock_epath(open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one,
-                                  remove=one, rmtree=one, stat=one, copy=copy, rename=no_rename,
-                                  replace=no_rename):
-        yield
-
-
 def test_object_store_file_is_written_in_place_and_deleted_on_failure(tmp_path):
     log = []
-    with _bucket(tmp_path, log):
+    with epath_bucket.bucket(tmp_path, log):
         atomic.write_json("gs://bkt/run/summary.json", {"pairs": 3})
         assert log == ["gs://bkt/run/summary.json"]  # one upload, straight to the final name
         with pytest.raises(RuntimeError):
@@ -132,7 +101,7 @@ def test_object_store_file_is_written_in_place_and_deleted_on_failure(tmp_path):
 
 def test_object_store_directory_is_uploaded_with_its_marker_last(tmp_path):
     log = []
-    with _bucket(tmp_path, log):
+    with epath_bucket.bucket(tmp_path, log):
         with atomic.target("gs://bkt/ckpt", directory=True, marker="arch.json") as tmp:
             assert not os.fspath(tmp).startswith("gs://")  # staged locally
             (tmp / "arch.json").write_text("v1")

@@ -5,9 +5,9 @@ like timm: `blocks/0/attn/qkv/kernel`, ...) and `arch.json` (`{"name": ..., "vit
 so non-registry overrides such as a reduced depth round-trip. The blocks are always stored per block, as
 timm has them; a scanned model (`ViTConfig.scan_layers`) is unstacked on save and restored onto a scanned
 target by stacking (`vit.stack_blocks`), so the layout on disk does not depend on how a model runs. The
-directory is written under a temporary name and renamed, so a present `path/arch.json` means a complete
-checkpoint. Checkpoints are written to a local (or mounted) path and read from a local path or Cloud Storage
-(`gs://`, through etils.epath).
+directory is written with `atomic.target` (locally under a temporary name and renamed; on Cloud Storage,
+`gs://` through etils.epath, uploaded with `arch.json` last), so a present `path/arch.json` means a complete
+checkpoint. Checkpoints are written to and read from a local path or Cloud Storage.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,10 +30,11 @@ ARCH_FILE = "arch.json"
 PARAMS_DIR = "params"
 
 
-def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str, *, overwrite: bool = False) -> Path:
-    """Write `model`'s parameters and architecture to the directory `path` (created; must not exist
-    unless `overwrite`). Returns the absolute path."""
-    path = Path(path).absolute()
+def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str, *,
+               overwrite: bool = False) -> epath.Path:
+    """Write `model`'s parameters and architecture to the directory `path` (local or gs://; created; must not
+    exist unless `overwrite`). Returns the absolute path."""
+    path = atomic.as_path(path)
     get_arch(arch_name)
     if path.exists() and not overwrite:
         raise FileExistsError(f"checkpoint directory {path} already exists")
