@@ -1,9 +1,9 @@
 """Per-slide shards -> TFDS-named split shards + `dataset_info.json`/`features.json`, published atomically.
 
-Everything is first written to a staging folder inside the output folder; then the old dataset's
-`dataset_info.json` is removed, old shards removed, new shards moved in, and `dataset_info.json` moved in
-last. A dataset folder holding `dataset_info.json` is therefore always complete, and `pair_records.shard_paths`
-refuses a partial shard set.
+Everything is first written to a staging folder inside the output folder, then published with
+`atomic.publish`: the old dataset's `dataset_info.json` is removed, old shards removed, new shards moved in,
+and `dataset_info.json` moved in last. A dataset folder holding `dataset_info.json` is therefore always
+complete, and `pair_records.shard_paths` refuses a partial shard set.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
+from xmag_jax import atomic
 from xmag_jax.formats import pair_records
 
 READ_CHUNK = 64
@@ -72,27 +72,18 @@ def assemble(out_dir: str, split_shards: dict[str, list[str]], examples_per_shar
     """Write the TFDS dataset for {split: [per-slide shard paths]} into `out_dir`; returns {split: examples}.
     Records keep the order of the per-slide shards. `metadata` (JSON-able) becomes the TFDS `metadata.json`
     (`pair_records.read_metadata`); `dataset_name`/`features`: the shard names and record schema (default: pairs)."""
-    stage = os.path.join(out_dir, f".assemble-tmp-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    os.makedirs(stage)
-    split_infos = [_write_split(stage, split, shards, examples_per_shard, dataset_name)
-                   for split, shards in sorted(split_shards.items()) if shards]
-    split_infos = [s for s in split_infos if s.num_examples]
-    if not split_infos:
-        shutil.rmtree(stage)
-        raise ValueError("no records to write: every slide failed or had no tissue tile")
-    for name in os.listdir(stage):  # splits without examples leave an empty shard 0-of-1: drop it
-        if not any(name.startswith(f"{dataset_name}-{s.name}.") for s in split_infos):
-            os.remove(os.path.join(stage, name))
-    tfds.folder_dataset.write_metadata(data_dir=stage, features=features or pair_records.features(),
-                                       split_infos=split_infos,
-                                       check_data=False, description=description,
-                                       metadata=tfds.core.MetadataDict(metadata or {}))
-    if os.path.exists(os.path.join(out_dir, "dataset_info.json")):
-        os.remove(os.path.join(out_dir, "dataset_info.json"))
-    for name in _old_dataset_files(out_dir, dataset_name):
-        os.remove(os.path.join(out_dir, name))
-    for name in sorted(os.listdir(stage), key=lambda n: n == "dataset_info.json"):
-        os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
-    os.rmdir(stage)
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic.publish(out_dir, marker="dataset_info.json", stale=_old_dataset_files(out_dir, dataset_name)) as stage:
+        split_infos = [_write_split(os.fspath(stage), split, shards, examples_per_shard, dataset_name)
+                       for split, shards in sorted(split_shards.items()) if shards]
+        split_infos = [s for s in split_infos if s.num_examples]
+        if not split_infos:
+            raise ValueError("no records to write: every slide failed or had no tissue tile")
+        for path in stage.iterdir():  # splits without examples leave an empty shard 0-of-1: drop it
+            if not any(path.name.startswith(f"{dataset_name}-{s.name}.") for s in split_infos):
+                path.unlink()
+        tfds.folder_dataset.write_metadata(data_dir=stage, features=features or pair_records.features(),
+                                           split_infos=split_infos,
+                                           check_data=False, description=description,
+                                           metadata=tfds.core.MetadataDict(metadata or {}))
     return {s.name: s.num_examples for s in split_infos}

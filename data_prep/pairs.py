@@ -184,18 +184,14 @@ def write_slide_shard(spec: inputs.SlideSpec, config: Any, work_dir: str,
         with slide_reader.open_slide(spec.path, spec.mpp, spec.slide_id) as slide:
             count, records_iter, extra = records_of(slide)
             final = shard_path(work_dir, spec.slide_id)
-            tmp = atomic.temp_name(final)
-            writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-            try:
-                for record in tqdm(records_iter, total=count, desc=spec.slide_id, unit=unit, leave=False,
-                                   disable=not config.progress, mininterval=1.0):
-                    writer.write(record)
-                writer.close()
-            except BaseException:
-                writer.close()
-                os.remove(tmp)
-                raise
-            os.replace(tmp, final)
+            with atomic.target(final) as tmp:
+                writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1")
+                try:
+                    for record in tqdm(records_iter, total=count, desc=spec.slide_id, unit=unit, leave=False,
+                                       disable=not config.progress, mininterval=1.0):
+                        writer.write(record)
+                finally:
+                    writer.close()
             done = {
                 "slide_id": spec.slide_id, "path": spec.path, "status": "done", "num_pairs": count,
                 "num_bytes": os.path.getsize(final), "digest": atomic.file_digest(final), "mpp_level0": slide.mpp,

@@ -35,13 +35,13 @@ import pathlib
 import numpy as np
 from scipy import ndimage
 
-from xmag_jax import atomic
+from xmag_jax import atomic, geometry
 from xmag_jax.formats import feature_h5
 
 COHORTS = ("spatial", "amount")
-MPP = 2.0  # µm/px of the 5x features
-PATCH_PX = 224
-LEVEL0_MPP = 0.5
+MPP = geometry.MPP_5X  # µm/px of the 5x features
+PATCH_PX = geometry.TILE_PX
+LEVEL0_MPP = geometry.MPP_20X  # the synthetic slides are 20x scans
 BETA = 1.2  # log hazard ratio per standard deviation of the risk driver
 BASE_MONTHS = 50.0  # mean time to recurrence at risk 0
 

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from data_prep import assemble, pairs, tile_pairs
-from xmag_jax import atomic, embed_read, errors, workdir_lock
+from xmag_jax import atomic, embed_read, errors, geometry, workdir_lock
 from xmag_jax.formats import bag_records
 from xmag_jax.wsi import inputs, slide_reader, tissue
 
@@ -43,8 +43,8 @@ PROG = "python -m data_prep.tile_bags"
 class BagConfig:
     """Tiles of `patch_px` px at `mpp` µm/px, kept with tissue fraction >= `min_tissue` (as embed's `Tiling`)."""
 
-    mpp: float = 2.0
-    patch_px: int = 224
+    mpp: float = geometry.MPP_5X
+    patch_px: int = geometry.TILE_PX
     min_tissue: float = 0.25
     jpeg_quality: int = 90
     thumb_mpp: float = tissue.THUMBNAIL_MPP

@@ -34,12 +34,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import io
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -192,10 +190,8 @@ def run_pipeline(todo: list[inputs.SlideSpec], config, work_dir: str, overlay_di
 
 
 def clean_stale_temps(out_dir: str, work_dir: str) -> None:
-    for path in glob.glob(os.path.join(work_dir, "*.tmp-*")) + glob.glob(os.path.join(out_dir, "*.tmp-*")):
-        os.remove(path)
-    for path in glob.glob(os.path.join(out_dir, ".assemble-tmp-*")):
-        shutil.rmtree(path, ignore_errors=True)
+    atomic.remove_leftovers(work_dir)
+    atomic.remove_leftovers(out_dir)
 
 
 def collect_results(specs: list[inputs.SlideSpec], config, out_dir: str, work_dir: str

@@ -1,5 +1,8 @@
 """The Flax ViT family: shapes, registry, checkpoints, bad input, dtypes, position-embedding resampling."""
 
+import os
+
+import epath_bucket
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,3 +191,16 @@ def test_missing_and_corrupt_checkpoints_name_the_path(tmp_path):
     (bad / "arch.json").write_text("{not json")
     with pytest.raises(ValueError, match="arch.json"):
         load_model(bad)
+
+
+def test_checkpoint_on_an_object_store_is_uploaded_with_arch_json_last(tmp_path):
+    """gs:// has no rename: the checkpoint is staged locally and uploaded, arch.json (its completeness mark) last."""
+    model = create_model("vit_test", rngs=nnx.Rngs(4))
+    uploads = []
+    with epath_bucket.bucket(tmp_path / "bucket", uploads):
+        path = save_model("gs://bkt/students/ck", model, "vit_test")
+    assert os.fspath(path) == "gs://bkt/students/ck"
+    assert len(uploads) > 1 and uploads[-1] == "gs://bkt/students/ck/arch.json"
+    loaded, _ = load_model(tmp_path / "bucket" / "students" / "ck")  # what the bucket holds is complete
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 224, 224, 3)), jnp.float32)
+    np.testing.assert_array_equal(forward(loaded, x).patches, forward(model, x).patches)

@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Linear -> BatchNorm -> GELU -> Linear, statistics over the global batch (per view, per micro-batch under
     # optim.grad_accum), running statistics in the train state.
     c.loss.projector_norm = "none"
-    c.loss.mode = "dual"  # "dual" | "global_only" | "local_only"
+    c.loss.mode = "dual"  # one of xmag_jax.distill.losses.MODES: "dual" | "global_only" | "local_only"
     # Subtract a running mean of the teacher's embeddings / tokens from the targets (DINO-style centering):
     # center <- m * center + (1 - m) * batch mean, set to the first batch's mean by step 0 (which the warmup
     # gives learning rate 0, so no update ever sees the zero initial center).

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from xmag_jax import geometry
+
 
 def run_stage(title: str, args: list[str], env: dict[str, str]) -> None:
     """Runs `python -m ...` for one stage; stops the demo with the stage's name if it fails."""
@@ -81,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     run_stage(
         "slide embeddings at 5x (distilled student, from its timm export)",
         ["xmag_jax.embed", "--slides", str(slides), "--out", str(features["distilled"]),
-         "--timm-dir", str(timm_dir), "--mpp", "2.0", "--no-progress"],
+         "--timm-dir", str(timm_dir), "--mpp", str(geometry.MPP_5X), "--no-progress"],
         env,
     )
     run_stage(
         "slide embeddings at 5x (random-init student, the baseline)",
         ["xmag_jax.embed", "--slides", str(slides), "--out", str(features["random_init"]),
-         "--checkpoint", str(initial_dir), "--mpp", "2.0", "--no-progress"],
+         "--checkpoint", str(initial_dir), "--mpp", str(geometry.MPP_5X), "--no-progress"],
         env,
     )
     run_stage(

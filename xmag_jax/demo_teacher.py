@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 from PIL import Image
 
+from xmag_jax import geometry
 from xmag_jax.data import augment
 from xmag_jax.data import pairs as pair_data
 from xmag_jax.eval import features as eval_features
@@ -64,7 +65,7 @@ def load_tiles(pairs_dir: str, split: str, labels: dict[str, str], classes: list
     y, found = eval_features.encode_labels([labels[n] for n in names])
     if classes is not None:
         y = np.array([classes.index(found[i]) for i in y], np.int32)
-    tiles_all, y_all = np.concatenate(tiles), np.repeat(y, pair_data.GRID * pair_data.GRID)
+    tiles_all, y_all = np.concatenate(tiles), np.repeat(y, geometry.FIELD_TILES)
     keep = tissue_fraction(tiles_all) >= MIN_TISSUE
     return tiles_all[keep], y_all[keep], classes or found
 

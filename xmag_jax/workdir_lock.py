@@ -30,6 +30,7 @@ from collections.abc import Iterator
 
 from etils import epath
 
+from xmag_jax import atomic
 from xmag_jax.errors import UserError
 
 LOCK_NAME = ".xmag.lock"
@@ -100,7 +101,7 @@ def acquire(directory: str | os.PathLike, *, job: str) -> epath.Path:
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lock = directory / LOCK_NAME
-    local = not str(lock).startswith(("gs://", "s3://"))
+    local = not atomic.is_object_store(lock)
     host = socket.gethostname()
     owner = {"host": host, "pid": os.getpid(), "start": _process_start(os.getpid()), "time": time.time(),
              "job": job, "argv": sys.argv, "token": uuid.uuid4().hex}

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from xmag_jax import atomic
@@ -102,7 +103,8 @@ def load_weights(arch: Arch, weights: str | os.PathLike,
 
 
 def import_timm(name: str, weights: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
-                note: Callable[[str], None] = _print_note, **vit_overrides: Any) -> tuple[VisionTransformer, Path]:
+                note: Callable[[str], None] = _print_note,
+                **vit_overrides: Any) -> tuple[VisionTransformer, epath.Path]:
     """Convert released weights (see `load_weights`) for registry entry `name` (ViTConfig fields overridable, e.g.
     depth=2) into an Orbax model checkpoint at `out`. Returns the model and the checkpoint path."""
     arch = get_arch(name, **vit_overrides)
@@ -138,18 +140,18 @@ def timm_config(arch: Arch) -> dict[str, Any]:
     }
 
 
-def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def export_timm(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> epath.Path:
     """Write `out/config.json` + `out/model.safetensors` (float32) for the model checkpoint; the directory
-    is written under a temporary name and renamed. Returns the absolute output path."""
+    (local or gs://) is written with `atomic.target`, `config.json` last. Returns the absolute output path."""
     from safetensors.numpy import save_file
 
-    out = Path(out).absolute()
+    out = atomic.as_path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"export directory {out} already exists")
     model, arch = load_model(checkpoint)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     state_dict = to_timm(params)
-    with atomic.target(out, directory=True) as tmp:
+    with atomic.target(out, directory=True, marker="config.json") as tmp:
         save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(timm_config(arch), indent=2))
     return out

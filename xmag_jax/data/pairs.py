@@ -20,12 +20,9 @@ import simplejpeg
 from absl import logging
 from array_record.python import array_record_module
 
-from xmag_jax import errors
+from xmag_jax import errors, geometry
 from xmag_jax.data import augment
 from xmag_jax.formats import pair_records
-
-TILE_PX = pair_records.TILE_5X_PX  # 224: the 5x tile and each 20x tile, px
-GRID = pair_records.REGION_20X_PX // pair_records.TILE_5X_PX  # 4: the 20x region is GRID x GRID tiles
 
 
 class BadRecordError(ValueError):
@@ -121,8 +118,9 @@ def decode_images(raw: bytes | UnreadableRecord, index: int, *, with_20x: bool =
 
 def cut_tiles(region: np.ndarray) -> np.ndarray:
     """The 20x region `[896, 896, 3]` → its tiles `[16, 224, 224, 3]`, row-major (tile k at row k // 4, col k % 4)."""
+    side, px = geometry.FIELD_SIDE, geometry.TILE_PX
     return np.ascontiguousarray(
-        region.reshape(GRID, TILE_PX, GRID, TILE_PX, 3).swapaxes(1, 2).reshape(GRID * GRID, TILE_PX, TILE_PX, 3)
+        region.reshape(side, px, side, px, 3).swapaxes(1, 2).reshape(geometry.FIELD_TILES, px, px, 3)
     )
 
 

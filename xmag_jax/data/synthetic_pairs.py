@@ -14,11 +14,10 @@ import numpy as np
 import simplejpeg
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from xmag_jax import atomic
+from xmag_jax import atomic, geometry
 from xmag_jax.formats import pair_records
 
-REGION_PX = pair_records.REGION_20X_PX
-TILE_PX = pair_records.TILE_5X_PX
+REGION_PX, TILE_PX = geometry.REGION_20X_PX, geometry.TILE_PX
 CORRUPTIONS = ("jpeg", "size", "proto")
 
 
@@ -29,13 +28,12 @@ def tile_colour(index: int, k: int) -> np.ndarray:
 
 def synthetic_field(index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(5x `[224, 224, 3]`, 20x `[896, 896, 3]`) uint8 images of one synthetic field."""
-    grid = REGION_PX // TILE_PX
-    colours = np.stack([tile_colour(index, k) for k in range(grid * grid)]).reshape(grid, grid, 3)
+    grid = geometry.FIELD_SIDE
+    colours = np.stack([tile_colour(index, k) for k in range(geometry.FIELD_TILES)]).reshape(grid, grid, 3)
     region = np.repeat(np.repeat(colours, TILE_PX, axis=0), TILE_PX, axis=1).astype(np.int16)
     region += rng.integers(-6, 7, size=(REGION_PX, REGION_PX, 1), dtype=np.int16)
     region = np.clip(region, 0, 255).astype(np.uint8)
-    factor = REGION_PX // TILE_PX
-    small = region.reshape(TILE_PX, factor, TILE_PX, factor, 3).mean(axis=(1, 3))
+    small = region.reshape(TILE_PX, grid, TILE_PX, grid, 3).mean(axis=(1, 3))
     return np.round(small).astype(np.uint8), region
 
 
@@ -55,8 +53,8 @@ def _record(index: int, rng: np.random.Generator, corruption: str | None) -> byt
         "slide_id": f"synthetic_{index // 100:03d}",
         "x": (index % 100) * REGION_PX * 2,
         "y": 0,
-        "mpp_5x": 2.0,
-        "mpp_20x": 0.5,
+        "mpp_5x": geometry.MPP_5X,
+        "mpp_20x": geometry.MPP_20X,
         "tissue_fraction": 1.0,
     })
 

@@ -21,10 +21,10 @@ from etils import epath
 
 from xmag_jax import config as schema
 from xmag_jax import sharding
+from xmag_jax.distill import losses
 from xmag_jax.distill.projectors import PROJECTOR_NORMS
 from xmag_jax.errors import ConfigError
 
-LOSS_MODES = ("dual", "global_only", "local_only")
 TEACHER_SHARDINGS = ("replicate", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -128,7 +128,7 @@ RANGES: dict[str, Range] = {
     "checkpoint.keep": _AT_LEAST_1,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
-    "loss.mode": LOSS_MODES,
+    "loss.mode": losses.MODES,
     "loss.projector_norm": PROJECTOR_NORMS,
     "teacher.sharding": TEACHER_SHARDINGS,
     "teacher.dtype": DTYPES,

@@ -13,7 +13,6 @@ The result feeds `python -m xmag_jax.convert export --checkpoint student --out D
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             raise errors.UserError(f"--random-init: unknown model {name!r}; known: {', '.join(sorted(registry.ARCHS))}")
         model = registry.create_model(name, rngs=nnx.Rngs(args.seed))
     try:
-        path = model_checkpoint.save_model(Path(args.out), model, name)
+        path = model_checkpoint.save_model(args.out, model, name)
     except FileExistsError as error:
         raise errors.UserError(f"--out: {error}") from error
     print(f"wrote {name} student to {path}")

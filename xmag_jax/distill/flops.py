@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from xmag_jax import geometry
 from xmag_jax.distill import losses
 from xmag_jax.models import registry
 from xmag_jax.models.vit import ViTConfig
@@ -62,11 +63,11 @@ def step_flops(config, global_batch: int | None = None) -> StepFlops:
     if weights.use_global:
         proj += b * mlp(teacher.embed_dim)
     if weights.tile > 0:
-        proj += losses.FIELD_TILES * b * mlp(teacher.embed_dim)
+        proj += geometry.FIELD_TILES * b * mlp(teacher.embed_dim)
     if weights.token > 0:
         proj += grid**2 * b * mlp(teacher.vit.embed_dim)
     return StepFlops(
-        teacher_forward=losses.FIELD_TILES * b * vit_forward_flops(teacher.vit),
+        teacher_forward=geometry.FIELD_TILES * b * vit_forward_flops(teacher.vit),
         student_forward_backward=3 * b * vit_forward_flops(student.vit),
         projectors_forward_backward=3 * proj,
     )

@@ -20,6 +20,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from xmag_jax import atomic
+
 METRICS_FILE = "metrics.jsonl"
 METRICS_PARTS_DIR = "metrics.parts"  # object stores (gs://): append-only parts, see MetricWriter
 TENSORBOARD_DIR = "tensorboard"
@@ -120,7 +122,7 @@ class MetricWriter:
         self.active = jax.process_index() == 0
         self.path = epath.Path(workdir) / METRICS_FILE
         self.parts = epath.Path(workdir) / METRICS_PARTS_DIR
-        self._remote = "://" in os.fspath(workdir)
+        self._remote = atomic.is_object_store(workdir)
         self._pending: list[tuple[int, str]] = []  # object stores: lines not yet in a part
         self._file = None
         self._tb = None
@@ -137,10 +139,7 @@ class MetricWriter:
         if not self.active:
             return
         if self.path.exists():
-            kept = _lines_up_to(self.path.read_text(), step)
-            tmp = self.path.parent / (self.path.name + ".tmp")
-            tmp.write_text("".join(f"{ln}\n" for ln in kept))
-            tmp.replace(self.path)
+            atomic.write_text(self.path, "".join(f"{ln}\n" for ln in _lines_up_to(self.path.read_text(), step)))
         for part in _part_files(self.parts):
             first, last = (int(x) for x in part.stem.split("-"))
             if first > step:

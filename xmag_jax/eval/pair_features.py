@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 import tqdm
 
-from xmag_jax import encoders
+from xmag_jax import encoders, geometry
 from xmag_jax.data import pairs
 from xmag_jax.distill import losses
 from xmag_jax.eval import features as feats
@@ -52,9 +52,9 @@ def pair_arrays(source, indices: np.ndarray, student: encoders.Encoder, teacher:
                     np.stack([c["tokens"] for c in cached]))))
         else:
             teacher_emb, teacher_patches = teacher.forward_with_tokens(x20.reshape(-1, *x20.shape[2:]))
-            out["teacher_tiles"].append(np.asarray(teacher_emb).reshape(batch, losses.FIELD_TILES, -1)[:n])
+            out["teacher_tiles"].append(np.asarray(teacher_emb).reshape(batch, geometry.FIELD_TILES, -1)[:n])
             tile_tokens = np.asarray(teacher_patches.mean(axis=(1, 2)))
-            out["teacher_tokens"].append(tile_tokens.reshape(batch, losses.FIELD_TILES, -1)[:n])
+            out["teacher_tokens"].append(tile_tokens.reshape(batch, geometry.FIELD_TILES, -1)[:n])
         images_5x.clear()
         tiles_20x.clear()
         cached.clear()

@@ -19,6 +19,7 @@ import numpy as np
 from tensorflow_datasets.core import example_parser, example_serializer
 from tensorflow_datasets.core import features as tfds_features
 
+from xmag_jax import atomic
 from xmag_jax.errors import UserError
 from xmag_jax.formats import pair_records
 
@@ -95,13 +96,11 @@ class SlideEntry:
 
 
 def write_slides(path: str, entries: list[SlideEntry]) -> None:
-    """`slides.csv` (columns `SLIDES_COLUMNS`), written to a temp name and renamed."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    """`slides.csv` (columns `SLIDES_COLUMNS`), written atomically (`atomic.target`)."""
+    with atomic.target(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(SLIDES_COLUMNS)
         writer.writerows([getattr(e, c) for c in SLIDES_COLUMNS] for e in entries)
-    os.replace(tmp, path)
 
 
 def read_slides(dataset_dir: str | os.PathLike) -> dict[str, SlideEntry]:

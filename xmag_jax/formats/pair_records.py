@@ -22,14 +22,15 @@ from array_record.python import array_record_module
 from tensorflow_datasets.core import example_parser, example_serializer
 from tensorflow_datasets.core import features as tfds_features
 
+from xmag_jax import geometry
 from xmag_jax.errors import UserError
 
 DATASET_NAME = "xmag_pairs"
 FILE_FORMAT = "array_record"
-TILE_5X_PX = 224
-REGION_20X_PX = 896
-# The field geometry: the 20x region is the 5x tile's field as 4 x 4 tiles, so mpp_5x / mpp_20x = 4.
-FIELD_RATIO = REGION_20X_PX / TILE_5X_PX
+# The record's image sides (`xmag_jax.geometry`): the 20x region is the 5x tile's field as 4 x 4 tiles, so
+# mpp_5x / mpp_20x = geometry.FIELD_SIDE.
+TILE_5X_PX = geometry.TILE_PX
+REGION_20X_PX = geometry.REGION_20X_PX
 GEOMETRY_TOLERANCE = 0.01
 # How the 5x tile is made: read from the slide's pyramid at mpp_5x, or XMAG's Lanczos resize of the 20x region.
 LOW_MAG_SOURCES = ("pyramid", "resize")
@@ -140,11 +141,12 @@ def shard_paths(dataset_dir: str | os.PathLike, split: str, dataset_name: str = 
 
 
 def check_ratio(mpp_5x: float, mpp_20x: float, where: str) -> None:
-    """Raises GeometryError unless mpp_5x / mpp_20x is FIELD_RATIO (4) within GEOMETRY_TOLERANCE."""
-    if not (mpp_5x > 0 and mpp_20x > 0) or abs(mpp_5x / mpp_20x / FIELD_RATIO - 1) > GEOMETRY_TOLERANCE:
+    """Raises GeometryError unless mpp_5x / mpp_20x is geometry.FIELD_SIDE (4) within GEOMETRY_TOLERANCE."""
+    side = geometry.FIELD_SIDE
+    if not (mpp_5x > 0 and mpp_20x > 0) or abs(mpp_5x / mpp_20x / side - 1) > GEOMETRY_TOLERANCE:
         raise GeometryError(f"{where}: mpp_5x {mpp_5x:g} / mpp_20x {mpp_20x:g} µm/px is not the field geometry "
-                            f"(one {TILE_5X_PX} px 5x tile = {FIELD_RATIO:g} x {FIELD_RATIO:g} tiles of the "
-                            f"{REGION_20X_PX} px 20x region: the ratio must be {FIELD_RATIO:g}, e.g. 2.0 and 0.5)")
+                            f"(one {TILE_5X_PX} px 5x tile = {side} x {side} tiles of the {REGION_20X_PX} px 20x "
+                            f"region: the ratio must be {side}, e.g. {geometry.MPP_5X:g} and {geometry.MPP_20X:g})")
 
 
 def dataset_metadata(*, mpp_5x: float, mpp_20x: float, low_mag_source: str, resample: str,

@@ -5,9 +5,9 @@ like timm: `blocks/0/attn/qkv/kernel`, ...) and `arch.json` (`{"name": ..., "vit
 so non-registry overrides such as a reduced depth round-trip. The blocks are always stored per block, as
 timm has them; a scanned model (`ViTConfig.scan_layers`) is unstacked on save and restored onto a scanned
 target by stacking (`vit.stack_blocks`), so the layout on disk does not depend on how a model runs. The
-directory is written under a temporary name and renamed, so a present `path/arch.json` means a complete
-checkpoint. Checkpoints are written to a local (or mounted) path and read from a local path or Cloud Storage
-(`gs://`, through etils.epath).
+directory is written with `atomic.target` (locally under a temporary name and renamed; on Cloud Storage,
+`gs://` through etils.epath, uploaded with `arch.json` last), so a present `path/arch.json` means a complete
+checkpoint. Checkpoints are written to and read from a local path or Cloud Storage.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,14 +30,15 @@ ARCH_FILE = "arch.json"
 PARAMS_DIR = "params"
 
 
-def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str, *, overwrite: bool = False) -> Path:
-    """Write `model`'s parameters and architecture to the directory `path` (created; must not exist
-    unless `overwrite`). Returns the absolute path."""
-    path = Path(path).absolute()
+def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str, *,
+               overwrite: bool = False) -> epath.Path:
+    """Write `model`'s parameters and architecture to the directory `path` (local or gs://; created; must not
+    exist unless `overwrite`). Returns the absolute path."""
+    path = atomic.as_path(path)
     get_arch(arch_name)
     if path.exists() and not overwrite:
         raise FileExistsError(f"checkpoint directory {path} already exists")
-    with atomic.target(path, directory=True) as tmp:
+    with atomic.target(path, directory=True, marker=ARCH_FILE) as tmp:
         params = unstack_blocks(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg.depth)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
@@ -47,14 +47,9 @@ def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str
     return path
 
 
-def _readable(path: str | os.PathLike) -> epath.Path:
-    """`path` as an absolute epath (local, or a cloud URL such as gs://bucket/dir, which stays as it is)."""
-    return epath.Path(path) if "://" in os.fspath(path) else epath.Path(os.path.abspath(path))
-
-
 def read_arch(path: str | os.PathLike, **vit_overrides: Any) -> Arch:
     """The architecture stored in checkpoint `path` (registry entry + saved ViTConfig + overrides)."""
-    path = _readable(path)
+    path = atomic.as_path(path)
     arch_file = path / ARCH_FILE
     if not path.is_dir():
         raise FileNotFoundError(f"model checkpoint {path} does not exist (expected a directory from save_model)")
@@ -74,7 +69,7 @@ def load_params(path: str | os.PathLike, abstract_state: nnx.State) -> nnx.State
     values are `jax.ShapeDtypeStruct`s, with `.sharding` set for a sharded restore, else on the default
     device). Arrays are restored in the abstract dtypes. A scanned target (stacked `blocks`) is filled from
     the per-block checkpoint and stacked on its own shardings. Returns the filled state."""
-    params_dir = _readable(path) / PARAMS_DIR
+    params_dir = atomic.as_path(path) / PARAMS_DIR
     if not params_dir.is_dir():
         raise FileNotFoundError(f"model checkpoint parameters {params_dir} do not exist")
     target = nnx.to_pure_dict(abstract_state)

@@ -15,14 +15,12 @@ import jax
 import ml_collections
 from absl import logging
 
-from xmag_jax import encoders, sharding
+from xmag_jax import encoders, geometry, sharding
 from xmag_jax.data import augment
 from xmag_jax.distill import losses
 from xmag_jax.errors import ConfigError
 from xmag_jax.models import registry
 from xmag_jax.teacher_cache import records
-
-TILE_PX = 224
 
 
 def live_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -70,7 +68,7 @@ def expected_metadata(config: ml_collections.ConfigDict, *, weights_fingerprint:
                     "weights_fingerprint": weights_fingerprint},
         "states": list(needed_states(config)),
         "targets": {"dtype": dtype, "embed_dim": teacher.embed_dim,
-                    "token_grid": TILE_PX // student.vit.patch_size if with_tokens else None,
+                    "token_grid": geometry.TILE_PX // student.vit.patch_size if with_tokens else None,
                     "token_dim": teacher.vit.embed_dim if with_tokens else None},
         "source": {"dir": os.path.abspath(config.data.dir), "split": config.data.split, **source},
     }

@@ -15,7 +15,6 @@ import concurrent.futures
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,9 +27,9 @@ from array_record.python import array_record_module
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from xmag_jax import atomic, encoders, errors, sharding, workdir_lock
+from xmag_jax import atomic, encoders, errors, geometry, sharding, workdir_lock
 from xmag_jax.data import augment, pairs
-from xmag_jax.distill import config_validation, losses
+from xmag_jax.distill import config_validation
 from xmag_jax.distill import step as step_lib
 from xmag_jax.formats import pair_records
 from xmag_jax.teacher_cache import reader, records, spec
@@ -152,11 +151,7 @@ def _write_locked(config, out: str, trainer: step_lib.Trainer, teacher: Any, met
     todo = [i for i in mine if _done_ok(out, targets[i], digest) is None]
     if todo and os.path.exists(os.path.join(out, "dataset_info.json")):
         os.remove(os.path.join(out, "dataset_info.json"))  # the cache is incomplete until rewritten
-    for name in os.listdir(out):  # left by a killed run
-        if name.startswith(".metadata-tmp-"):
-            shutil.rmtree(os.path.join(out, name))
-        elif ".tmp-" in name:
-            os.remove(os.path.join(out, name))
+    atomic.remove_leftovers(out)  # left by a killed run
     pairs_per_chunk = max(1, local_batch // len(states))
     chunks = sum(math.ceil(lengths[i] / pairs_per_chunk) for i in todo)
     if jax.process_count() > 1:
@@ -172,21 +167,21 @@ def _write_locked(config, out: str, trainer: step_lib.Trainer, teacher: Any, met
     try:
         for i in todo:
             source = pairs.PairSource([sources[i]])
-            tmp = atomic.temp_name(targets[i])
-            writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
             shard_bad = 0
-            for lo in range(0, lengths[i], pairs_per_chunk):
-                indices = range(offsets[i] + lo, offsets[i] + min(lo + pairs_per_chunk, lengths[i]))
-                decoded = list(pool.map(lambda g, source=source, offset=offsets[i]: _decode(source, g, offset),
-                                        indices))
-                for rec in runner.run(list(indices), decoded):
-                    writer.write(rec)
-                n_bad = sum(1 for image, _ in decoded if image is None)
-                shard_bad += n_bad
-                bar.update(len(indices))
-                bar.set_postfix(bad=bad + shard_bad)
-            writer.close()
-            os.replace(tmp, targets[i])
+            with atomic.target(targets[i]) as tmp:
+                writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1")
+                try:
+                    for lo in range(0, lengths[i], pairs_per_chunk):
+                        indices = range(offsets[i] + lo, offsets[i] + min(lo + pairs_per_chunk, lengths[i]))
+                        decoded = list(pool.map(
+                            lambda g, source=source, offset=offsets[i]: _decode(source, g, offset), indices))
+                        for rec in runner.run(list(indices), decoded):
+                            writer.write(rec)
+                        shard_bad += sum(1 for image, _ in decoded if image is None)
+                        bar.update(len(indices))
+                        bar.set_postfix(bad=bad + shard_bad)
+                finally:
+                    writer.close()
             bad += shard_bad
             atomic.write_json(records.done_path(out, targets[i]), {
                 "spec_digest": digest, "num_bytes": os.path.getsize(targets[i]),
@@ -225,7 +220,7 @@ class _ChunkRunner:
         tiles_out, tokens_out = [], []
         for c in range(self.calls):
             part = fields[c * self.local_batch:(c + 1) * self.local_batch]
-            x = np.zeros((self.local_batch, losses.FIELD_TILES, pairs.TILE_PX, pairs.TILE_PX, 3), np.uint8)
+            x = np.zeros((self.local_batch, geometry.FIELD_TILES, geometry.TILE_PX, geometry.TILE_PX, 3), np.uint8)
             for k, tiles in enumerate(part):
                 if tiles is not None:
                     x[k] = tiles
@@ -266,19 +261,16 @@ def _publish(config, out: str, meta: dict, digest: str, targets: list[str], leng
     states = len(meta["states"])
     split = tfds.core.SplitInfo(name=config.data.split, shard_lengths=[n * states for n in lengths],
                                 num_bytes=sum(os.path.getsize(t) for t in targets), filename_template=None)
-    stage = os.path.join(out, f".metadata-tmp-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    os.makedirs(stage)
-    for path in targets:  # TFDS reads the shard names from its data_dir; links keep the metadata apart
-        os.symlink(path, os.path.join(stage, os.path.basename(path)))
-    t = meta["targets"]
-    tfds.folder_dataset.write_metadata(
-        data_dir=stage, features=records.features(t["embed_dim"], t["token_grid"], t["token_dim"], t["dtype"]),
-        split_infos=[split], check_data=False, metadata=tfds.core.MetadataDict(full),
-        description=f"teacher targets of {meta['teacher']['name']} over {meta['source']['dir']} split "
-                    f"{config.data.split}, written by xmag_jax.teacher_cache")
-    for name in sorted(os.listdir(stage), key=lambda n: n == "dataset_info.json"):
-        if not os.path.islink(os.path.join(stage, name)):
-            os.replace(os.path.join(stage, name), os.path.join(out, name))
-    shutil.rmtree(stage)
+    with atomic.publish(out, marker="dataset_info.json") as stage:
+        links = [stage / os.path.basename(path) for path in targets]
+        for link, path in zip(links, targets):  # TFDS reads the shard names from its data_dir
+            os.symlink(path, link)
+        t = meta["targets"]
+        tfds.folder_dataset.write_metadata(
+            data_dir=stage, features=records.features(t["embed_dim"], t["token_grid"], t["token_dim"], t["dtype"]),
+            split_infos=[split], check_data=False, metadata=tfds.core.MetadataDict(full),
+            description=f"teacher targets of {meta['teacher']['name']} over {meta['source']['dir']} split "
+                        f"{config.data.split}, written by xmag_jax.teacher_cache")
+        for link in links:  # the shards are in place already: publish only the metadata
+            link.unlink()
     return {"bad_pairs": bad, "cache_bytes": int(split.num_bytes)}

@@ -30,7 +30,7 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from xmag_jax import errors
+from xmag_jax import atomic, errors
 
 RENDER_MPP = 0.5
 TILE_PX = 256
@@ -174,8 +174,7 @@ def write_slide(path: str, scene: Scene, side_px: int, level0_mpp: float, kind: 
     """Write `scene` as a tiled JPEG pyramid; kind 'svs' (Aperio description) or 'tiff' (resolution tags)."""
     scale = int(round(RENDER_MPP / level0_mpp))
     lower = [np.zeros((side_px // ds, side_px // ds, 3), np.uint8) for ds in DOWNSAMPLES[1:]]
-    tmp = path + ".tmp"
-    with tifffile.TiffWriter(tmp, bigtiff=False) as tif:
+    with atomic.target(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=False) as tif:
         for level, ds in enumerate(DOWNSAMPLES):
             shape = (side_px // ds, side_px // ds, 3)
             data = _tiles(_level0_strips(scene, side_px, scale), side_px, lower) if level == 0 else lower[level - 1]
@@ -191,7 +190,6 @@ def write_slide(path: str, scene: Scene, side_px: int, level0_mpp: float, kind: 
                 px_per_cm = 1e4 / (level0_mpp * ds)
                 kwargs.update(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
             tif.write(data, **kwargs)
-    os.replace(tmp, path)
 
 
 def _write_one(job: tuple[str, int, int, int]) -> tuple[str, int]:
@@ -219,10 +217,8 @@ def write_dataset(out: str, n: int, size_px: int = DEFAULT_SIZE_PX, seed: int = 
             rows = list(pool.map(_write_one, jobs))
     else:
         rows = [_write_one(job) for job in jobs]
-    tmp = os.path.join(out, "labels.csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic.target(os.path.join(out, "labels.csv")) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([("slide_id", "label"), *rows])
-    os.replace(tmp, os.path.join(out, "labels.csv"))
     return rows
 
 

@@ -7,12 +7,12 @@ components smaller than `min_area_um2`, fill holes smaller than `min_hole_um2` (
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from xmag_jax import atomic
 from xmag_jax.wsi import slide_reader
 
 THUMBNAIL_MPP = 8.0
@@ -112,6 +112,5 @@ def write_overlay(path: str, thumb: np.ndarray, mask: np.ndarray, grid: TileGrid
     side = grid.field_level0 / downsample
     for x, y in grid.coords / downsample:
         draw.rectangle([x, y, x + side - 1, y + side - 1], outline=(0, 0, 255))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic.target(path) as tmp:
+        canvas.save(tmp, format="PNG")
