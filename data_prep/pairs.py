@@ -2,8 +2,8 @@
 
 Work layout under `work_dir`: `{slide_id}.array_record` (the pairs), `{slide_id}.done.json` (written last:
 the slide is complete iff it exists, its fingerprint matches the options and the slide file, and the shard
-still has the size and head/tail digest the marker vouches for), `{slide_id}.failed.json` (error kind +
-message), overlays under `overlay_dir/{slide_id}.png`.
+still has the size and head/tail digest the marker vouches for), `{slide_id}.failed.json` (the slide's
+`xmag_jax.wsi.failures` record), overlays under `overlay_dir/{slide_id}.png`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from xmag_jax import atomic
 from xmag_jax.formats import pair_records
-from xmag_jax.wsi import inputs, slide_reader, tissue
+from xmag_jax.wsi import failures, inputs, slide_reader, tissue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +69,22 @@ def done_path(work_dir: str, slide_id: str) -> str:
 
 def failed_path(work_dir: str, slide_id: str) -> str:
     return os.path.join(work_dir, f"{slide_id}.failed.json")
+
+
+def write_failed(work_dir: str, failure: failures.Failure) -> dict:
+    """Writes the slide's failed marker (`failure.record()`, atomically); returns the record."""
+    record = failure.record()
+    atomic.write_json(failed_path(work_dir, failure.slide_id), record)
+    return record
+
+
+def read_failed(work_dir: str, spec: inputs.SlideSpec) -> failures.Failure | None:
+    """The slide's failed marker, or None if there is none (or it cannot be read)."""
+    try:
+        with open(failed_path(work_dir, spec.slide_id)) as f:
+            return failures.Failure.from_record(json.load(f))
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def read_done(work_dir: str, spec: inputs.SlideSpec, config: PairConfig) -> dict | None:
@@ -176,8 +191,8 @@ def write_slide_shard(spec: inputs.SlideSpec, config: Any, work_dir: str,
                       unit: str = "record") -> dict:
     """Open the slide, write the records `records_of(slide)` gives (count, records, extra done fields) to its
     shard under a temp name and rename it, then the done marker (`num_pairs` = the count); returns the marker,
-    or the failure record (written to `failed_path`; never raises SlideError). `config` has `fingerprint` and
-    `progress`."""
+    or the failure record (written to `failed_path`; never raises on a slide's error: a `SlideError` or a
+    library error is recorded with its traceback). `config` has `fingerprint` and `progress`."""
     start = time.time()
     os.makedirs(work_dir, exist_ok=True)
     try:
@@ -202,11 +217,5 @@ def write_slide_shard(spec: inputs.SlideSpec, config: Any, work_dir: str,
         if os.path.exists(failed_path(work_dir, spec.slide_id)):
             os.remove(failed_path(work_dir, spec.slide_id))
         return done
-    except slide_reader.SlideError as err:
-        failure = {"slide": spec.path, "slide_id": spec.slide_id, "status": "failed",
-                   "error_type": type(err).__name__, "message": str(err)}
-    except Exception as err:  # an unexpected bug or library error: still one slide, still reported
-        failure = {"slide": spec.path, "slide_id": spec.slide_id, "status": "failed",
-                   "error_type": type(err).__name__, "message": f"{err}\n{traceback.format_exc(limit=5)}"}
-    atomic.write_json(failed_path(work_dir, spec.slide_id), failure)
-    return failure
+    except Exception as err:  # a SlideError, or an unexpected bug or library error: still one slide, reported
+        return write_failed(work_dir, failures.Failure.of(spec, err))

@@ -3,8 +3,8 @@
     python -m data_prep.tile_bags --slides DIR_OR_CSV --out BAGS [--mpp 2.0 --patch-px 224 --min-tissue 0.25]
 
 The tiles are exactly those `python -m xmag_jax.embed` embeds at the same options (its tissue mask and
-grid: `embed_read.plan_slide`, tiles read with `slide_reader.read_field`), stored as JPEG so that end-to-end
-training (`python -m xmag_jax.finetune`) never opens a slide. Each slide is read once.
+grid: `xmag_jax.embed.plan.plan_slide`, tiles read with `slide_reader.read_field`), stored as JPEG so that
+end-to-end training (`python -m xmag_jax.finetune`) never opens a slide. Each slide is read once.
 
 Output folder:
   xmag_bags-train.array_record-00000-of-0000N ...  the tiles (`xmag_jax.formats.bag_records`), slide by slide
@@ -32,9 +32,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from data_prep import assemble, pairs, tile_pairs
-from xmag_jax import atomic, embed_read, errors, geometry, workdir_lock
+from xmag_jax import atomic, errors, geometry, workdir_lock
+from xmag_jax.embed import plan as embed_plan
 from xmag_jax.formats import bag_records
-from xmag_jax.wsi import inputs, slide_reader, tissue
+from xmag_jax.wsi import failures, inputs, slide_reader, tissue
 
 PROG = "python -m data_prep.tile_bags"
 
@@ -56,10 +57,10 @@ class BagConfig:
 
 def process_slide(spec: inputs.SlideSpec, config: BagConfig, work_dir: str, overlay_dir: str | None) -> dict:
     """Every tissue tile of one slide into its shard under `work_dir`; returns the done marker or failure record."""
-    tiling = embed_read.Tiling(mpp=config.mpp, patch_px=config.patch_px, min_tissue=config.min_tissue)
+    tiling = embed_plan.Tiling(mpp=config.mpp, patch_px=config.patch_px, min_tissue=config.min_tissue)
 
     def records_of(slide: slide_reader.Slide) -> tuple[int, Iterator[bytes], dict]:
-        plan = embed_read.plan_slide(slide, spec, tiling)
+        plan = embed_plan.plan_slide(slide, spec, tiling)
         mpp = plan.field_level0 * slide.mpp / config.patch_px
 
         def tiles() -> Iterator[bytes]:
@@ -131,26 +132,25 @@ def _run_locked(args: argparse.Namespace, options, out_dir: str, specs: list[inp
     todo = [s for s in specs if s.slide_id not in already]
     if todo:
         tile_pairs.run_pipeline(todo, config, work_dir, None, options, not args.no_isolation, process_slide)
-    done, failures = tile_pairs.collect_results(specs, config, out_dir, work_dir)
+    done, failed = tile_pairs.collect_results(specs, config, out_dir, work_dir)
     productive = [s for s in specs if done[s.slide_id] and done[s.slide_id]["num_pairs"] > 0]
     summary = {
-        "slides": len(specs), "skipped_already_done": len(already), "tiled_now": len(todo) - len(failures),
-        "failed": len(failures), "failures_by_type": {}, "tiles": 0, "slides_with_tiles": len(productive),
+        "slides": len(specs), "skipped_already_done": len(already), "tiled_now": len(todo) - len(failed),
+        "failed": len(failed), "failures_by_type": failures.count_by_type(failed), "tiles": 0,
+        "slides_with_tiles": len(productive),
         "slides_without_tissue": sorted(k for k, d in done.items() if d and d["num_pairs"] == 0),
     }
-    for f in failures:
-        summary["failures_by_type"][f["error_type"]] = summary["failures_by_type"].get(f["error_type"], 0) + 1
     summary_path = os.path.join(out_dir, "summary.json")
-    too_many = failures and len(failures) > args.max_failure_fraction * len(specs)
+    too_many = failed and len(failed) > args.max_failure_fraction * len(specs)
     if too_many or not productive:
         summary["seconds"] = round(time.time() - start, 2)
         atomic.write_json(summary_path, summary)
-        why = (f"{len(failures)} of {len(specs)} slides failed ({summary['failures_by_type']}), more than "
+        why = (f"{len(failed)} of {len(specs)} slides failed ({summary['failures_by_type']}), more than "
                f"--max-failure-fraction {args.max_failure_fraction}" if too_many else "no slide gave a tissue tile")
-        raise SystemExit(f"FAILED: {why}; see {os.path.join(out_dir, 'failures.jsonl')} and {summary_path}. "
+        raise SystemExit(f"FAILED: {why}; see {os.path.join(out_dir, failures.FAILURES_FILE)} and {summary_path}. "
                          f"Fix or remove them and rerun: finished slides are kept.")
     metadata = {"mpp": args.mpp, "patch_px": args.patch_px, "min_tissue": args.min_tissue,
-                "thumbnail_mpp": args.thumbnail_mpp, "tiling": "xmag_jax.embed_read.plan_slide"}
+                "thumbnail_mpp": args.thumbnail_mpp, "tiling": "xmag_jax.embed.plan.plan_slide"}
     counts = assemble.assemble(out_dir,
                                {bag_records.SPLIT: [pairs.shard_path(work_dir, s.slide_id) for s in productive]},
                                args.examples_per_shard, metadata=metadata, dataset_name=bag_records.DATASET_NAME,

@@ -49,18 +49,21 @@ logging.getLogger().addFilter(lambda record: "apitools not found" not in record.
 import apache_beam as beam  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
-from data_prep import assemble, isolation, pairs  # noqa: E402
+from data_prep import assemble, pairs  # noqa: E402
 from xmag_jax import atomic, errors, workdir_lock  # noqa: E402
 from xmag_jax.formats import pair_records  # noqa: E402
-from xmag_jax.wsi import inputs, tissue  # noqa: E402
+from xmag_jax.wsi import failures, inputs, isolation, tissue  # noqa: E402
 
 PROG = "python -m data_prep.tile_pairs"
+READER_ADVICE = ("run fewer Beam workers per machine (--direct_num_workers, a larger machine type) or give them "
+                 "more memory")
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SlideToPairs(beam.DoFn):
-    """Beam stage: one slide spec in, its done marker or failure record out (work in a child process).
+    """Beam stage: one slide spec in, its done marker or failure record out (work in a child process,
+    `xmag_jax.wsi.isolation.SlideProcess`: a fault signal there fails the slide, a kill from outside reruns it).
 
     `process(spec, config, work_dir, overlay_dir)` does one slide (`pairs.process_slide`; tile_bags passes
     its own); it must be a module-level function (pickled to the workers)."""
@@ -72,14 +75,12 @@ class SlideToPairs(beam.DoFn):
         self._child: isolation.SlideProcess | None = None
 
     def setup(self):
-        self._child = isolation.SlideProcess() if self._isolate else None
+        self._child = isolation.SlideProcess(READER_ADVICE) if self._isolate else None
 
     def process(self, spec: inputs.SlideSpec):
-        args = (self._config, self._work_dir, self._overlay_dir)
-        if self._child is None:
-            yield self._process(spec, *args)
-        else:
-            yield self._child.run(self._process, spec, self._work_dir, *args)
+        args = (spec, self._config, self._work_dir, self._overlay_dir)
+        result = self._process(*args) if self._child is None else self._child.run(self._process, *args)
+        yield pairs.write_failed(self._work_dir, result) if isinstance(result, failures.Failure) else result
 
     def teardown(self):
         if self._child is not None:
@@ -195,21 +196,15 @@ def clean_stale_temps(out_dir: str, work_dir: str) -> None:
 
 
 def collect_results(specs: list[inputs.SlideSpec], config, out_dir: str, work_dir: str
-                    ) -> tuple[dict[str, dict | None], list[dict]]:
-    """({slide_id: done marker or None}, failure records) after a pipeline run; writes `out_dir/failures.jsonl`
-    (a slide with neither marker nor failure record is a `WorkerCrash`)."""
+                    ) -> tuple[dict[str, dict | None], list[failures.Failure]]:
+    """({slide_id: done marker or None}, failures) after a pipeline run; writes `out_dir/failures.jsonl`
+    (a slide with neither marker is a `failures.NO_RESULT`)."""
     done = {s.slide_id: pairs.read_done(work_dir, s, config) for s in specs}
-    failures = []
-    for spec in specs:
-        if done[spec.slide_id] is None:
-            try:
-                with open(pairs.failed_path(work_dir, spec.slide_id)) as f:
-                    failures.append(json.load(f))
-            except (OSError, ValueError):
-                failures.append({"slide": spec.path, "slide_id": spec.slide_id, "status": "failed",
-                                 "error_type": "WorkerCrash", "message": "no result: the worker died on this slide"})
-    atomic.write_text(os.path.join(out_dir, "failures.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
-    return done, failures
+    failed = [pairs.read_failed(work_dir, s) or failures.Failure.kind(
+                  s, failures.NO_RESULT, "no result: the worker died on this slide (run without --no-isolation?)")
+              for s in specs if done[s.slide_id] is None]
+    failures.write_failures(out_dir, failed)
+    return done, failed
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> dict:
@@ -237,23 +232,22 @@ def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str
     todo = [s for s in specs if s.slide_id not in already]
     if todo:
         run_pipeline(todo, config, work_dir, overlay_dir, options, not args.no_isolation)
-    done, failures = collect_results(specs, config, out_dir, work_dir)
+    done, failed = collect_results(specs, config, out_dir, work_dir)
     productive = [s for s in specs if done[s.slide_id] and done[s.slide_id]["num_pairs"] > 0]
     splits = inputs.assign_splits(productive, args.val_fraction, args.split_seed)
     summary = {
-        "slides": len(specs), "skipped_already_done": len(already), "tiled_now": len(todo) - len(failures),
-        "failed": len(failures), "failures_by_type": {}, "pairs": {}, "slides_per_split": {},
+        "slides": len(specs), "skipped_already_done": len(already), "tiled_now": len(todo) - len(failed),
+        "failed": len(failed), "failures_by_type": failures.count_by_type(failed), "pairs": {},
+        "slides_per_split": {},
         "slides_without_tissue": sorted(k for k, d in done.items() if d and d["num_pairs"] == 0),
     }
-    for f in failures:
-        summary["failures_by_type"][f["error_type"]] = summary["failures_by_type"].get(f["error_type"], 0) + 1
     summary_path = os.path.join(out_dir, "summary.json")
-    if failures and len(failures) > args.max_failure_fraction * len(specs):
+    if failed and len(failed) > args.max_failure_fraction * len(specs):
         summary["seconds"] = round(time.time() - start, 2)
         atomic.write_json(summary_path, summary)
-        raise SystemExit(f"FAILED: {len(failures)} of {len(specs)} slides failed "
+        raise SystemExit(f"FAILED: {len(failed)} of {len(specs)} slides failed "
                          f"({summary['failures_by_type']}), more than --max-failure-fraction "
-                         f"{args.max_failure_fraction}; see {os.path.join(out_dir, 'failures.jsonl')}. "
+                         f"{args.max_failure_fraction}; see {os.path.join(out_dir, failures.FAILURES_FILE)}. "
                          f"Fix or remove them and rerun: finished slides are kept.")
     split_shards: dict[str, list[str]] = {}
     for spec in productive:

@@ -1,6 +1,8 @@
 """Test slides for data_prep: small synthetic slides and the broken files a real slide folder contains."""
+import ctypes
 import os
 import shutil
+import signal
 
 import numpy as np
 import tifffile
@@ -67,9 +69,19 @@ def stripped_tiff(source_slide, path) -> str:
     return str(path)
 
 
-def crash(spec, *args):
-    """Per-slide work that dies like a segfaulting decoder."""
-    os._exit(139)
+def crash_on_bad(spec, *args):
+    """Per-slide work that dies like a segfaulting decoder (a NULL read in C: SIGSEGV) on slide `bad`."""
+    if spec.slide_id == "bad":
+        ctypes.string_at(0)
+    return echo(spec)
+
+
+def killed_once(spec, config, work_dir, *args):
+    """Per-slide work whose process is SIGKILLed (as by the OOM killer) the first time, then does the slide."""
+    if not os.path.exists(os.path.join(work_dir, "killed")):
+        open(os.path.join(work_dir, "killed"), "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return echo(spec)
 
 
 def echo(spec, *args):

@@ -1,4 +1,4 @@
-"""Tile readers for `embed_read.isolated_batches` tests: module-level so the spawned reader child imports
+"""Tile readers for `xmag_jax.embed.reader.isolated_batches` tests: module-level so the spawned reader child imports
 them; each wraps `read_batches` and dies on slide `slide_001` the way a real fault would."""
 
 import ctypes
@@ -6,7 +6,7 @@ import os
 import pathlib
 import signal
 
-from xmag_jax import embed_read
+from xmag_jax.embed import reader
 from xmag_jax.wsi import slide_reader
 
 VICTIM = "slide_001"
@@ -41,14 +41,14 @@ def _killed_from_outside():
 
 def segfault_on_victim(*args, **kwargs):
     _on_victim(_segfault)
-    yield from embed_read.read_batches(*args, **kwargs)
+    yield from reader.read_batches(*args, **kwargs)
 
 
 def killed_once_on_victim(*args, **kwargs):
     _on_victim(_killed_from_outside, times=1)
-    yield from embed_read.read_batches(*args, **kwargs)
+    yield from reader.read_batches(*args, **kwargs)
 
 
 def always_killed_on_victim(*args, **kwargs):
     _on_victim(_killed_from_outside)
-    yield from embed_read.read_batches(*args, **kwargs)
+    yield from reader.read_batches(*args, **kwargs)

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from xmag_jax import embed, encoders
+from xmag_jax import encoders
+from xmag_jax.embed import __main__ as cli
+from xmag_jax.embed import run as embed_run
+from xmag_jax.embed.plan import Tiling
 from xmag_jax.eval import features as feats
 from xmag_jax.formats import feature_h5
-from xmag_jax.wsi import inputs, slide_reader, synthetic, tissue
+from xmag_jax.wsi import failures, inputs, slide_reader, synthetic, tissue
 
 MPP = 1.0  # µm/px: a 1 mm synthetic slide gives a 4x4 grid of 224 px tiles
 
@@ -37,7 +40,7 @@ def run(slides, encoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("emb")
     specs = inputs.list_slides(str(slides))
     with pytest.warns(UserWarning) as record:
-        report = embed.embed_slides(specs, encoder, out, embed.Tiling(MPP), batch=8, workers=2, progress=False)
+        report = embed_run.embed_slides(specs, encoder, out, Tiling(MPP), batch=8, workers=2, progress=False)
     return out, report, [str(w.message) for w in record]
 
 
@@ -55,7 +58,7 @@ def test_h5_layout_and_coords(run, slides, encoder):
         with h5py.File(out / f"{slide_id}.h5", "r") as f:
             features, coords = f["features"][...], f["coords"][...]
             attrs = dict(f["coords"].attrs)
-            assert dict(f.attrs) == attrs
+            assert {k: v for k, v in f.attrs.items() if k != feature_h5.VERSION_ATTR} == attrs  # + version
         assert features.dtype == np.float32 and features.shape == (report.tiles[slide_id], encoder.embed_dim)
         assert coords.dtype == np.int64 and coords.shape == (len(features), 2) and len(coords) > 4
         with slide_reader.open_slide(slides / path) as slide:
@@ -84,11 +87,27 @@ def test_empty_slide_gives_empty_h5(run, encoder):
 
 def test_failure_manifest(run):
     out, _, _ = run
-    entries = [json.loads(line) for line in (out / embed.FAILURES_FILE).read_text().splitlines()]
+    entries = [json.loads(line) for line in (out / failures.FAILURES_FILE).read_text().splitlines()]
     assert [e["slide_id"] for e in entries] == ["broken"]
     assert entries[0]["error_type"] == "RegionReadError" and entries[0]["slide"].endswith("broken.svs")
     assert entries[0]["status"] == "failed" and "broken.svs" in entries[0]["message"]
     assert not list(out.glob("*.tmp*")) and not (out / "broken.h5").exists()
+
+
+def test_embed_and_data_prep_write_the_same_failure_line(run, slides, tmp_path):
+    from data_prep import tile_bags, tile_pairs
+
+    spec = next(s for s in inputs.list_slides(str(slides)) if s.slide_id == "broken")
+    config = tile_bags.BagConfig(mpp=MPP, progress=False)
+    tile_bags.process_slide(spec, config, str(tmp_path / "work"), None)
+    tile_pairs.collect_results([spec], config, str(tmp_path), str(tmp_path / "work"))
+    (embedded,) = [json.loads(line) for line in (run[0] / failures.FAILURES_FILE).read_text().splitlines()]
+    (prepared,) = [json.loads(line) for line in (tmp_path / failures.FAILURES_FILE).read_text().splitlines()]
+    assert set(embedded) == set(prepared) == {"slide", "slide_id", "status", "error_type", "message", "time"}
+    assert [embedded[k] for k in ("slide", "slide_id", "status", "error_type")] == [
+        prepared[k] for k in ("slide", "slide_id", "status", "error_type")] == [
+        spec.path, "broken", "failed", "RegionReadError"]
+    assert failures.Failure.from_record(prepared).record() == prepared
 
 
 def test_features_readable_by_eval(run):
@@ -101,21 +120,21 @@ def test_resume_skips_done_slides(run, slides, encoder):
     out, _, _ = run
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
     with pytest.warns(UserWarning, match="broken"):
-        again = embed.embed_slides(inputs.list_slides(str(slides)), encoder, out, embed.Tiling(MPP), batch=8,
+        again = embed_run.embed_slides(inputs.list_slides(str(slides)), encoder, out, Tiling(MPP), batch=8,
                                    progress=False)
     assert sorted(again.skipped) == ["blank", "slide_000", "slide_001"] and again.done == []
     assert again.failed == ["broken"]  # failed slides are retried
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")} == before
     other = encoders.load_encoder(model="vit_test", random_init=True, seed=1)
-    with pytest.raises(embed.StaleFeaturesError, match="use --overwrite"):
-        embed.embed_slides(inputs.list_slides(str(slides)), other, out, embed.Tiling(MPP), progress=False)
+    with pytest.raises(embed_run.StaleFeaturesError, match="use --overwrite"):
+        embed_run.embed_slides(inputs.list_slides(str(slides)), other, out, Tiling(MPP), progress=False)
 
 
 def test_cli_teacher_from_csv_manifest(slides, tmp_path):
     manifest = tmp_path / "slides.csv"
     manifest.write_text(f"path,slide_id\n{slides / 'slide_001.tif'},s1\n")
     out = tmp_path / "teacher"
-    rc = embed.main(["--slides", str(manifest), "--out", str(out), "--model", "vit_test_teacher", "--random-init",
+    rc = cli.main(["--slides", str(manifest), "--out", str(out), "--model", "vit_test_teacher", "--random-init",
                      "--mpp", "2.0", "--batch", "8", "--no-progress"])
     assert rc == 0
     with h5py.File(out / "s1.h5", "r") as f:
@@ -198,7 +217,7 @@ def test_slide_failing_mid_read_leaves_others_intact(run, slides, encoder, tmp_p
     specs = [s for s in inputs.list_slides(str(slides)) if s.slide_id in ("slide_000", "slide_001")]
     assert report.tiles["slide_000"] % 8 != 0  # so the two slides share a batch
     with pytest.warns(UserWarning, match="injected read error"):
-        again = embed.embed_slides(specs, encoder, tmp_path, embed.Tiling(MPP), batch=8, workers=1, progress=False,
+        again = embed_run.embed_slides(specs, encoder, tmp_path, Tiling(MPP), batch=8, workers=1, progress=False,
                                    isolate=False)  # the patched reader is in this process
     assert again.done == ["slide_000"] and again.failed == ["slide_001"]
     assert not (tmp_path / "slide_001.h5").exists()
@@ -210,7 +229,7 @@ def test_tokens_are_each_tiles_pooled_patch_tokens_and_survival_reads_them(slide
     from xmag_jax.survival import slides as survival_slides
 
     specs = [s for s in inputs.list_slides(str(slides)) if s.slide_id == "slide_001"]
-    report = embed.embed_slides(specs, encoder, tmp_path, embed.Tiling(MPP), batch=8, workers=1, progress=False,
+    report = embed_run.embed_slides(specs, encoder, tmp_path, Tiling(MPP), batch=8, workers=1, progress=False,
                                 isolate=False, tokens=4)
     assert report.done == ["slide_001"]
     with h5py.File(tmp_path / "slide_001.h5", "r") as f:
@@ -229,8 +248,8 @@ def test_tokens_are_each_tiles_pooled_patch_tokens_and_survival_reads_them(slide
     np.testing.assert_allclose(stored[-1].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
     assert not np.allclose(stored[0], stored[-1])  # rows follow coords, not one tile repeated
     # the same folder without --tokens is another preprocessing: refused unless --overwrite
-    with pytest.raises(embed.StaleFeaturesError):
-        embed.embed_slides(specs, encoder, tmp_path, embed.Tiling(MPP), batch=8, workers=1, progress=False,
+    with pytest.raises(embed_run.StaleFeaturesError):
+        embed_run.embed_slides(specs, encoder, tmp_path, Tiling(MPP), batch=8, workers=1, progress=False,
                            isolate=False)
     (bag,), _ = survival_slides.load_slides(tmp_path, ["slide_001"])
     assert bag.words.shape == (len(coords), 16, encoder.embed_dim)

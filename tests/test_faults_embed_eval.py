@@ -201,9 +201,9 @@ def _specs(slides):
 
 
 def _embed(slides, encoder, out, **kw):
-    from xmag_jax import embed
+    from xmag_jax.embed import plan, run
 
-    return embed.embed_slides(_specs(slides), encoder, out, embed.Tiling(MPP), batch=8, workers=1, progress=False,
+    return run.embed_slides(_specs(slides), encoder, out, plan.Tiling(MPP), batch=8, workers=1, progress=False,
                               **kw)
 
 
@@ -220,7 +220,8 @@ def test_embed_holds_the_out_lock(slides, encoder, tmp_path, capsys):
     import subprocess
     import sys
 
-    from xmag_jax import embed, workdir_lock
+    from xmag_jax import workdir_lock
+    from xmag_jax.embed import __main__ as embed_cli
 
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
@@ -230,7 +231,7 @@ def test_embed_holds_the_out_lock(slides, encoder, tmp_path, capsys):
         assert other.stdout.readline() == "held\n"  # another embed job holds --out
         with pytest.raises(workdir_lock.WorkdirLocked, match=f"in use by embed .*pid {other.pid}"):
             _embed(slides, encoder, out)
-        err = _cli(embed.main, ["--slides", str(slides), "--out", str(out), "--model", "vit_test", "--random-init",
+        err = _cli(embed_cli.main, ["--slides", str(slides), "--out", str(out), "--model", "vit_test", "--random-init",
                                 "--no-progress"], capsys)
         assert "in use by embed" in err and f"pid {other.pid}" in err
     finally:
@@ -243,7 +244,8 @@ def test_embed_holds_the_out_lock(slides, encoder, tmp_path, capsys):
 def test_new_weights_at_the_same_path_are_not_taken_for_done(slides, encoder, tmp_path, capsys):
     from flax import nnx
 
-    from xmag_jax import embed, encoders, models
+    from xmag_jax import encoders, models
+    from xmag_jax.embed import __main__ as embed_cli
     from xmag_jax.models import checkpoint
 
     ckpt = tmp_path / "ckpt"
@@ -251,25 +253,25 @@ def test_new_weights_at_the_same_path_are_not_taken_for_done(slides, encoder, tm
     out = tmp_path / "out"
     argv = ["--slides", str(slides), "--out", str(out), "--checkpoint", str(ckpt), "--mpp", str(MPP), "--batch", "8",
             "--workers", "1", "--no-progress"]
-    assert embed.main(argv) == 0
+    assert embed_cli.main(argv) == 0
     with h5py.File(out / "slide_000.h5", "r") as f:
         first = f["features"][...]
         fingerprints = f.attrs["weights_fingerprint"], f.attrs["preprocessing_fingerprint"]
     assert all(len(fp) == 16 for fp in fingerprints)
     assert fingerprints[0] == encoders.weights_fingerprint(encoders.load_encoder(checkpoint_dir=str(ckpt)))
-    assert embed.main(argv) == 0 and "0 embedded" in capsys.readouterr().out  # same weights: resume
+    assert embed_cli.main(argv) == 0 and "0 embedded" in capsys.readouterr().out  # same weights: resume
     shutil.rmtree(ckpt)
     checkpoint.save_model(ckpt, models.create_model("vit_test", rngs=nnx.Rngs(2)), "vit_test")  # retrained
-    err = _cli(embed.main, argv, capsys)
+    err = _cli(embed_cli.main, argv, capsys)
     assert "slide_00" in err and "weights_fingerprint" in err and "use --overwrite" in err
     assert "preprocessing_fingerprint" not in err
-    assert embed.main([*argv, "--overwrite"]) == 0 and "3 embedded" in capsys.readouterr().out
+    assert embed_cli.main([*argv, "--overwrite"]) == 0 and "3 embedded" in capsys.readouterr().out
     with h5py.File(out / "slide_000.h5", "r") as f:
         assert f.attrs["weights_fingerprint"] != fingerprints[0]
         assert f.attrs["preprocessing_fingerprint"] == fingerprints[1]
         assert not np.allclose(f["features"][...], first)
     # other preprocessing (here the tissue threshold) at the same µm/px is refused the same way
-    err = _cli(embed.main, [*argv, "--tissue-threshold", "0.5"], capsys)
+    err = _cli(embed_cli.main, [*argv, "--tissue-threshold", "0.5"], capsys)
     assert "preprocessing_fingerprint" in err and "weights_fingerprint" not in err
 
 
@@ -281,7 +283,7 @@ def test_new_weights_at_the_same_path_are_not_taken_for_done(slides, encoder, tm
     (["--model", "vit_test", "--random-init", "--weights", "w.safetensors"], "exclude each other"),
 ])
 def test_embed_bad_input_is_one_line_exit_2(slides, tmp_path, capsys, argv, expected):
-    from xmag_jax import embed
+    from xmag_jax.embed import __main__ as embed_cli
 
     (tmp_path / "file").write_text("")
     base = {"--slides": str(slides), "--out": str(tmp_path / "out")}
@@ -291,19 +293,19 @@ def test_embed_bad_input_is_one_line_exit_2(slides, tmp_path, capsys, argv, expe
             args += [flag, value]
     if "--model" not in args:
         args += ["--model", "vit_test", "--random-init"]
-    assert expected in _cli(embed.main, [*args, "--no-progress"], capsys)
+    assert expected in _cli(embed_cli.main, [*args, "--no-progress"], capsys)
 
 
 def test_decoder_crash_in_the_reader_fails_that_slide_only(slides, encoder, tmp_path):
     import embed_fault_readers as readers
 
-    from xmag_jax import embed
+    from xmag_jax.wsi import failures
 
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match=r"slide_001.*ReaderCrash.*died of SIGSEGV"):
         report = _embed(slides, encoder, out, read=readers.segfault_on_victim)
     assert sorted(report.done) == ["slide_000", "slide_002"] and report.failed == ["slide_001"]
-    entries = [json.loads(line) for line in (out / embed.FAILURES_FILE).read_text().splitlines()]
+    entries = [json.loads(line) for line in (out / failures.FAILURES_FILE).read_text().splitlines()]
     assert [(e["slide_id"], e["status"], e["error_type"]) for e in entries] == [("slide_001", "failed", "ReaderCrash")]
     assert set(entries[0]) >= {"slide", "slide_id", "status", "error_type", "message"}  # data_prep's record
     with h5py.File(out / "slide_002.h5", "r") as f, h5py.File(_reference(slides, encoder, tmp_path), "r") as ref:
@@ -319,7 +321,7 @@ def _reference(slides, encoder, tmp_path) -> pathlib.Path:
 def test_reader_killed_from_outside_is_retried_without_blame(slides, encoder, tmp_path, monkeypatch):
     import embed_fault_readers as readers
 
-    from xmag_jax import embed
+    from xmag_jax.wsi import failures
 
     monkeypatch.setenv(readers.KILLS_ENV, str(tmp_path / "kills"))
     (tmp_path / "kills").mkdir()
@@ -328,7 +330,7 @@ def test_reader_killed_from_outside_is_retried_without_blame(slides, encoder, tm
         report = _embed(slides, encoder, out, read=readers.killed_once_on_victim)
     assert len(list((tmp_path / "kills").iterdir())) == 1
     assert sorted(report.done) == ["slide_000", "slide_001", "slide_002"] and not report.failed
-    assert not (out / embed.FAILURES_FILE).exists()
+    assert (out / failures.FAILURES_FILE).read_text() == ""
     with h5py.File(out / "slide_002.h5", "r") as f, h5py.File(_reference(slides, encoder, tmp_path), "r") as ref:
         np.testing.assert_allclose(f["features"][...], ref["features"][...], rtol=1e-5, atol=1e-5)
 
@@ -336,10 +338,10 @@ def test_reader_killed_from_outside_is_retried_without_blame(slides, encoder, tm
 def test_reader_killed_again_and_again_is_a_job_error(slides, encoder, tmp_path):
     import embed_fault_readers as readers
 
-    from xmag_jax import embed, embed_read
+    from xmag_jax.wsi import failures, isolation
 
     out = tmp_path / "out"
-    with pytest.raises(embed_read.ReaderKilledError, match=r"killed 3 times in a row \(SIGKILL\).*out-of-memory"):
+    with pytest.raises(isolation.ReaderKilledError, match=r"killed 3 times in a row \(SIGKILL\).*out-of-memory"):
         with pytest.warns(UserWarning, match="SIGKILL"):
             _embed(slides, encoder, out, read=readers.always_killed_on_victim)
-    assert not (out / embed.FAILURES_FILE).exists()  # nothing blamed on a slide
+    assert (out / failures.FAILURES_FILE).read_text() == ""  # nothing blamed on a slide

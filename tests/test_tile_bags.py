@@ -11,7 +11,7 @@ import simplejpeg
 from array_record.python import array_record_module
 
 from data_prep import tile_bags
-from xmag_jax import embed_read
+from xmag_jax.embed import plan as embed_plan
 from xmag_jax.formats import bag_records
 from xmag_jax.wsi import inputs, slide_reader, synthetic
 
@@ -46,12 +46,12 @@ def test_tiles_are_embeds_plan_and_pixels(bags, slides):
     assert summary["tiles"] == sum(e.tiles for e in entries.values())
     (shard,) = bag_records.shard_paths(out)
     reader = array_record_module.ArrayRecordReader(shard)
-    tiling = embed_read.Tiling(MPP)
+    tiling = embed_plan.Tiling(MPP)
     for name in ("slide_000.svs", "slide_001.tif"):
         spec = inputs.SlideSpec(path=str(slides / name), slide_id=name.split(".")[0])
         entry = entries[spec.slide_id]
         with slide_reader.open_slide(spec.path) as slide:
-            plan = embed_read.plan_slide(slide, spec, tiling)
+            plan = embed_plan.plan_slide(slide, spec, tiling)
             records = [bag_records.decode_tile(r) for r in reader.read(list(range(entry.first,
                                                                                   entry.first + entry.tiles)))]
             assert [[r["x"], r["y"]] for r in records] == plan.coords.tolist()
@@ -85,3 +85,15 @@ def test_bad_flags_are_one_line(tmp_path):
                            str(tmp_path / "o"), "--patch-px", "0"], capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "python -m data_prep.tile_bags: error: --patch-px 0: expected a tile side >= 14 px"], proc.stderr
+
+
+def test_the_command_line_reads_slides_in_a_child_process(slides, tmp_path):
+    manifest = tmp_path / "one.csv"  # isolation on (the default): process_slide is this __main__'s function
+    manifest.write_text(f"path\n{slides / 'slide_001.tif'}\n")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "-m", "data_prep.tile_bags", "--slides", str(manifest), "--out",
+                           str(tmp_path / "o"), "--mpp", str(MPP), "--no-progress", "--direct_running_mode=in_memory",
+                           "--direct_num_workers=1"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert (summary["failed"], summary["slides_with_tiles"]) == (0, 1) and summary["tiles"] > 0

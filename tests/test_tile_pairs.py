@@ -215,19 +215,39 @@ def test_help_and_unknown_options(tmp_path, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'crop'" in capsys.readouterr().err
 
 
+def _isolated(process, work_dir):
+    """A `SlideToPairs` stage set up as a Beam worker does (its child process started)."""
+    stage = tile_pairs.SlideToPairs(None, str(work_dir), None, isolate=True, process=process)
+    stage.setup()
+    return stage
+
+
 def test_a_crashing_decoder_fails_only_its_slide(tmp_path):
-    from data_prep import isolation
     from xmag_jax.wsi import inputs
 
-    child = isolation.SlideProcess()
+    stage = _isolated(fx.crash_on_bad, tmp_path)
     try:
-        crashed = child.run(fx.crash, inputs.SlideSpec("/x/bad.svs", "bad"), str(tmp_path))
-        assert crashed["error_type"] == "WorkerCrash" and crashed["slide"] == "/x/bad.svs"
-        assert json.loads((tmp_path / "bad.failed.json").read_text())["error_type"] == "WorkerCrash"
-        fine = child.run(fx.echo, inputs.SlideSpec("/x/good.svs", "good"), str(tmp_path))
+        (crashed,) = stage.process(inputs.SlideSpec("/x/bad.svs", "bad"))
+        assert (crashed["error_type"], crashed["slide"]) == ("ReaderCrash", "/x/bad.svs")
+        assert "died of SIGSEGV" in crashed["message"]
+        assert json.loads((tmp_path / "bad.failed.json").read_text()) == crashed
+        (fine,) = stage.process(inputs.SlideSpec("/x/good.svs", "good"))
         assert fine["status"] == "done" and fine["pid"] != os.getpid()
     finally:
-        child.close()
+        stage.teardown()
+
+
+def test_a_worker_killed_from_outside_blames_no_slide(tmp_path):
+    from xmag_jax.wsi import inputs
+
+    stage = _isolated(fx.killed_once, tmp_path)
+    try:
+        with pytest.warns(UserWarning, match=r"died \(SIGKILL\), not of a decoder fault: reading slide good again"):
+            (result,) = stage.process(inputs.SlideSpec("/x/good.svs", "good"))
+        assert (tmp_path / "killed").exists(), "the first child was killed"
+        assert result["status"] == "done" and not (tmp_path / "good.failed.json").exists()
+    finally:
+        stage.teardown()
 
 
 def test_mpp_tolerance(slides, tmp_path):

@@ -4,7 +4,7 @@
         [--size 8192] [--teacher-depth N] [--dtype bfloat16] [--slides DIR] [--out results.json]
 
 Writes `--n-slides` synthetic slides (`xmag_jax.wsi.synthetic`, `--size` px at 0.25 µm/px) unless `--slides`
-is given, then runs `xmag_jax.embed.embed_slides` twice on them: the student at `--student-mpp` (2.0 µm/px,
+is given, then runs `xmag_jax.embed.run.embed_slides` twice on them: the student at `--student-mpp` (2.0 µm/px,
 5x) and the teacher at `--teacher-mpp` (0.5 µm/px, 20x). Both use random-init weights (speed does not
 depend on them). Reports, per model: wall time per slide (after the one-off compile, which is listed
 apart), patches per slide, patches/s, WSIs/min; then the teacher/student ratios of time and patches.
@@ -23,16 +23,17 @@ import warnings
 
 import jax
 
-from xmag_jax import embed, encoders
+from xmag_jax import encoders
+from xmag_jax.embed import plan, run
 from xmag_jax.wsi import inputs, synthetic
 
 
 def run_model(label: str, name: str, specs, out_dir: pathlib.Path, mpp: float, args, **overrides) -> dict:
     encoder = encoders.load_encoder(model=name, random_init=True, dtype=args.dtype, **overrides)
-    tiling = embed.Tiling(mpp, min_tissue=args.tissue_threshold)
+    tiling = plan.Tiling(mpp, min_tissue=args.tissue_threshold)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # empty slides are counted below
-        report = embed.embed_slides(specs, encoder, out_dir / label, tiling, batch=args.batch, workers=args.workers,
+        report = run.embed_slides(specs, encoder, out_dir / label, tiling, batch=args.batch, workers=args.workers,
                                     progress=False)
     n = len(report.done)
     tiles = sum(report.tiles.values())

@@ -1,7 +1,4 @@
-"""Slide embeddings: tissue tiles at a target µm/px through a ViT, one TRIDENT-layout h5 per slide.
-
-    python -m xmag_jax.embed --slides DIR_OR_CSV --out DIR --checkpoint ckpt/student           # student, 5x
-    python -m xmag_jax.embed --slides DIR_OR_CSV --out DIR --model uni2_h --weights W --mpp 0.5  # teacher, 20x
+"""The embedding loop of `python -m xmag_jax.embed` (the CLI is `xmag_jax.embed.__main__`).
 
 Per slide: CLAM-style tissue mask and a grid of non-overlapping `--patch-px` tiles at `--mpp` µm/px
 (`xmag_jax.wsi.tissue`), tiles read from the best pyramid level (`xmag_jax.wsi.slide_reader`) by background
@@ -18,15 +15,14 @@ provenance fingerprints `weights_fingerprint` (digest of the encoder's parameter
 One job per `--out` (`workdir_lock`). Files are written under a temp name and renamed; a slide whose h5
 exists with the same encoder name and fingerprints is skipped (resume); an h5 made by other weights or
 settings is refused before anything runs (`--overwrite` re-embeds those slides). A slide that fails is
-recorded in `OUT/failures.jsonl` (data_prep's failure record) and the job goes on; a slide without tissue
-gets an empty h5 (N = 0) and a warning. Tiles are read in a child process (`embed_read.isolated_batches`):
-a decoder crash there fails that slide only; a reader killed from outside (OOM) is restarted without
-blaming a slide.
+recorded in `OUT/failures.jsonl` (`xmag_jax.wsi.failures`, as data_prep; rewritten at each failure, it
+lists the latest run's) and the job goes on; a slide without tissue gets an empty h5 (N = 0) and a warning.
+Tiles are read in a child process (`reader.isolated_batches`, `xmag_jax.wsi.isolation`): a decoder crash
+there fails that slide only; a reader killed from outside (OOM) is restarted without blaming a slide.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -41,15 +37,11 @@ import numpy as np
 import tqdm
 
 from xmag_jax import encoders, errors, models, workdir_lock
-from xmag_jax.embed_read import Batch, Failure, SlidePlan, Tiling, isolated_batches, read_batches
+from xmag_jax.embed.plan import SlidePlan, Tiling
+from xmag_jax.embed.reader import Batch, isolated_batches, read_batches
 from xmag_jax.formats import feature_h5
-from xmag_jax.wsi import inputs, tissue
-
-FAILURES_FILE = "failures.jsonl"
-
-
-class EmbedInputError(errors.UserError):
-    """Bad `embed` input: a flag, the slide list, the encoder source, the output folder."""
+from xmag_jax.wsi import failures, inputs, tissue
+from xmag_jax.wsi.failures import Failure
 
 
 class StaleFeaturesError(errors.UserError):
@@ -124,19 +116,24 @@ class Report:
     done: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     empty: list[str] = dataclasses.field(default_factory=list)
-    failed: list[str] = dataclasses.field(default_factory=list)
+    failures: list[Failure] = dataclasses.field(default_factory=list)
     tiles: dict[str, int] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     compile_seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[str]:
+        """Ids of the slides that failed, in order."""
+        return [f.slide_id for f in self.failures]
 
 
 def embed_slides(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: str | os.PathLike,
                  tiling: Tiling, *, batch: int = 64, workers: int = 4, prefetch: int = 4, progress: bool = True,
                  overwrite: bool = False, isolate: bool = True, tokens: int = 0,
                  read: Callable[..., Iterator] = read_batches) -> Report:
-    """Embed every slide not already done into `out_dir`, holding its lock; failures go to
+    """Embed every slide not already done into `out_dir`, holding its lock; this run's failures are listed in
     `out_dir/failures.jsonl`. `overwrite`: re-embed slides whose h5 other weights/settings made (else an
-    error). `isolate`: read tiles in a child process (`embed_read.isolated_batches`, which runs `read`).
+    error). `isolate`: read tiles in a child process (`reader.isolated_batches`, which runs `read`).
     `tokens` = S > 0 also stores each tile's patch tokens average-pooled to S x S (`feature_h5.pool_tokens`)."""
     out_dir = pathlib.Path(out_dir)
     with workdir_lock.hold(out_dir, job="embed"):
@@ -158,6 +155,7 @@ def _embed(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: pa
             report.skipped.append(spec.slide_id)
         else:
             todo.append(spec)
+    failures.write_failures(out_dir, [])  # this run's failures, rewritten at each one
     if not todo:
         return report
     t0 = time.perf_counter()
@@ -206,12 +204,12 @@ def _embed(specs: list[inputs.SlideSpec], encoder: encoders.Encoder, out_dir: pa
                     finish(slide_id)
                 row += n
         else:
-            slides.pop(item.spec.slide_id, None)
+            slides.pop(item.slide_id, None)
             _record_failure(out_dir, item, report)
             bar.update(1)
     for state in slides.values():  # only if the reader stopped early
-        _record_failure(out_dir, Failure(state.plan.spec, "IncompleteRead",
-                                         f"{state.count} of {len(state.plan.coords)} tiles read"), report)
+        _record_failure(out_dir, Failure.kind(state.plan.spec, failures.INCOMPLETE_READ,
+                                              f"{state.count} of {len(state.plan.coords)} tiles read"), report)
     bar.close()
     report.seconds = time.perf_counter() - t0
     return report
@@ -240,73 +238,6 @@ class _SlideFeatures:
 
 
 def _record_failure(out_dir: pathlib.Path, failure: Failure, report: Report) -> None:
-    report.failed.append(failure.spec.slide_id)
-    with open(out_dir / FAILURES_FILE, "a") as f:
-        f.write(json.dumps(failure.record()) + "\n")
-    warnings.warn(f"{failure.spec.path}: {failure.error_type}: {failure.message} (recorded in "
-                  f"{out_dir / FAILURES_FILE})", stacklevel=3)
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    """EmbedInputError for flag values that cannot run, before any slide or weight is read."""
-    for flag, value, ok, expected in (
-            ("--mpp", args.mpp, args.mpp > 0, "a positive µm/px, e.g. 2.0 (5x) or 0.5 (20x)"),
-            ("--patch-px", args.patch_px, args.patch_px > 0, "a positive tile side in px"),
-            ("--tissue-threshold", args.tissue_threshold, 0 <= args.tissue_threshold <= 1, "a fraction in [0, 1]"),
-            ("--batch", args.batch, args.batch > 0, "a positive number of tiles"),
-            ("--workers", args.workers, args.workers > 0, "a positive number of threads"),
-            ("--prefetch", args.prefetch, args.prefetch > 0, "a positive number of batches"),
-            ("--tokens", args.tokens, args.tokens >= 0, "S >= 0 (0 = no tokens)")):
-        if not ok:
-            raise EmbedInputError(f"{flag} {value}: expected {expected}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise EmbedInputError(f"--out {args.out} is a file; expected a folder for the {{slide_id}}.h5 files")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmag_jax.embed", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--slides", required=True, help="folder of slides, or CSV manifest (path[,slide_id,mpp])")
-    p.add_argument("--out", required=True, help="output folder of {slide_id}.h5 (one job at a time)")
-    encoders.add_args(p)
-    p.add_argument("--mpp", type=float, default=2.0, help="target µm/px (2.0 ≈ 5x, 0.5 ≈ 20x)")
-    p.add_argument("--patch-px", type=int, default=224, help="tile side in px at --mpp")
-    p.add_argument("--tissue-threshold", type=float, default=0.25, help="min tissue fraction of a kept tile")
-    p.add_argument("--batch", type=int, default=64, help="tiles per forward (rounded up to a multiple of devices)")
-    p.add_argument("--workers", type=int, default=4, help="tile reader threads")
-    p.add_argument("--prefetch", type=int, default=4, help="batches read ahead")
-    p.add_argument("--overwrite", action="store_true",
-                   help="embed again slides whose h5 was made by other weights or settings (else refused)")
-    p.add_argument("--no-isolation", action="store_true",
-                   help="read tiles in this process (a decoder crash then ends the job)")
-    p.add_argument("--tokens", type=int, default=0, metavar="S",
-                   help="also store each tile's patch tokens average-pooled to S x S (`tokens [N, S, S, D]` "
-                        "float16; S = 4 at 2 µm/px: one word = 112 µm; 0 = off)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-
-    _check_args(args)
-    try:
-        specs = inputs.list_slides(args.slides)
-        encoder = encoders.from_args(args)
-    except (ValueError, FileNotFoundError) as e:  # a bad slide list or encoder source (ManifestError included)
-        raise EmbedInputError(str(e)) from e
-    grid = args.patch_px // encoder.arch.vit.patch_size
-    if args.tokens > grid:
-        raise EmbedInputError(f"--tokens {args.tokens}: {encoder.name} has a {grid}x{grid} token grid per "
-                              f"{args.patch_px} px tile; expected S <= {grid}")
-    report = embed_slides(specs, encoder, args.out, Tiling(args.mpp, args.patch_px, args.tissue_threshold),
-                          batch=args.batch, workers=args.workers, prefetch=args.prefetch,
-                          progress=not args.no_progress, overwrite=args.overwrite, isolate=not args.no_isolation,
-                          tokens=args.tokens)
-    n_tiles = sum(report.tiles.values())
-    print(f"{encoder.name} @ {args.mpp:g} µm/px -> {args.out}: {len(report.done)} embedded ({n_tiles} tiles, "
-          f"{len(report.empty)} empty), {len(report.skipped)} already done, {len(report.failed)} failed "
-          f"in {report.seconds:.1f}s (+{report.compile_seconds:.1f}s compile)")
-    if report.failed:
-        print(f"failures: {report.failed} (see {os.path.join(args.out, FAILURES_FILE)})")
-    return 1 if report.failed and not report.done and not report.skipped else 0
-
-
-if __name__ == "__main__":
-    errors.run_cli(main, prog="python -m xmag_jax.embed")
+    report.failures.append(failure)
+    path = failures.write_failures(out_dir, report.failures)
+    warnings.warn(f"{failure.slide}: {failure.error_type}: {failure.message} (recorded in {path})", stacklevel=3)

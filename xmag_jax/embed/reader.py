@@ -1,17 +1,15 @@
-"""Reading slides for `xmag_jax.embed`: the tiling plan, threaded tile reads into fixed-shape batches, and
-the same in a child process so that a decoder crash fails one slide, not the job.
+"""Reading slides for `xmag_jax.embed` (no JAX): threaded tile reads into fixed-shape batches, and the same
+in a child process so that a decoder crash fails one slide, not the job.
 
 `isolated_batches` runs `read_batches` in a spawned child and passes plans and failures through a pipe,
 and batch images through `prefetch + 2` shared-memory slots (one copy on each side; a pickled batch
 through the pipe was ~6x slower). The child's planning thread names the slide it is reading in shared
-memory, so when the child dies:
-- of a fault signal (SIGSEGV, SIGBUS, SIGABRT, SIGFPE, SIGILL: what a decoder crash on a corrupt tile
-  does), the slide being read is failed (`ReaderCrash`) and a new child goes on with the slides after it
-  (a fault in a reading thread stops that slide's reads at once, so the blame is exact; the same signal
-  sent by another process can arrive after the reader moved on);
-- of anything else (SIGKILL from the kernel's OOM killer or a person, SIGTERM, an exit between slides),
-  nothing is blamed: a new child re-reads the unfinished slides. After `MAX_READER_KILLS` such deaths in a
-  row without a slide finishing, the job stops with `ReaderKilledError`.
+memory, so when the child dies the death is read as `xmag_jax.wsi.isolation` reads it (as data_prep does):
+- of a fault signal, the slide being read is failed (`ReaderCrash`) and a new child goes on with the
+  slides after it (a fault in a reading thread stops that slide's reads at once, so the blame is exact;
+  the same signal sent by another process can arrive after the reader moved on);
+- of anything else, nothing is blamed: a new child re-reads the unfinished slides, up to
+  `isolation.MAX_KILLS` deaths in a row without a slide finished (then `isolation.ReaderKilledError`).
 A slide whose tiles were partly passed on before a death is read again from its plan; consumers take a
 second `SlidePlan` for a slide as "start this slide over".
 """
@@ -21,39 +19,17 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import datetime
-import multiprocessing
 import queue
-import signal
 import threading
-import traceback
-import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from xmag_jax import errors
-from xmag_jax.wsi import inputs, slide_reader, tissue
+from xmag_jax.embed.plan import SlidePlan, Tiling, plan_slide
+from xmag_jax.wsi import inputs, isolation, slide_reader
+from xmag_jax.wsi.failures import Failure
 
-FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL})
-MAX_READER_KILLS = 3  # reader deaths in a row, not attributable to a slide, before the job stops
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiling:
-    """Tiles of `patch_px` px at `mpp` µm/px; fields kept with tissue fraction >= `min_tissue`."""
-
-    mpp: float
-    patch_px: int = 224
-    min_tissue: float = 0.25
-
-
-@dataclasses.dataclass
-class SlidePlan:
-    spec: inputs.SlideSpec
-    coords: np.ndarray  # int64 [N, 2] level-0 top-left (x, y)
-    field_level0: int
-    level0_mpp: float
+READER_ADVICE = "lower --workers, --prefetch or --batch, or give the job more memory"
 
 
 @dataclasses.dataclass
@@ -63,31 +39,6 @@ class Batch:
 
     images: np.ndarray
     segments: list[tuple[str, int]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Failure:
-    """A slide that could not be embedded; `record()` is its line in `failures.jsonl`."""
-
-    spec: inputs.SlideSpec
-    error_type: str
-    message: str
-    traceback: str = ""
-
-    @classmethod
-    def of(cls, spec: inputs.SlideSpec, error: BaseException) -> Failure:
-        return cls(spec, type(error).__name__, str(error), "".join(traceback.format_exception(error))[-2000:])
-
-    def record(self) -> dict:
-        """data_prep's failure record (`slide`, `slide_id`, `status`, `error_type`, `message`) plus `time`
-        and `traceback`."""
-        return {"slide": self.spec.path, "slide_id": self.spec.slide_id, "status": "failed",
-                "error_type": self.error_type, "message": self.message, "traceback": self.traceback,
-                "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-
-
-class ReaderKilledError(errors.UserError):
-    """The reader child keeps being killed from outside (most likely out of memory)."""
 
 
 class _End:
@@ -100,13 +51,6 @@ class _SlotBatch:
 
     slot: int
     segments: list[tuple[str, int]]
-
-
-@dataclasses.dataclass(frozen=True)
-class _ChildError:
-    """A bug in the reader child (not a slide's fault): its traceback."""
-
-    traceback: str
 
 
 class _BatchBuilder:
@@ -137,17 +81,6 @@ class _BatchBuilder:
         batch = Batch(self.images, self.segments) if self.n else None
         self._reset()
         return batch
-
-
-def plan_slide(slide: slide_reader.Slide, spec: inputs.SlideSpec, tiling: Tiling) -> SlidePlan:
-    """Tissue mask and the grid of fields of `patch_px · mpp / level0_mpp` level-0 px."""
-    field = int(round(tiling.patch_px * tiling.mpp / slide.mpp))
-    if field < tiling.patch_px * 0.99:
-        raise slide_reader.ResolutionError(
-            f"{spec.path}: level 0 is {slide.mpp:g} µm/px, coarser than the requested {tiling.mpp:g} µm/px")
-    _, mask, downsample = tissue.slide_mask(slide)
-    grid = tissue.tile_grid(slide.dimensions, field, mask, downsample, tiling.min_tissue)
-    return SlidePlan(spec, grid.coords, field, slide.mpp)
 
 
 def read_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, *, workers: int = 4,
@@ -244,14 +177,14 @@ def _read_tiles(pool, handles: list[slide_reader.Slide], plan: SlidePlan, tiling
 
 def isolated_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, *, workers: int = 4,
                      prefetch: int = 4, read: Callable[..., Iterator] = read_batches,
-                     max_kills: int = MAX_READER_KILLS) -> Iterator[SlidePlan | Batch | Failure]:
+                     max_kills: int = isolation.MAX_KILLS) -> Iterator[SlidePlan | Batch | Failure]:
     """`read(specs, tiling, batch, ...)`'s items (by default `read_batches`), read in a child process; see
     the module doc for what a death of the child does. `read` must be importable by the child (a
     module-level function)."""
-    context = multiprocessing.get_context("spawn")
+    context = isolation.CONTEXT
     shape = (batch, tiling.patch_px, tiling.patch_px, 3)
     slots = [context.RawArray("B", int(np.prod(shape))) for _ in range(prefetch + 2)]
-    todo, kills = list(specs), 0
+    todo, kills = list(specs), isolation.KillCount(READER_ADVICE, max_kills)
     while todo:
         current = context.Value("i", -1, lock=False)
         free = context.SimpleQueue()  # slots the child may fill
@@ -272,8 +205,8 @@ def isolated_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, 
                 if isinstance(item, _End):
                     child.join()
                     return
-                if isinstance(item, _ChildError):
-                    raise RuntimeError(f"the tile reader process failed:\n{item.traceback}")
+                if isinstance(item, isolation.ChildError):
+                    item.reraise()
                 if isinstance(item, _SlotBatch):
                     images = np.frombuffer(slots[item.slot], np.uint8).reshape(shape).copy()
                     free.put(item.slot)
@@ -285,32 +218,25 @@ def isolated_batches(specs: list[inputs.SlideSpec], tiling: Tiling, batch: int, 
             if child.is_alive():
                 child.kill()
             child.join()
-        index, code = current.value, child.exitcode
+        index, death = current.value, isolation.Death(child.exitcode)
         finished = [s for s in todo if s.slide_id not in left]
         unfinished = [s for s in todo if s.slide_id in left]
-        crash = -code if code is not None and code < 0 and -code in FAULT_SIGNALS else None
-        if crash is not None and 0 <= index < len(todo) and todo[index].slide_id in left:
+        if finished:
+            kills.progressed()
+        if death.fault is not None and 0 <= index < len(todo) and todo[index].slide_id in left:
             culprit = todo[index]
-            yield Failure(culprit, "ReaderCrash", f"{culprit.path}: the process reading this slide died of "
-                          f"{signal.Signals(crash).name} (a crash in a decoder on a corrupt tile?)")
-            todo, kills = [s for s in unfinished if s is not culprit], 0
+            yield isolation.crash_failure(culprit, death)
+            todo = [s for s in unfinished if s is not culprit]
+            kills.progressed()
             continue
-        kills = 1 if finished else kills + 1
-        how = signal.Signals(-code).name if code is not None and code < 0 else f"exit status {code}"
-        if kills >= max_kills:
-            raise ReaderKilledError(
-                f"the tile reader process was killed {kills} times in a row ({how}) without finishing a slide, "
-                "from outside the process: most likely the kernel's out-of-memory killer; lower --workers, "
-                "--prefetch or --batch, or give the job more memory")
-        warnings.warn(f"the tile reader process died ({how}), not of a decoder fault: reading the "
-                      f"{len(unfinished)} unfinished slide(s) again, none blamed", stacklevel=2)
+        kills.killed(death, f"the {len(unfinished)} unfinished slide(s)")
         todo = unfinished
 
 
 def _account(item: SlidePlan | Batch | Failure, left: dict[str, int | None]) -> None:
     """Removes from `left` the slides whose every tile (or failure) has now been passed on."""
     if isinstance(item, Failure):
-        left.pop(item.spec.slide_id, None)
+        left.pop(item.slide_id, None)
     elif isinstance(item, SlidePlan):
         left[item.spec.slide_id] = len(item.coords)
     else:
@@ -336,5 +262,5 @@ def _child(sender, read: Callable[..., Iterator], specs: list[inputs.SlideSpec],
             sender.send(item)
         sender.send(_End())
     except BaseException:  # noqa: BLE001 - a bug here is passed to the parent, which raises it
-        sender.send(_ChildError(traceback.format_exc()))
+        sender.send(isolation.ChildError.current())
         raise
