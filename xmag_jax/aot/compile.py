@@ -62,8 +62,9 @@ class Report:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Report:
-        """Inverse of `to_json` (which adds derived values)."""
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        """Inverse of `to_json` (which adds derived values); fields added since the JSON was written get their
+        defaults."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
     @property
     def num_chips(self) -> int:

@@ -32,7 +32,7 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from xmag_jax import errors, topologies
+from xmag_jax import atomic, errors, topologies
 from xmag_jax.aot import compile as compile_lib
 from xmag_jax.aot import search
 from xmag_jax.aot.compile import DEFAULT_MFU, Report
@@ -159,16 +159,21 @@ def _max_batch_cell(result: Result) -> str:
 
 
 def _provenance_lines(results: list[Result], command_now: str) -> list[str]:
-    groups: dict[tuple[str, str, str], list[str]] = collections.defaultdict(list)
+    """One line per (date, versions, command): which cases it compiled, and whether their layers were scanned."""
+    groups: dict[tuple[str, str, str], list[Result]] = collections.defaultdict(list)
     for result in results:
         p = result.provenance
-        groups[(p["date"], p["versions"], p["command"])].append(result.case.id)
+        groups[(p["date"], p["versions"], p["command"])].append(result)
     if not groups:
-        return [f"Nothing compiled yet (`{command_now}`)."]
+        return [f"- nothing compiled yet (`{command_now}`)."]
     lines = []
-    for (date, versions, command), ids in sorted(groups.items()):
-        what = "every case" if len(groups) == 1 else f"{len(ids)} cases ({', '.join(f'`{i}`' for i in ids)})"
-        lines.append(f"- {what}: `{command}` on {date}, {versions}.")
+    for (date, versions, command), group in sorted(groups.items()):
+        ids = ", ".join(f"`{r.case.id}`" for r in group)
+        what = "every case" if len(groups) == 1 else f"{len(group)} cases ({ids})"
+        scanned = {t.scanned_layers for r in group for t in r.tries}
+        layers = {frozenset({True}): "layers scanned", frozenset({False}): "layers unrolled"}.get(
+            frozenset(scanned), "layers scanned unless the variant says otherwise")
+        lines.append(f"- {what}: `{command}` on {date}, {versions}; {layers}.")
     return lines
 
 
@@ -258,9 +263,8 @@ def render(results: list[Result], failed: dict[str, str], mfu: float, command_no
 
 
 def _write(path: epath.Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic.target(path) as tmp:
+        tmp.write_text(text)
 
 
 def json_path(page: epath.Path) -> epath.Path:
