@@ -169,7 +169,7 @@ def _provenance_lines(results: list[Result], command_now: str) -> list[str]:
     lines = []
     for (date, versions, command), group in sorted(groups.items()):
         ids = ", ".join(f"`{r.case.id}`" for r in group)
-        what = "every case" if len(groups) == 1 else f"{len(group)} cases ({ids})"
+        what = "every case" if len(groups) == 1 else f"{len(group)} case{'s' * (len(group) > 1)} ({ids})"
         scanned = {t.scanned_layers for r in group for t in r.tries}
         layers = {frozenset({True}): "layers scanned", frozenset({False}): "layers unrolled"}.get(
             frozenset(scanned), "layers scanned unless the variant says otherwise")
