@@ -161,6 +161,7 @@ def test_docs_cheap_mode_writes_the_whole_page_then_rerenders_it(debug_v5p_8, tm
     assert cells[2] == "data 4×fsdp 1" and cells[3] == "4" and cells[4].startswith("fits, ")
     assert cells[5].startswith("≈ ") and cells[5].endswith("/chip; estimate)") and cells[6] == "—"
     assert int(cells[5].split()[1]) % 4 == 0 and int(cells[5].split()[1]) > 4
+    assert cells[10] == datetime.date.today().isoformat()  # the row's compile date
     knob = next(line for line in text.splitlines() if line.startswith("| grad_accum 2 |"))
     assert "| optim.grad_accum=2 | yes |" in knob
     assert "## What dominates HBM" in text and "## Memory/precision knobs" in text and "not compiled" not in text

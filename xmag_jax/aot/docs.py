@@ -188,7 +188,8 @@ def render(results: list[Result], failed: dict[str, str], mfu: float, command_no
         "per row, `--rows PATTERNS`: only those case ids, `--resume`: keep what `docs/aot.json` holds) with "
         f"libtpu compile-only devices on a CPU host ({platform.machine()}). Every number comes from compiling the "
         "train step of `xmag_jax/distill/step.py` (the one `jit` the train loop runs) for the topology with "
-        "XLA:TPU; nothing ran on a TPU. The real-size configs scan their layers (`scan_layers`). Compiled by:",
+        "XLA:TPU; nothing ran on a TPU. The real-size configs scan their layers (`scan_layers`); the **compiled** "
+        "column dates each row, and the code and versions of each date are:",
         "",
         *_provenance_lines(results, command_now),
         "",
@@ -210,15 +211,15 @@ def render(results: list[Result], failed: dict[str, str], mfu: float, command_no
         f"- **epoch**: {compile_lib.XMAG_NUM_PAIRS / 1e6:.2f} M pairs at the projected pairs/s.",
         "",
         "| teacher → student | topology | mesh | global batch | fits, HBM/chip (GiB) | max global batch | "
-        "HBM/chip at max (GiB) | pairs/s (pairs/s/chip) | XLA est. pairs/s | epoch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "HBM/chip at max (GiB) | pairs/s (pairs/s/chip) | XLA est. pairs/s | epoch | compiled |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     table = [c for c in all_cases if c.searched]
     for case in table:
         result = by_id.get(case.id)
         if result is None:
             note = f"failed: {failed[case.id]}" if case.id in failed else "not compiled yet"
-            lines.append(f"| {case.label} | {case.topology} | {note} |  |  |  |  |  |  |  |")
+            lines.append(f"| {case.label} | {case.topology} | {note} |  |  |  |  |  |  |  |  |")
             continue
         r = result.at_batch
         fit = "fits" if r.fits else f"**no** (+{r.over_bytes / GiB:.2f})"
@@ -227,7 +228,8 @@ def render(results: list[Result], failed: dict[str, str], mfu: float, command_no
         lines.append(
             f"| {case.label} | {r.topology['name']} | {_mesh(r)} | {r.global_batch} | {fit}, {_gib(r.total_bytes)} / "
             f"{r.hbm_bytes / GiB:.2f} | {_max_batch_cell(result)} | {_gib(best.total_bytes if best else None)} | "
-            f"{r.pairs_per_second:.0f} ({r.pairs_per_second_per_chip:.1f}) | {xla} | {_duration(r.epoch_hours)} |")
+            f"{r.pairs_per_second:.0f} ({r.pairs_per_second_per_chip:.1f}) | {xla} | {_duration(r.epoch_hours)} | "
+            f"{result.provenance['date']} |")
     lines += ["", "## What dominates HBM (per chip, at the row's global batch)", ""]
     for case in table:
         if case.id in by_id:
@@ -239,11 +241,11 @@ def render(results: list[Result], failed: dict[str, str], mfu: float, command_no
     lines += ["", f"## Memory/precision knobs: {KNOB_CONFIG} on {KNOB_TOPOLOGY}, global batch "
               f"{base.global_batch if base else '(as configured)'}", "",
               "| variant | knobs | fits | HBM/chip (GiB) | arguments | temporaries | code | compiled TFLOP/step | "
-              "model TFLOP/step | compile (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "model TFLOP/step | compile (s) | compiled |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, case in [("as configured", base_case)] + [(c.label, c) for c in all_cases if c.id.startswith("knobs/")]:
         if case.id not in by_id:
             note = f"failed: {failed[case.id]}" if case.id in failed else "not compiled yet"
-            lines.append(f"| {label} | {note} |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {label} | {note} |  |  |  |  |  |  |  |  |  |")
             continue
         r = by_id[case.id].at_batch
         flops = f"{r.compiled_flops_per_chip * r.num_chips / 1e12:.0f}" if r.compiled_flops_per_chip else "—"
@@ -251,7 +253,7 @@ def render(results: list[Result], failed: dict[str, str], mfu: float, command_no
         lines.append(f"| {label} | {', '.join(f'{k}={v}' for k, v in changed.items())} | "
                      f"{'yes' if r.fits else 'no'} | {_gib(r.total_bytes)} | {_gib(r.argument_bytes)} | "
                      f"{_gib(r.temp_bytes)} | {_gib(r.code_bytes)} | {flops} | {r.model_flops / 1e12:.0f} | "
-                     f"{r.compile_seconds:.0f} |")
+                     f"{r.compile_seconds:.0f} | {by_id[case.id].provenance['date']} |")
     lines += ["", "XLA's cost analysis counts the body of a loop once: with `optim.grad_accum` > 1 (micro-batches in a "
               "`lax.scan`) or scanned layers its compiled FLOPs are not the step's. Compile times are on this shared "
               "host, one compile at a time."]
