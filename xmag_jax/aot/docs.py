@@ -255,8 +255,8 @@ def render(results: list[Result], failed: dict[str, str], mfu: float, command_no
                      f"{_gib(r.temp_bytes)} | {_gib(r.code_bytes)} | {flops} | {r.model_flops / 1e12:.0f} | "
                      f"{r.compile_seconds:.0f} | {by_id[case.id].provenance['date']} |")
     lines += ["", "XLA's cost analysis counts the body of a loop once: with `optim.grad_accum` > 1 (micro-batches in a "
-              "`lax.scan`) or scanned layers its compiled FLOPs are not the step's. Compile times are on this shared "
-              "host, one compile at a time."]
+              "`lax.scan`) or scanned layers its compiled FLOPs are not the step's. Compile times are wall seconds on "
+              "the host that compiled the row, and vary with its load."]
     seconds = [t.compile_seconds for r in results for t in r.tries]
     if seconds:
         lines += ["", f"Compile time on this host: {len(seconds)} compiles, "
