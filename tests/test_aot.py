@@ -1,10 +1,14 @@
 """AOT compile reports for TPU topologies (libtpu compile-only devices, no TPU needed)."""
 
+import dataclasses
+import datetime
 import json
 
 import pytest
 
-from xmag_jax import aot, topologies
+from xmag_jax import errors, topologies
+from xmag_jax.aot import cli, docs, search
+from xmag_jax.aot import compile as compile_lib
 
 
 @pytest.mark.parametrize("name, libtpu_name, chips, hosts", [
@@ -47,7 +51,7 @@ def debug_v5p_8():
     """The debug config's step compiled for v5p-8 (4 chips): (config, topology, report)."""
     config = _debug_config()
     topo = topologies.parse("v5p-8")
-    return config, topo, aot.compile_step(config, topo, config_name="configs/debug.py")
+    return config, topo, compile_lib.compile_step(config, topo, config_name="configs/debug.py")
 
 
 def test_debug_step_compiles_for_v5p_8_with_sane_numbers(debug_v5p_8):
@@ -66,34 +70,35 @@ def test_debug_step_compiles_for_v5p_8_with_sane_numbers(debug_v5p_8):
     mesh = sharding.make_mesh(config.mesh, topologies.compile_devices(topo))
     trainer = step.make_trainer(config, mesh)
     assert report.model_flops == trainer.flops_per_step(config.batch_size).total
-    assert report.argument_groups == aot.argument_groups(trainer, config.batch_size)
+    assert report.argument_groups == compile_lib.argument_groups(trainer, config.batch_size)
     assert sum(report.argument_groups.values()) <= report.argument_bytes <= 4 * sum(report.argument_groups.values())
     assert 0.8 < report.compiled_flops_per_chip * topo.num_chips / report.model_flops < 2.0
     assert report.xla_seconds is not None and report.xla_seconds > 0
     assert report.pairs_per_second_per_chip == pytest.approx(
-        config.batch_size / (report.model_flops / (4 * 459e12 * aot.DEFAULT_MFU)) / 4)
-    text = aot.format_report(report)
+        config.batch_size / (report.model_flops / (4 * 459e12 * compile_lib.DEFAULT_MFU)) / 4)
+    text = compile_lib.format_report(report)
     assert "fits" in text and "v5p:2x2x1" in text
 
 
 def test_require_fit_fails_on_an_absurd_batch_naming_the_buffers(capsys):
     # 8 chips over 2 slices, 2^17 pairs per chip: the uint8 batch alone is ~300 GiB per chip.
-    rc = aot.main(["aot", "--config", "configs/debug.py", "--topology", "v5e-4", "--slices", "2",
-                   "--global-batch", str(8 * 2**17), "--require-fit"])
+    rc = cli.main(["aot", "--config", "configs/debug.py", "--topology", "v5e-4", "--slices", "2",
+                   "--global-batch", str(8 * 2**17), "--require-fit", "--config.optim.grad_accum=1"])
     out, err = capsys.readouterr()
-    assert rc == aot.NOT_FIT_EXIT
+    assert rc == cli.NOT_FIT_EXIT
+    assert out.startswith("configs/debug.py --config.optim.grad_accum=1 on v5e-4")  # overrides from argv
     assert "DOES NOT FIT (over by" in out and "dominant buffers: batch (uint8 images)" in out
     assert "does not fit" in err and "15.75 GiB available" in err
 
 
 def test_cli_unknown_topology_lists_known_names(capsys):
-    rc = aot.main(["aot", "--config", "configs/debug.py", "--topology", "v5p-7"])
+    rc = cli.main(["aot", "--config", "configs/debug.py", "--topology", "v5p-7"])
     assert rc == 2
     assert "known v5p names: v5p-8, v5p-16" in capsys.readouterr().err
 
 
 def test_cli_help_lists_the_flags(capsys):
-    assert aot.main(["aot", "--help"]) == 0
+    assert cli.main(["aot", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--topology" in out and "find_batch" in out and "require_fit" in out
 
@@ -101,12 +106,12 @@ def test_cli_help_lists_the_flags(capsys):
 def _linear_hbm_compile(calls: list):
     """Stands in for XLA in tests of the search and the page: fixed 2 GiB + 0.3 GiB per pair per chip."""
 
-    def fake_compile(config, topo, *, global_batch=None, mfu=aot.DEFAULT_MFU, config_name="", devices=None):
+    def fake_compile(config, topo, *, global_batch=None, mfu=compile_lib.DEFAULT_MFU, config_name="", devices=None):
         global_batch = global_batch or config.batch_size
         calls.append((config_name, topo.name, global_batch))
         total = int((2 + 0.3 * global_batch / topo.num_chips) * topologies.GiB)
-        return aot.Report(config_name, topo.describe(), {"data": topo.num_chips, "fsdp": 1}, global_batch,
-                          aot.knobs(config), fits=total <= topo.chip.usable_hbm_bytes, compiled=True,
+        return compile_lib.Report(config_name, topo.describe(), {"data": topo.num_chips, "fsdp": 1}, global_batch,
+                          compile_lib.knobs(config), fits=total <= topo.chip.usable_hbm_bytes, compiled=True,
                           hbm_bytes=topo.chip.usable_hbm_bytes, argument_bytes=2 * topologies.GiB, output_bytes=0,
                           alias_bytes=0, temp_bytes=total - 2 * topologies.GiB, code_bytes=0, total_bytes=total,
                           model_flops=1e12, argument_groups={"teacher params": 2 * topologies.GiB})
@@ -118,62 +123,89 @@ def test_find_batch_brackets_then_lands_on_the_largest_fit(monkeypatch):
     """The search logic on a linear HBM model instead of XLA."""
     topo = topologies.parse("v5e-8")
     calls = []
-    monkeypatch.setattr(aot, "compile_step", _linear_hbm_compile(calls))
-    best, tries = aot.find_batch(_debug_config(), topo, log=lambda s: None)
+    monkeypatch.setattr(compile_lib, "compile_step", _linear_hbm_compile(calls))
+    best, tries = search.find_batch(_debug_config(), topo, log=lambda s: None)
     largest = max(b for b in range(8, 10_000, 8) if 2 + 0.3 * b / 8 <= 15.75)
     assert best.global_batch == largest == 360
     assert calls[0][2] == 8 and len(calls) <= 5
     assert any(t.global_batch == largest + 8 and not t.fits for t in tries)
 
 
-def test_docs_page_renders_and_rerenders_from_json(debug_v5p_8, tmp_path, monkeypatch):
-    from xmag_jax import aot_docs
+def test_docs_cheap_mode_writes_the_whole_page_then_rerenders_it(debug_v5p_8, tmp_path, monkeypatch):
+    """`--docs --no-search` on the debug config: one compile per case (the fixture's real one), the whole page
+    with its provenance, then a rerender from the JSON."""
+    import jax
 
-    config, topo, report = debug_v5p_8
-    assert aot.Report.from_json(json.loads(json.dumps(report.to_json()))) == report
-    monkeypatch.setattr(aot_docs, "CONFIGS", (("configs/debug.py", "debug teacher → debug student"),))
-    monkeypatch.setattr(aot_docs, "TOPOLOGIES", ("v5p-8", "v6e-4"))
-    rows = {"rows": [{"config": "configs/debug.py", "topology": "v5p-8", "tries": [report.to_json()]}]}
-    (tmp_path / "aot.json").write_text(json.dumps(rows))
-    (tmp_path / "aot_knobs.json").write_text(json.dumps({"knobs": [report.to_json()]}))
-    assert aot.main(["aot", "--docs", str(tmp_path / "aot.md"), "--rerender"]) == 0
-    page = (tmp_path / "aot.md").read_text()
-    row = next(line for line in page.splitlines() if line.startswith("| debug teacher → debug student | v5p-8"))
+    monkeypatch.setattr(docs, "TABLE", (("configs/debug.py", "debug teacher → debug student", ("v5p-8",)),))
+    monkeypatch.setattr(docs, "KNOB_CONFIG", "configs/debug.py")
+    monkeypatch.setattr(docs, "KNOB_TOPOLOGY", "v5p-8")
+    monkeypatch.setattr(docs, "KNOB_VARIANTS", (("accum2", "grad_accum 2", {"optim.grad_accum": 2}),))
+    config, topo, compiled = debug_v5p_8
+    calls = []
+
+    def compile_step(config, topo, *, global_batch, mfu, config_name):  # the fixture's compile, once per case
+        calls.append(config_name)
+        assert (topo.name, global_batch, mfu) == ("v5p-8", 4 * config.optim.grad_accum, compile_lib.DEFAULT_MFU)
+        return dataclasses.replace(compiled, config_name=config_name, knobs=compile_lib.knobs(config))
+
+    monkeypatch.setattr(compile_lib, "compile_step", compile_step)
+    page = tmp_path / "aot.md"
+    assert cli.main(["aot", "--docs", str(page), "--no-search"]) == 0
+    assert calls == ["configs/debug.py", "configs/debug.py --config.optim.grad_accum=2"]  # no search compiles
+    text = page.read_text()
+    assert text.startswith("# Ahead-of-time TPU compile reports\n")
+    assert (f"- every case: `python -m xmag_jax.aot --docs {page} --no-search` on "
+            f"{datetime.date.today().isoformat()}, jax {jax.__version__}, libtpu ") in text
+    row = next(line for line in text.splitlines() if line.startswith("| debug teacher → debug student | v5p-8"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    assert cells[2] == "data 4×fsdp 1" and cells[3].startswith("fits, ")
-    assert cells[4].startswith("≈ ") and cells[4].endswith("/chip; estimate)")
-    assert int(cells[4].split()[1]) % 4 == 0 and int(cells[4].split()[1]) > config.batch_size
-    assert cells[6].startswith(f"{report.pairs_per_second:.0f} ")
-    assert "| debug teacher → debug student | v6e-4 | not compiled yet |" in page
-    assert "## Memory/precision knobs" in page
+    assert cells[2] == "data 4×fsdp 1" and cells[3] == "4" and cells[4].startswith("fits, ")
+    assert cells[5].startswith("≈ ") and cells[5].endswith("/chip; estimate)") and cells[6] == "—"
+    assert int(cells[5].split()[1]) % 4 == 0 and int(cells[5].split()[1]) > 4
+    assert cells[10] == datetime.date.today().isoformat()  # the row's compile date
+    knob = next(line for line in text.splitlines() if line.startswith("| grad_accum 2 |"))
+    assert "| optim.grad_accum=2 | yes |" in knob
+    assert "## What dominates HBM" in text and "## Memory/precision knobs" in text and "not compiled" not in text
+    # The JSON round-trips the reports; a rerender at another MFU halves the projection and compiles nothing.
+    saved = json.loads((tmp_path / "aot.json").read_text())["cases"]["debug/v5p-8"]
+    report = compile_lib.Report.from_json(saved["tries"][0])
+    assert compile_lib.Report.from_json(json.loads(json.dumps(report.to_json()))) == report
+    assert cli.main(["aot", "--docs", str(page), "--rerender", "--mfu", "0.25"]) == 0
+    rerendered = next(line for line in page.read_text().splitlines() if line.startswith(row[:40]))
+    assert len(calls) == 2
+    assert rerendered.split("|")[8].strip().startswith(f"{report.pairs_per_second / 2:.0f} ")
+
+
+def test_docs_rows_pattern_matching_nothing_is_one_line():
+    with pytest.raises(errors.UserError, match=r"--rows: 'uni2h/\*' matches no case.*uni2h_vits14/v5p-256"):
+        cli.main(["aot", "--docs", "unused.md", "--rows", "uni2h/*"])
 
 
 def test_docs_processes_fill_one_page(monkeypatch, tmp_path):
     """Rows of two topologies from two runs and the knob variants from a third merge into one page."""
-    from xmag_jax import aot_docs
-
     calls = []
-    monkeypatch.setattr(aot, "compile_step", _linear_hbm_compile(calls))
-    monkeypatch.setattr(aot_docs, "CONFIGS", (("configs/debug.py", "debug"),))
-    monkeypatch.setattr(aot_docs, "TOPOLOGIES", ("v5e-8", "v6e-8"))
-    monkeypatch.setattr(aot_docs, "KNOB_CONFIG", "configs/debug.py")
-    monkeypatch.setattr(aot_docs, "KNOB_TOPOLOGY", "v5e-8")
+    monkeypatch.setattr(compile_lib, "compile_step", _linear_hbm_compile(calls))
+    monkeypatch.setattr(docs, "TABLE", (("configs/debug.py", "debug", ("v5e-8", "v6e-8")),))
+    monkeypatch.setattr(docs, "KNOB_CONFIG", "configs/debug.py")
+    monkeypatch.setattr(docs, "KNOB_TOPOLOGY", "v5e-8")
     page = str(tmp_path / "aot.md")
     for topology in ("v6e-8", "v5e-8"):
-        assert aot.main(["aot", "--docs", page, "--docs_part", "rows", "--docs_topologies", topology,
-                         "--docs_resume"]) == 0
-    assert aot.main(["aot", "--docs", page, "--docs_part", "knobs", "--docs_resume"]) == 0
+        assert cli.main(["aot", "--docs", page, "--rows", f"debug/{topology}", "--resume"]) == 0
+    rows_calls = len(calls)
+    assert cli.main(["aot", "--docs", page, "--rows", "knobs/*", "--no-search"]) == 0
     text = (tmp_path / "aot.md").read_text()
     # v5e-8 (15.75 GiB): largest multiple of 8 with 2 + 0.3 * b / 8 <= 15.75 is 360; v6e-8 (31.24 GiB): 776.
-    assert "| debug | v5e-8 | data 8×fsdp 1 | fits, " in text and "| 360 (45/chip) |" in text
+    assert "| debug | v5e-8 | data 8×fsdp 1 | 8 | fits, " in text and "| 360 (45/chip) |" in text
     assert "| debug | v6e-8 |" in text and "| 776 (97/chip) |" in text
     assert "not compiled yet" not in text
+    labels = [label for _, label, _ in docs.KNOB_VARIANTS]
     variants = [line.split("|")[1].strip() for line in text.splitlines()
-                if line.split("|")[1:2] and line.split("|")[1].strip() in dict(aot_docs.KNOB_VARIANTS)]
-    assert variants == [label for label, _ in aot_docs.KNOB_VARIANTS]
-    # The knob base reuses the row's compile; the four variants compile once each.
-    knob_calls = [c for c in calls if c[1] == "v5e-8" and c[2] == _debug_config().batch_size]
-    assert len(knob_calls) == 1 + 4
+                if line.split("|")[1:2] and line.split("|")[1].strip() in ["as configured", *labels]]
+    assert variants == ["as configured", *labels]
+    # The knob base is the table row; each variant compiles once, with its overrides through --config.KEY=VALUE.
+    assert [c[0] for c in calls[rows_calls:]] == [
+        "configs/debug.py" + "".join(f" --config.{k}={v}" for k, v in overrides.items())
+        for _, _, overrides in docs.KNOB_VARIANTS]
+    assert calls[rows_calls + 3][2] == 8 * 4  # grad_accum 4: the page batch is a multiple of 8 chips x 4
 
 
 @pytest.mark.parametrize("fsdp", [4, 16])

@@ -6,7 +6,7 @@ r"""Does an end-to-end step fit a TPU slice? Compile-only, on a host without a T
 For each topology and `tiles_per_slide`, compiles the training step of `--model` (randomly initialised:
 only shapes matter) with the config's dtype, remat and freezing at one slide per chip per step
 (`slides_per_step` = chips, tiles sharded over the data axis), and reports HBM per chip (arguments +
-outputs - aliases + temporaries + code, from XLA's memory analysis), whether it fits the chip's usable
+outputs - aliases + temporaries + code: `xmag_jax.aot.compile.Memory`), whether it fits the chip's usable
 HBM, XLA's FLOPs per chip and the projected slides/s at `--mfu` of the chip's peak bf16 FLOP/s.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import time
 
 import jax
 import ml_collections
@@ -23,7 +22,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from xmag_jax import aot, errors, models, platforms, sharding, topologies
+from xmag_jax import errors, models, platforms, sharding, topologies
+from xmag_jax.aot import compile as compile_lib
 from xmag_jax.finetune import model as model_lib
 
 GiB = topologies.GiB
@@ -33,12 +33,12 @@ _MODEL = flags.DEFINE_string("model", "vit_b14", "Registry name of the student (
 _TOPOLOGY = flags.DEFINE_multi_string("topology", ["v5p-8", "v6e-8"], "Cloud TPU topology names.")
 _TILES = flags.DEFINE_multi_integer("tiles", [1024, 2048, 4096], "tiles_per_slide values.")
 _PATCH = flags.DEFINE_integer("patch_px", 224, "Tile side, px.")
-_MFU = flags.DEFINE_float("mfu", aot.DEFAULT_MFU, "Assumed model FLOPs utilisation for the projection.")
+_MFU = flags.DEFINE_float("mfu", compile_lib.DEFAULT_MFU, "Assumed model FLOPs utilisation for the projection.")
 _JSON = flags.DEFINE_bool("json", False, "One JSON line per report instead of text.")
 
 
 def compile_report(config: ml_collections.ConfigDict, model: str, topo: topologies.Topology, tiles: int,
-                   patch_px: int = 224, mfu: float = aot.DEFAULT_MFU, devices: list | None = None) -> dict:
+                   patch_px: int = 224, mfu: float = compile_lib.DEFAULT_MFU, devices: list | None = None) -> dict:
     """Compile one step for `topo` at `tiles` tiles per slide, one slide per chip; the report as a dict."""
     devices = topologies.compile_devices(topo) if devices is None else devices
     config = copy.deepcopy(config)
@@ -62,26 +62,18 @@ def compile_report(config: ml_collections.ConfigDict, model: str, topo: topologi
     report = {"topology": topo.name, "chips": len(devices), "model": model, "tiles_per_slide": tiles,
               "slides_per_step": s, "remat": bool(cfg.model.remat), "dtype": cfg.model.dtype,
               "freeze_blocks": cfg.model.freeze_blocks, "usable_hbm_gib": topo.chip.usable_hbm_bytes / GiB}
-    start = time.perf_counter()
-    try:
-        compiled = fns.train_step.lower(trainable, opt_state, frozen, rest, images, mask, labels, key).compile()
-    except jax.errors.JaxRuntimeError as error:
-        if not str(error).startswith("RESOURCE_EXHAUSTED"):
-            raise
-        report.update(fits=False, compile_s=round(time.perf_counter() - start, 1),
-                      error=str(error).splitlines()[0][:300])
+    compiled, error, seconds = compile_lib.compile_within_hbm(
+        lambda: fns.train_step.lower(trainable, opt_state, frozen, rest, images, mask, labels, key))
+    if compiled is None:
+        report.update(fits=False, compile_s=round(seconds, 1), error=error[:300])
         return report
-    mem = compiled.memory_analysis()
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0))
+    mem = compile_lib.Memory.of(compiled)
+    flops, _ = compile_lib.cost(compiled)
     step_s = flops / (topo.chip.peak_bf16_flops * mfu) if flops else float("nan")
-    report.update(fits=total <= topo.chip.usable_hbm_bytes, hbm_gib_per_chip=round(total / GiB, 2),
-                  temp_gib=round(mem.temp_size_in_bytes / GiB, 2), flops_per_chip=flops, mfu=mfu,
+    report.update(fits=mem.total <= topo.chip.usable_hbm_bytes, hbm_gib_per_chip=round(mem.total / GiB, 2),
+                  temp_gib=round(mem.temp / GiB, 2), flops_per_chip=flops, mfu=mfu,
                   projected_step_s=round(step_s, 3), projected_slides_per_s=round(s / step_s, 2),
-                  compile_s=round(time.perf_counter() - start, 1))
+                  compile_s=round(seconds, 1))
     return report
 
 
