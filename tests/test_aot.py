@@ -79,7 +79,7 @@ def test_debug_step_compiles_for_v5p_8_with_sane_numbers(debug_v5p_8):
 def test_require_fit_fails_on_an_absurd_batch_naming_the_buffers(capsys):
     # 8 chips over 2 slices, 2^17 pairs per chip: the uint8 batch alone is ~300 GiB per chip.
     rc = aot.main(["aot", "--config", "configs/debug.py", "--topology", "v5e-4", "--slices", "2",
-                   "--global-batch", str(8 * 2**17), "--require-fit"])
+                   "--global_batch", str(8 * 2**17), "--require_fit"])
     out, err = capsys.readouterr()
     assert rc == aot.NOT_FIT_EXIT
     assert "DOES NOT FIT (over by" in out and "dominant buffers: batch (uint8 images)" in out

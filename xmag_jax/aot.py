@@ -1,7 +1,7 @@
 r"""Ahead-of-time compile of the distillation step for a Cloud TPU topology, on a host without a TPU.
 
-    python -m xmag_jax.aot --config configs/uni2h_vits14.py --topology v5p-256 [--global-batch 2048] \
-        [--slices 2] [--mfu 0.5] [--find-batch] [--require-fit] [--json report.json] [--config.KEY=VALUE]
+    python -m xmag_jax.aot --config configs/uni2h_vits14.py --topology v5p-256 [--global_batch 2048] \
+        [--slices 2] [--mfu 0.5] [--find_batch] [--require_fit] [--json report.json] [--config.KEY=VALUE]
     python -m xmag_jax.aot --docs docs/aot.md      # regenerate the report tables (xmag_jax/aot_docs.py)
 
 Builds the training mesh over libtpu's compile-only devices for the topology (`xmag_jax.topologies`) and
@@ -9,8 +9,8 @@ the train step of `xmag_jax.distill.step.make_trainer` (the one `jit` the train 
 state, lowers and compiles it with XLA:TPU, and reports per chip: HBM (arguments, outputs, temporaries,
 total against the chip's HBM; bytes), compiled FLOPs (XLA cost analysis), model FLOPs (architecture),
 projected step time and pairs/s/chip at the chip's bf16 peak times an assumed MFU, and XLA's own time
-estimate. `--find-batch` searches the largest global batch that compiles within HBM (bracketing, then
-narrowing, over multiples of the data-parallel size x grad_accum). Exit status 3 with `--require-fit`
+estimate. `--find_batch` searches the largest global batch that compiles within HBM (bracketing, then
+narrowing, over multiples of the data-parallel size x grad_accum). Exit status 3 with `--require_fit`
 when the step does not fit; 2 for bad input (unknown topology, config error).
 """
 
@@ -31,7 +31,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from xmag_jax import errors, sharding, topologies
+from xmag_jax import cli, errors, sharding, topologies
 from xmag_jax.topologies import GiB, Topology
 
 DEFAULT_MFU = 0.5
@@ -380,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     fv = flags.FlagValues()
     _define_flags(fv)
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(f"usage: python -m xmag_jax.aot --config=configs/NAME.py --topology=v5p-256 [flags]\n\n"
-              f"{fv.get_help()}")
+        print(cli.Command(PROG, _define_flags, doc=__doc__).help())
         return 0
     rest = errors.parse_flags(fv, [argv[0], *[
         a.replace("--find-batch", "--find_batch").replace("--require-fit", "--require_fit")

@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import faulthandler
+import functools
+import importlib
 import sys
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
@@ -43,7 +45,8 @@ class Command:
     `required`: flags that must be given. `one_of`: groups of flags of which exactly one must be given.
     `config`: (default file or None, help) of an ml_collections `--config` flag; `lock_config` as
     `config_flags.DEFINE_config_file`; `known_keys()` (the schema's dotted keys) gives the did-you-mean of a
-    `--config.KEY` the config lacks. `positional`: the usage text of positional arguments (none if empty)."""
+    `--config.KEY` the config lacks. `pass_through`: unknown flags and words are returned to the caller instead
+    of refused (data_prep's Beam options). `positional`: usage text of the words after the flags."""
 
     prog: str
     define: Callable[[flags.FlagValues], None]
@@ -92,6 +95,8 @@ class Command:
         group = next((g for g in self.one_of if flag.name in g), None)
         if group is not None:
             return "one of " + ", ".join(f"--{n}" for n in group) + " is required"
+        if flag.name == "config" and self.config is not None:  # the file, not the ConfigDict it loads to
+            return f"default: {show(self.config[0])}"
         return f"default: {show(flag.default)}"
 
     def parse(self, argv: Sequence[str] | None = None) -> tuple[flags.FlagValues, list[str]]:
@@ -110,6 +115,10 @@ class Command:
             raise errors.UserError(_with_hint(str(error), fv)) from None
         if rest and not (self.pass_through or self.positional):
             raise errors.UserError(f"unexpected arguments {rest}")
+        for word in rest:  # a flag of this command misspelt, e.g. with '-', is not for Beam either
+            name = word[2:].split("=")[0].replace("-", "_") if word.startswith("--") else ""
+            if name in fv or (name.startswith("no") and name[2:] in fv):
+                raise errors.UserError(f"unknown flag {word.split('=')[0]} (did you mean --{name}?)")
         missing = [f"--{n}" for n in self.required if fv[n].value is None]
         if missing:
             raise errors.UserError(f"missing required flag{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
@@ -125,17 +134,26 @@ def dispatch(prog: str, commands: dict[str, Callable[[list[str]], int | None]], 
              doc: str = "") -> int:
     """`prog SUBCOMMAND [flags]`: runs `commands[SUBCOMMAND](flags)`; `--help` (or no word) lists them."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in HELP_FLAGS:
+    if not argv:
+        raise errors.UserError(f"name a subcommand: {', '.join(commands)}")
+    if argv[0] in HELP_FLAGS:
         print(f"usage: {prog} {{{','.join(commands)}}} [flags]\n\n{textwrap.dedent(doc).strip()}\n\n"
               f"`{prog} SUBCOMMAND --help` lists the flags of one.")
-        if not argv:
-            raise errors.UserError(f"name a subcommand: {', '.join(commands)}")
         return 0
     if argv[0] not in commands:
         close = difflib.get_close_matches(argv[0], list(commands), n=1)
         raise errors.UserError(f"unknown subcommand {argv[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                                + f"; one of {', '.join(commands)}")
     return commands[argv[0]](argv[1:]) or 0
+
+
+def lazy_mains(modules: dict[str, str]) -> dict[str, Callable[[list[str]], int | None]]:
+    """{subcommand: module name} -> {subcommand: that module's `main`}, imported when the subcommand runs."""
+    return {name: functools.partial(_import_main, module) for name, module in modules.items()}
+
+
+def _import_main(module: str, argv: list[str]) -> int | None:
+    return importlib.import_module(module).main(argv)
 
 
 def start_absl_logging() -> None:
@@ -179,7 +197,7 @@ def _flag_usage(flag: flags.Flag) -> str:
 def _with_hint(message: str, fv: flags.FlagValues) -> str:
     """absl's unknown-flag message plus a did-you-mean over this command's flags."""
     prefix = "Unknown command line flag '"
-    if not message.startswith(prefix) or "Did you mean" in message:
+    if not message.startswith(prefix):
         return message
     name = message[len(prefix):].split("'")[0]
     names = [n for n in fv if len(n) > 1]

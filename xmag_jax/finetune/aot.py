@@ -39,8 +39,7 @@ def _define(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("json", False, "One JSON line per report instead of text.", flag_values=fv)
 
 
-COMMAND = cli.Command(PROG, _define, doc=__doc__, config=("configs/mil_e2e.py", "Finetune config file."),
-                      lock_config=False)
+COMMAND = cli.Command(PROG, _define, doc=__doc__, config=("configs/mil_e2e.py", "Finetune config file."))
 
 
 def compile_report(config: ml_collections.ConfigDict, model: str, topo: topologies.Topology, tiles: int,

@@ -30,7 +30,7 @@ def _define(fv: flags.FlagValues) -> None:
     train.define_distributed(fv)
 
 
-COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("config", "out"), lock_config=False,
+COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("config", "out"),
                       config=(None, "Config file (configs/NAME.py[:ARG])."))
 
 
