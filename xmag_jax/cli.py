@@ -46,7 +46,7 @@ class Command:
     `config`: (default file or None, help) of an ml_collections `--config` flag; `lock_config` as
     `config_flags.DEFINE_config_file`; `known_keys()` (the schema's dotted keys) gives the did-you-mean of a
     `--config.KEY` the config lacks. `pass_through`: unknown flags and words are returned to the caller instead
-    of refused (data_prep's Beam options). `positional`: usage text of the words after the flags."""
+    of refused (data_prep's Beam options); `positional` names them in the usage line."""
 
     prog: str
     define: Callable[[flags.FlagValues], None]
@@ -113,7 +113,7 @@ class Command:
             rest = errors.parse_flags(fv, [self.prog, *argv], self.known_keys, known_only=self.pass_through)[1:]
         except errors.UserError as error:
             raise errors.UserError(_with_hint(str(error), fv)) from None
-        if rest and not (self.pass_through or self.positional):
+        if rest and not self.pass_through:
             raise errors.UserError(f"unexpected arguments {rest}")
         for word in rest:  # a flag of this command misspelt, e.g. with '-', is not for Beam either
             name = word[2:].split("=")[0].replace("-", "_") if word.startswith("--") else ""
@@ -132,7 +132,7 @@ class Command:
 
 def dispatch(prog: str, commands: dict[str, Callable[[list[str]], int | None]], argv: Sequence[str] | None,
              doc: str = "") -> int:
-    """`prog SUBCOMMAND [flags]`: runs `commands[SUBCOMMAND](flags)`; `--help` (or no word) lists them."""
+    """`prog SUBCOMMAND [flags]`: runs `commands[SUBCOMMAND](flags)`; `prog --help` lists the subcommands."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         raise errors.UserError(f"name a subcommand: {', '.join(commands)}")
