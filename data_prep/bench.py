@@ -1,7 +1,7 @@
 """Benchmark `python -m xmag_jax.bench prep` (or `python -m data_prep.bench`): tile-pair throughput per core.
 
 Runs the whole `data_prep.tile_pairs` job (tissue mask, pairs, records, per-slide shards, TFDS assembly,
-Beam) in this process (DirectRunner in_memory, 1 worker, --no-isolation so all CPU time is counted here)
+Beam) in this process (DirectRunner in_memory, 1 worker, --noisolation so all CPU time is counted here)
 and then, on exactly the same fields, the bare minimum: OpenSlide `read_region` of the 5x and 20x fields
 at the level the reader picks + JPEG encode of what was read. Prints pairs per CPU-second for both and
 their ratio (goal ≤ 1.3x).
@@ -9,7 +9,6 @@ their ratio (goal ≤ 1.3x).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import io
@@ -20,9 +19,10 @@ import time
 import numpy as np
 import openslide
 import simplejpeg
+from absl import flags
 
 from data_prep import tile_pairs
-from xmag_jax import errors
+from xmag_jax import cli, errors
 from xmag_jax.formats import pair_records
 from xmag_jax.wsi import slide_reader, synthetic
 
@@ -64,21 +64,29 @@ def _read_all(out: str) -> list[dict]:
     return pairs
 
 
+PROG = "python -m xmag_jax.bench prep"
+
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("slides", None, "folder of slides (default: 2 synthetic slides, one 40x SVS, one 20x TIFF)",
+                        flag_values=fv)
+    flags.DEFINE_integer("size", 2 * synthetic.DEFAULT_SIZE_PX, "side of the synthetic slides, px at 0.25 µm/px",
+                         flag_values=fv)
+    flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of both images (1..100)", flag_values=fv)
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xmag_jax.bench prep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slides", help="folder of slides (default: 2 synthetic slides, one 40x SVS, one 20x TIFF)")
-    parser.add_argument("--size", type=int, default=2 * synthetic.DEFAULT_SIZE_PX,
-                        help="side of the synthetic slides, px at 0.25 µm/px")
-    parser.add_argument("--jpeg-quality", type=int, default=90)
-    args = parser.parse_args(argv)
+    args, _ = COMMAND.parse(argv)
     if args.slides is not None and not os.path.isdir(args.slides):
         raise errors.UserError(f"--slides {args.slides}: expected a folder of slides")
     if args.size < synthetic.TILE_PX * synthetic.DOWNSAMPLES[-1]:
         raise errors.UserError(
             f"--size {args.size}: expected at least {synthetic.TILE_PX * synthetic.DOWNSAMPLES[-1]} px")
     if not 1 <= args.jpeg_quality <= 100:
-        raise errors.UserError(f"--jpeg-quality {args.jpeg_quality}: expected a JPEG quality in 1..100")
+        raise errors.UserError(f"--jpeg_quality {args.jpeg_quality}: expected a JPEG quality in 1..100")
     with tempfile.TemporaryDirectory(prefix="xmag_prep_bench_") as tmp:
         slides = args.slides
         if slides is None:
@@ -87,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         out = os.path.join(tmp, "pairs")
         wall, cpu = time.perf_counter(), time.process_time()
         with contextlib.redirect_stdout(io.StringIO()):
-            tile_pairs.main(["--slides", slides, "--out", out, "--val-fraction", "0.5", "--jpeg-quality",
-                             str(args.jpeg_quality), "--no-progress", "--no-isolation",
+            tile_pairs.main(["--slides", slides, "--out", out, "--val_fraction", "0.5", "--jpeg_quality",
+                             str(args.jpeg_quality), "--noprogress", "--noisolation",
                              "--direct_running_mode=in_memory", "--direct_num_workers=1"])
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         pairs = _read_all(out)
@@ -107,4 +115,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    errors.run_cli(main, prog="python -m data_prep.bench")
+    errors.run_cli(main, prog=PROG)

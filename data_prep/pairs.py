@@ -118,7 +118,7 @@ def field_size_level0(slide: slide_reader.Slide, config: PairConfig) -> int:
         raise slide_reader.ResolutionError(
             f"{slide.path}: scanned at {slide.mpp:g} µm/px, coarser than the 20x target {mpp_20x:g} µm/px "
             f"(+{config.mpp_tolerance:.0%} tolerance): its 20x regions would be upsampled; rerun with "
-            f"--allow-upsample to tile it anyway")
+            f"--allow_upsample to tile it anyway")
     return int(round(pair_records.TILE_5X_PX * config.mpp_5x / slide.mpp))
 
 

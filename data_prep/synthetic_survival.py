@@ -3,7 +3,7 @@ r"""Synthetic survival cohorts where the spatial arrangement of two tissue class
     python -m data_prep.synthetic_survival features --out DIR --n 100 [--cohort spatial|amount] [--tokens S]
     python -m data_prep.synthetic_survival slides --out DIR --n 8 [--cohort spatial|amount]
 
-Each slide is a grid of tiles (`--min-side`..`--max-side` tiles a side, ~5 % missing) with a map of two texture
+Each slide is a grid of tiles (`--min_side`..`--max_side` tiles a side, ~5 % missing) with a map of two texture
 classes at word resolution (S x S words per tile; S = 1: one class per tile):
   * `spatial` cohort: class 1 covers exactly half the map in every slide; the maps differ in grain (a thresholded
     smooth random field of width 0.6-3 tiles), so the length of the class interface varies while the amounts do
@@ -26,16 +26,17 @@ Both also write `DIR/clinical.csv` and `DIR/class_maps.npz` (one bool map per sl
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
+import functools
 import os
 import pathlib
 
 import numpy as np
+from absl import flags
 from scipy import ndimage
 
-from xmag_jax import atomic, geometry
+from xmag_jax import atomic, cli, errors, geometry
 from xmag_jax.formats import feature_h5
 
 COHORTS = ("spatial", "amount")
@@ -159,35 +160,52 @@ def write_slides(out: str | os.PathLike, slides: list[SyntheticSlide], *, words:
         synthetic.write_slide(str(out / f"{slide.slide_id}.tif"), scene, side_px, LEVEL0_MPP, "tiff")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.synthetic_survival", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("writer", choices=("features", "slides"), help="h5 features (CI shortcut) or rendered slides")
-    p.add_argument("--out", required=True, help="output folder: clinical.csv, class_maps.npz, features/ or slides/")
-    p.add_argument("--n", type=int, default=100, help="slides")
-    p.add_argument("--cohort", choices=COHORTS, default="spatial")
-    p.add_argument("--tokens", type=int, default=0, help="S: class map at S x S words per tile, and (features) the "
-                   "h5 'tokens' dataset; 0 = one class per tile, no tokens")
-    p.add_argument("--dim", type=int, default=16, help="feature dim (features writer)")
-    p.add_argument("--noise", type=float, default=0.5, help="feature noise std (features writer)")
-    p.add_argument("--min-side", type=int, default=8, help="tiles per slide side, at least")
-    p.add_argument("--max-side", type=int, default=12, help="tiles per slide side, at most")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+PROG = "python -m data_prep.synthetic_survival"
+
+
+def _define(fv: flags.FlagValues, writer: str) -> None:
+    flags.DEFINE_string("out", None, f"output folder: clinical.csv, class_maps.npz, {writer}/", flag_values=fv)
+    flags.DEFINE_integer("n", 100, "slides", flag_values=fv)
+    flags.DEFINE_enum("cohort", "spatial", list(COHORTS), "what decides the risk: the class interface or amount",
+                      flag_values=fv)
+    flags.DEFINE_integer("tokens", 0, "S: class map at S x S words per tile"
+                         + (", and the h5 'tokens' dataset" if writer == "features" else "")
+                         + "; 0 = one class per tile" + (", no tokens" if writer == "features" else ""),
+                         flag_values=fv)
+    if writer == "features":
+        flags.DEFINE_integer("dim", 16, "feature dim", flag_values=fv)
+        flags.DEFINE_float("noise", 0.5, "feature noise std", flag_values=fv)
+    flags.DEFINE_integer("min_side", 8, "tiles per slide side, at least", flag_values=fv)
+    flags.DEFINE_integer("max_side", 12, "tiles per slide side, at most", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the maps, times and features", flag_values=fv)
+
+
+COMMANDS = {writer: cli.Command(f"{PROG} {writer}", functools.partial(_define, writer=writer), doc=doc,
+                                required=("out",))
+            for writer, doc in (("features", "h5 features (the CI shortcut, no image)"),
+                                ("slides", "rendered pyramidal TIFF slides (the real path, slow)"))}
+
+
+def _run(writer: str, argv: list[str]) -> int:
+    args, _ = COMMANDS[writer].parse(argv)
     words = max(args.tokens, 1)
     slides, rows = make_cohort(args.n, args.cohort, seed=args.seed, words=words, min_side=args.min_side,
                                max_side=args.max_side)
     out = pathlib.Path(args.out)
-    if args.writer == "features":
+    if writer == "features":
         write_features(out / "features", slides, dim=args.dim, noise=args.noise, words=words, tokens=args.tokens > 0,
                        seed=args.seed)
     else:
         write_slides(out / "slides", slides, words=words, seed=args.seed)
     write_clinical(out, rows, slides)
     events = sum(r["event"] for r in rows)
-    print(f"wrote {len(rows)} {args.cohort} slides ({events} events) to {out}/{args.writer}, clinical.csv")
+    print(f"wrote {len(rows)} {args.cohort} slides ({events} events) to {out}/{writer}, clinical.csv")
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    return cli.dispatch(PROG, {w: functools.partial(_run, w) for w in COMMANDS}, argv, doc=__doc__.split("\n\n")[0])
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    errors.run_cli(main, prog=PROG)

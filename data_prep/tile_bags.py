@@ -1,6 +1,6 @@
 """Whole-slide images -> every tissue tile at 5x -> ArrayRecord bags with TFDS metadata (Apache Beam).
 
-    python -m data_prep.tile_bags --slides DIR_OR_CSV --out BAGS [--mpp 2.0 --patch-px 224 --min-tissue 0.25]
+    python -m data_prep.tile_bags --slides DIR_OR_CSV --out BAGS [--mpp 2.0 --patch_px 224 --min_tissue 0.25]
 
 The tiles are exactly those `python -m xmag_jax.embed` embeds at the same options (its tissue mask and
 grid: `xmag_jax.embed.plan.plan_slide`, tiles read with `slide_reader.read_field`), stored as JPEG so that
@@ -15,14 +15,13 @@ Output folder:
 
 It runs on the machinery of `data_prep.tile_pairs`: a rerun with the same options skips finished slides
 (done markers carry the shard's size and digest), failed slides are retried and listed in failures.jsonl,
-shards are written under temp names and renamed, the job fails past --max-failure-fraction, one job at a
+shards are written under temp names and renamed, the job fails past --max_failure_fraction, one job at a
 time per --out. A slide without tissue is kept out of the bags with a warning in summary.json. Any other
 option is an Apache Beam pipeline option.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -30,9 +29,10 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+from absl import flags
 
 from data_prep import assemble, pairs, tile_pairs
-from xmag_jax import atomic, errors, geometry, workdir_lock
+from xmag_jax import atomic, cli, errors, geometry, workdir_lock
 from xmag_jax.embed import plan as embed_plan
 from xmag_jax.formats import bag_records
 from xmag_jax.wsi import failures, inputs, slide_reader, tissue
@@ -73,36 +73,35 @@ def process_slide(spec: inputs.SlideSpec, config: BagConfig, work_dir: str, over
     return pairs.write_slide_shard(spec, config, work_dir, records_of, unit="tile")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--slides", required=True, help="folder of slides or a CSV manifest (path [, slide_id, mpp])")
-    p.add_argument("--out", required=True, help="output dataset folder")
-    p.add_argument("--mpp", type=float, default=2.0, help="µm/px of the tiles (2.0 = 5x)")
-    p.add_argument("--patch-px", type=int, default=224, help="tile side in px (224)")
-    p.add_argument("--min-tissue", type=float, default=0.25, help="keep tiles whose field is at least this "
-                   "fraction tissue (0.25, as embed)")
-    p.add_argument("--thumbnail-mpp", type=float, default=tissue.THUMBNAIL_MPP, help="µm/px of the tissue mask")
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (90)")
-    p.add_argument("--examples-per-shard", type=int, default=10000, help="tiles per output shard (10000)")
-    p.add_argument("--max-failure-fraction", type=float, default=0.1, help="fail the job when more than this "
-                   "fraction of slides failed (0.1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-isolation", action="store_true", help="read slides in the Beam worker itself")
-    return p
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("slides", None, "folder of slides or a CSV manifest (path [, slide_id, mpp])",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, "output dataset folder", flag_values=fv)
+    flags.DEFINE_float("mpp", 2.0, "µm/px of the tiles (2.0 = 5x)", flag_values=fv)
+    flags.DEFINE_integer("patch_px", 224, "tile side in px", flag_values=fv)
+    flags.DEFINE_float("min_tissue", 0.25, "keep tiles whose field is at least this fraction tissue (as embed)",
+                       flag_values=fv)
+    flags.DEFINE_float("thumbnail_mpp", tissue.THUMBNAIL_MPP, "µm/px of the tissue mask", flag_values=fv)
+    flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality (1..100)", flag_values=fv)
+    flags.DEFINE_integer("examples_per_shard", 10000, "tiles per output shard", flag_values=fv)
+    tile_pairs.define_job_flags(fv)
 
 
-def check_args(args: argparse.Namespace) -> None:
+COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("slides", "out"), pass_through=True,
+                      positional="[Beam pipeline options]")
+
+
+def check_args(args: flags.FlagValues) -> None:
     """Raises UserError (one line) for option values no job can run with; before anything is read."""
     checks = [
         (not os.path.exists(args.out) or os.path.isdir(args.out), "--out", "a folder (this is a file)", args.out),
         (args.mpp > 0, "--mpp", "a pixel size > 0 µm/px", args.mpp),
-        (args.thumbnail_mpp > 0, "--thumbnail-mpp", "a pixel size > 0 µm/px", args.thumbnail_mpp),
-        (args.patch_px >= 14, "--patch-px", "a tile side >= 14 px", args.patch_px),
-        (0 <= args.min_tissue <= 1, "--min-tissue", "a fraction in [0, 1]", args.min_tissue),
-        (1 <= args.jpeg_quality <= 100, "--jpeg-quality", "a JPEG quality in 1..100", args.jpeg_quality),
-        (args.examples_per_shard >= 1, "--examples-per-shard", "at least 1 tile per shard", args.examples_per_shard),
-        (0 <= args.max_failure_fraction <= 1, "--max-failure-fraction", "a fraction in [0, 1]",
+        (args.thumbnail_mpp > 0, "--thumbnail_mpp", "a pixel size > 0 µm/px", args.thumbnail_mpp),
+        (args.patch_px >= 14, "--patch_px", "a tile side >= 14 px", args.patch_px),
+        (0 <= args.min_tissue <= 1, "--min_tissue", "a fraction in [0, 1]", args.min_tissue),
+        (1 <= args.jpeg_quality <= 100, "--jpeg_quality", "a JPEG quality in 1..100", args.jpeg_quality),
+        (args.examples_per_shard >= 1, "--examples_per_shard", "at least 1 tile per shard", args.examples_per_shard),
+        (0 <= args.max_failure_fraction <= 1, "--max_failure_fraction", "a fraction in [0, 1]",
          args.max_failure_fraction),
     ]
     for ok, flag, expected, value in checks:
@@ -110,8 +109,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise errors.UserError(f"{flag} {value}: expected {expected}")
 
 
-def run(args: argparse.Namespace, beam_args: list[str]) -> dict:
-    """Tile, assemble and report; returns the summary. SystemExit past --max-failure-fraction or when no
+def run(args: flags.FlagValues, beam_args: list[str]) -> dict:
+    """Tile, assemble and report; returns the summary. SystemExit past --max_failure_fraction or when no
     slide gave a tile; `workdir_lock.WorkdirLocked` while another job works on --out."""
     check_args(args)
     options = tile_pairs.pipeline_options(beam_args)
@@ -121,17 +120,17 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> dict:
         return _run_locked(args, options, out_dir, specs)
 
 
-def _run_locked(args: argparse.Namespace, options, out_dir: str, specs: list[inputs.SlideSpec]) -> dict:
+def _run_locked(args: flags.FlagValues, options, out_dir: str, specs: list[inputs.SlideSpec]) -> dict:
     start = time.time()
     work_dir = os.path.join(out_dir, "work")
     os.makedirs(work_dir, exist_ok=True)
     tile_pairs.clean_stale_temps(out_dir, work_dir)
     config = BagConfig(mpp=args.mpp, patch_px=args.patch_px, min_tissue=args.min_tissue,
-                       jpeg_quality=args.jpeg_quality, thumb_mpp=args.thumbnail_mpp, progress=not args.no_progress)
+                       jpeg_quality=args.jpeg_quality, thumb_mpp=args.thumbnail_mpp, progress=args.progress)
     already = {s.slide_id for s in specs if pairs.read_done(work_dir, s, config)}
     todo = [s for s in specs if s.slide_id not in already]
     if todo:
-        tile_pairs.run_pipeline(todo, config, work_dir, None, options, not args.no_isolation, process_slide)
+        tile_pairs.run_pipeline(todo, config, work_dir, None, options, args.isolation, process_slide)
     done, failed = tile_pairs.collect_results(specs, config, out_dir, work_dir)
     productive = [s for s in specs if done[s.slide_id] and done[s.slide_id]["num_pairs"] > 0]
     summary = {
@@ -146,7 +145,7 @@ def _run_locked(args: argparse.Namespace, options, out_dir: str, specs: list[inp
         summary["seconds"] = round(time.time() - start, 2)
         atomic.write_json(summary_path, summary)
         why = (f"{len(failed)} of {len(specs)} slides failed ({summary['failures_by_type']}), more than "
-               f"--max-failure-fraction {args.max_failure_fraction}" if too_many else "no slide gave a tissue tile")
+               f"--max_failure_fraction {args.max_failure_fraction}" if too_many else "no slide gave a tissue tile")
         raise SystemExit(f"FAILED: {why}; see {os.path.join(out_dir, failures.FAILURES_FILE)} and {summary_path}. "
                          f"Fix or remove them and rerun: finished slides are kept.")
     metadata = {"mpp": args.mpp, "patch_px": args.patch_px, "min_tissue": args.min_tissue,
@@ -170,7 +169,7 @@ def _run_locked(args: argparse.Namespace, options, out_dir: str, specs: list[inp
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; bad input raises `errors.UserError` (one line, exit 2 through `errors.run_cli`)."""
-    args, beam_args = build_parser().parse_known_args(argv)
+    args, beam_args = COMMAND.parse(argv)
     summary = run(args, beam_args)
     print(json.dumps(summary, indent=1))
     if summary["slides_without_tissue"]:

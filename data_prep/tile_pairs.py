@@ -1,14 +1,14 @@
 """Whole-slide images -> aligned 5x/20x tile pairs -> ArrayRecord shards with TFDS metadata (Apache Beam).
 
-For every slide: find the tissue, lay a grid of 5x tiles (224 px at --mpp-5x µm/px, i.e. 448 µm at 2.0
+For every slide: find the tissue, lay a grid of 5x tiles (224 px at --mpp_5x µm/px, i.e. 448 µm at 2.0
 µm/px), keep tiles with enough tissue, and store each with the 20x image of exactly the same field
-(896 px at --mpp-20x µm/px = 4 x 4 tiles of 224 px). Pixel sizes come from the slide file (or the CSV
+(896 px at --mpp_20x µm/px = 4 x 4 tiles of 224 px). Pixel sizes come from the slide file (or the CSV
 `mpp` column), never from the "magnification" label.
 
-The 5x tile is read from the slide's pyramid at --mpp-5x (default, --low-mag-source pyramid) or, as XMAG's
-released code does, made by Lanczos-resizing the 896 px 20x region to 224 px (--low-mag-source resize).
---mpp-5x / --mpp-20x must be 4 (the 4 x 4 field geometry). A slide scanned coarser than the 20x target (beyond
---mpp-tolerance) fails with ResolutionError rather than being upsampled, unless --allow-upsample.
+The 5x tile is read from the slide's pyramid at --mpp_5x (default, --low_mag_source pyramid) or, as XMAG's
+released code does, made by Lanczos-resizing the 896 px 20x region to 224 px (--low_mag_source resize).
+--mpp_5x / --mpp_20x must be 4 (the 4 x 4 field geometry). A slide scanned coarser than the 20x target (beyond
+--mpp_tolerance) fails with ResolutionError rather than being upsampled, unless --allow_upsample.
 
 Output folder (pass it as the data dir to Grain / tfds.builder_from_directory):
   xmag_pairs-train.array_record-00000-of-0000N ...   the pairs, TFDS shard names
@@ -23,7 +23,7 @@ Output folder (pass it as the data dir to Grain / tfds.builder_from_directory):
 A rerun with the same options skips slides already done (a shard that no longer matches its done marker's
 size and digest is tiled again, with a warning); a failed slide is retried. Slides that fail (not a slide,
 truncated, no pixel size, unreadable region, too coarse) are listed in failures.jsonl; the job fails when more
-than --max-failure-fraction of the slides failed. Splits are drawn among the slides that produced pairs; a job
+than --max_failure_fraction of the slides failed. Splits are drawn among the slides that produced pairs; a job
 left without a `train` split fails. One job at a time per --out (a lock file names the holder).
 
 Any other option is an Apache Beam pipeline option, e.g. `--runner DataflowRunner --project P ...`;
@@ -32,7 +32,6 @@ by default the local DirectRunner uses one process per CPU core (`--direct_num_w
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -42,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from absl import flags
 from tqdm import tqdm
 
 # apache_beam logs on import that its optional BigQuery client is absent: noise on every command line here.
@@ -50,7 +50,7 @@ import apache_beam as beam  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from data_prep import assemble, pairs  # noqa: E402
-from xmag_jax import atomic, errors, workdir_lock  # noqa: E402
+from xmag_jax import atomic, cli, errors, workdir_lock  # noqa: E402
 from xmag_jax.formats import pair_records  # noqa: E402
 from xmag_jax.wsi import failures, inputs, isolation, tissue  # noqa: E402
 
@@ -87,46 +87,52 @@ class SlideToPairs(beam.DoFn):
             self._child.close()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--slides", required=True, help="folder of slides (.svs .tif .tiff .ndpi .mrxs .scn ...) or a "
-                   "CSV manifest with columns path [, slide_id, mpp, split, coords]")
-    p.add_argument("--out", required=True, help="output dataset folder")
-    g = p.add_argument_group("magnification (pixel sizes in µm/px)")
-    g.add_argument("--mpp-5x", type=float, default=2.0, help="µm/px of the 224 px low-magnification tile (2.0)")
-    g.add_argument("--mpp-20x", type=float, default=0.5, help="µm/px of the 896 px high-magnification region (0.5)")
-    g.add_argument("--mpp-tolerance", type=float, default=0.1, help="a slide scanned up to this fraction coarser "
-                   "than --mpp-20x is still used, slightly upsampled (0.1 = 10%%)")
-    g.add_argument("--allow-upsample", action="store_true", help="tile slides scanned coarser than the 20x "
-                   "target too (their 20x regions upsampled); without it they fail with ResolutionError")
-    g.add_argument("--resample", choices=("area", "lanczos"), default="area",
-                   help="filter from the pyramid level to the target µm/px (area)")
-    g.add_argument("--low-mag-source", choices=pair_records.LOW_MAG_SOURCES, default="pyramid",
-                   help="the 5x tile: 'pyramid' (the default) reads the slide at --mpp-5x; 'resize' "
-                   "Lanczos-resizes the 896 px 20x region to 224 px, as XMAG's released code does")
-    g = p.add_argument_group("tissue")
-    g.add_argument("--min-tissue", type=float, default=0.25, help="keep 5x tiles whose field is at least this "
-                   "fraction tissue (0.25)")
-    g.add_argument("--coords-dir", help="use TRIDENT/CLAM patch-coordinate h5 files (SLIDE.h5 or SLIDE_patches.h5) "
-                   "from this folder instead of tissue detection (also: CSV `coords` column)")
-    g.add_argument("--thumbnail-mpp", type=float, default=tissue.THUMBNAIL_MPP, help="µm/px of the tissue mask (8)")
-    g = p.add_argument_group("records and splits")
-    g.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of both images (90)")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="fraction of slides (not tiles) held out as "
-                   "the `val` split when the CSV has no `split` column (0.1)")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the slide-level split")
-    g.add_argument("--examples-per-shard", type=int, default=2000, help="pairs per output shard (2000 ≈ 0.4 GB)")
-    g = p.add_argument_group("reliability")
-    g.add_argument("--max-failure-fraction", type=float, default=0.1, help="fail the job when more than this "
-                   "fraction of slides failed (0.1)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--no-isolation", action="store_true", help="read slides in the Beam worker itself, not in a "
-                   "child process (a crashing decoder then stops the job)")
-    return p
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("slides", None, "folder of slides (.svs .tif .tiff .ndpi .mrxs .scn ...) or a CSV "
+                        "manifest with columns path [, slide_id, mpp, split, coords]", flag_values=fv)
+    flags.DEFINE_string("out", None, "output dataset folder", flag_values=fv)
+    # magnification (pixel sizes in µm/px)
+    flags.DEFINE_float("mpp_5x", 2.0, "µm/px of the 224 px low-magnification tile", flag_values=fv)
+    flags.DEFINE_float("mpp_20x", 0.5, "µm/px of the 896 px high-magnification region", flag_values=fv)
+    flags.DEFINE_float("mpp_tolerance", 0.1, "a slide scanned up to this fraction coarser than --mpp_20x "
+                       "is still used, slightly upsampled (0.1 = 10%)", flag_values=fv)
+    flags.DEFINE_bool("allow_upsample", False, "tile slides scanned coarser than the 20x target too (their "
+                      "20x regions upsampled); without it they fail with ResolutionError", flag_values=fv)
+    flags.DEFINE_enum("resample", "area", ["area", "lanczos"], "filter from the pyramid level to the target µm/px",
+                      flag_values=fv)
+    flags.DEFINE_enum("low_mag_source", "pyramid", list(pair_records.LOW_MAG_SOURCES), "the 5x tile: 'pyramid' "
+                      "reads the slide at --mpp_5x; 'resize' Lanczos-resizes the 896 px 20x region to 224 px, as "
+                      "XMAG's released code does", flag_values=fv)
+    # tissue
+    flags.DEFINE_float("min_tissue", 0.25, "keep 5x tiles whose field is at least this fraction tissue",
+                       flag_values=fv)
+    flags.DEFINE_string("coords_dir", None, "use TRIDENT/CLAM patch-coordinate h5 files (SLIDE.h5 or "
+                        "SLIDE_patches.h5) from this folder instead of tissue detection (also: CSV `coords` column)",
+                        flag_values=fv)
+    flags.DEFINE_float("thumbnail_mpp", tissue.THUMBNAIL_MPP, "µm/px of the tissue mask", flag_values=fv)
+    # records and splits
+    flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of both images (1..100)", flag_values=fv)
+    flags.DEFINE_float("val_fraction", 0.1, "fraction of slides (not tiles) held out as the `val` split "
+                       "when the CSV has no `split` column", flag_values=fv)
+    flags.DEFINE_integer("split_seed", 0, "seed of the slide-level split", flag_values=fv)
+    flags.DEFINE_integer("examples_per_shard", 2000, "pairs per output shard (2000 ≈ 0.4 GB)", flag_values=fv)
+    define_job_flags(fv)
 
 
-def check_args(args: argparse.Namespace) -> None:
+def define_job_flags(fv: flags.FlagValues) -> None:
+    """The failure budget, progress and crash-isolation flags of the Beam tiling jobs (tile_pairs, tile_bags)."""
+    flags.DEFINE_float("max_failure_fraction", 0.1, "fail the job when more than this fraction of slides "
+                       "failed", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "progress bars (--noprogress: none)", flag_values=fv)
+    flags.DEFINE_bool("isolation", True, "read each slide in a child process, so a crashing decoder fails "
+                      "that slide only (--noisolation: in the Beam worker itself; a crash then stops the job)",
+                      flag_values=fv)
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("slides", "out"), pass_through=True,
+                      positional="[Beam pipeline options]")
+
+
+def check_args(args: flags.FlagValues) -> None:
     """Raises UserError (one line) for option values no job can run with; before anything is read."""
     def need(ok: bool, flag: str, expected: str, value) -> None:
         if not ok:
@@ -134,14 +140,14 @@ def check_args(args: argparse.Namespace) -> None:
 
     need(not os.path.exists(args.out) or os.path.isdir(args.out), "--out", "a folder (this is a file)", args.out)
     for flag in ("mpp_5x", "mpp_20x", "thumbnail_mpp"):
-        need(getattr(args, flag) > 0, f"--{flag.replace('_', '-')}", "a pixel size > 0 µm/px", getattr(args, flag))
-    pair_records.check_ratio(args.mpp_5x, args.mpp_20x, "--mpp-5x / --mpp-20x")
-    need(args.mpp_tolerance >= 0, "--mpp-tolerance", "a fraction >= 0", args.mpp_tolerance)
-    need(0 <= args.min_tissue <= 1, "--min-tissue", "a fraction in [0, 1]", args.min_tissue)
-    need(1 <= args.jpeg_quality <= 100, "--jpeg-quality", "a JPEG quality in 1..100", args.jpeg_quality)
-    need(0 <= args.val_fraction < 1, "--val-fraction", "a fraction in [0, 1)", args.val_fraction)
-    need(args.examples_per_shard >= 1, "--examples-per-shard", "at least 1 pair per shard", args.examples_per_shard)
-    need(0 <= args.max_failure_fraction <= 1, "--max-failure-fraction", "a fraction in [0, 1]",
+        need(getattr(args, flag) > 0, f"--{flag}", "a pixel size > 0 µm/px", getattr(args, flag))
+    pair_records.check_ratio(args.mpp_5x, args.mpp_20x, "--mpp_5x / --mpp_20x")
+    need(args.mpp_tolerance >= 0, "--mpp_tolerance", "a fraction >= 0", args.mpp_tolerance)
+    need(0 <= args.min_tissue <= 1, "--min_tissue", "a fraction in [0, 1]", args.min_tissue)
+    need(1 <= args.jpeg_quality <= 100, "--jpeg_quality", "a JPEG quality in 1..100", args.jpeg_quality)
+    need(0 <= args.val_fraction < 1, "--val_fraction", "a fraction in [0, 1)", args.val_fraction)
+    need(args.examples_per_shard >= 1, "--examples_per_shard", "at least 1 pair per shard", args.examples_per_shard)
+    need(0 <= args.max_failure_fraction <= 1, "--max_failure_fraction", "a fraction in [0, 1]",
          args.max_failure_fraction)
 
 
@@ -207,8 +213,8 @@ def collect_results(specs: list[inputs.SlideSpec], config, out_dir: str, work_di
     return done, failed
 
 
-def run(args: argparse.Namespace, beam_args: list[str]) -> dict:
-    """Tile, assemble and report; returns the summary. Raises SystemExit past --max-failure-fraction or
+def run(args: flags.FlagValues, beam_args: list[str]) -> dict:
+    """Tile, assemble and report; returns the summary. Raises SystemExit past --max_failure_fraction or
     without a train split, `workdir_lock.WorkdirLocked` while another job works on --out."""
     check_args(args)
     options = pipeline_options(beam_args)
@@ -218,7 +224,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> dict:
         return _run_locked(args, options, out_dir, specs)
 
 
-def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str, specs: list[inputs.SlideSpec]
+def _run_locked(args: flags.FlagValues, options: PipelineOptions, out_dir: str, specs: list[inputs.SlideSpec]
                 ) -> dict:
     start = time.time()
     work_dir, overlay_dir = os.path.join(out_dir, "work"), os.path.join(out_dir, "overlays")
@@ -227,11 +233,11 @@ def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str
     config = pairs.PairConfig(mpp_5x=args.mpp_5x, mpp_20x=args.mpp_20x, mpp_tolerance=args.mpp_tolerance,
                               allow_upsample=args.allow_upsample, low_mag_source=args.low_mag_source,
                               min_tissue=args.min_tissue, jpeg_quality=args.jpeg_quality, resample=args.resample,
-                              thumb_mpp=args.thumbnail_mpp, progress=not args.no_progress)
+                              thumb_mpp=args.thumbnail_mpp, progress=args.progress)
     already = {s.slide_id for s in specs if pairs.read_done(work_dir, s, config)}
     todo = [s for s in specs if s.slide_id not in already]
     if todo:
-        run_pipeline(todo, config, work_dir, overlay_dir, options, not args.no_isolation)
+        run_pipeline(todo, config, work_dir, overlay_dir, options, args.isolation)
     done, failed = collect_results(specs, config, out_dir, work_dir)
     productive = [s for s in specs if done[s.slide_id] and done[s.slide_id]["num_pairs"] > 0]
     splits = inputs.assign_splits(productive, args.val_fraction, args.split_seed)
@@ -246,7 +252,7 @@ def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str
         summary["seconds"] = round(time.time() - start, 2)
         atomic.write_json(summary_path, summary)
         raise SystemExit(f"FAILED: {len(failed)} of {len(specs)} slides failed "
-                         f"({summary['failures_by_type']}), more than --max-failure-fraction "
+                         f"({summary['failures_by_type']}), more than --max_failure_fraction "
                          f"{args.max_failure_fraction}; see {os.path.join(out_dir, failures.FAILURES_FILE)}. "
                          f"Fix or remove them and rerun: finished slides are kept.")
     split_shards: dict[str, list[str]] = {}
@@ -258,7 +264,7 @@ def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str
         atomic.write_json(summary_path, summary)
         raise SystemExit(f"FAILED: no train split: {len(productive)} of {len(specs)} slides produced pairs, split "
                          f"{summary['slides_per_split'] or 'none'}; see {summary_path}. Add slides, lower "
-                         f"--val-fraction or fix the manifest's `split` column and rerun: finished slides are kept.")
+                         f"--val_fraction or fix the manifest's `split` column and rerun: finished slides are kept.")
     metadata = pair_records.dataset_metadata(mpp_5x=args.mpp_5x, mpp_20x=args.mpp_20x,
                                         low_mag_source=args.low_mag_source, resample=args.resample,
                                         allow_upsample=args.allow_upsample)
@@ -278,7 +284,7 @@ def _run_locked(args: argparse.Namespace, options: PipelineOptions, out_dir: str
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; bad input raises `errors.UserError` (one line, exit 2 through `errors.run_cli`)."""
-    args, beam_args = build_parser().parse_known_args(argv)
+    args, beam_args = COMMAND.parse(argv)
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
     summary = run(args, beam_args)
     print(json.dumps(summary, indent=1))

@@ -2,11 +2,11 @@
 # Debug a distillation run on one NVIDIA GPU (default: configs/debug.py on the demo shards).
 #
 #   launch/gpu_single.sh [--config configs/debug.py] [--workdir /tmp/xmag_gpu] [--data demo_out/pairs] \
-#       [--gpu 0] [--mem-fraction 0.75 | --no-preallocate] [--nondeterministic] [--install] [--dry-run] [-- ARGS]
+#       [--gpu 0] [--mem_fraction 0.75 | --nopreallocate] [--nondeterministic] [--install] [--dry_run] [-- ARGS]
 #
 # XLA flags: deterministic GPU ops (reproducible reductions and scatters, a little slower) unless
-# --nondeterministic; the JAX allocator takes --mem-fraction of the GPU's memory up front, or allocates on
-# demand with --no-preallocate (slower, but leaves room for other processes). ARGS go to xmag_jax.train.
+# --nondeterministic; the JAX allocator takes --mem_fraction of the GPU's memory up front, or allocates on
+# demand with --nopreallocate (slower, but leaves room for other processes). ARGS go to xmag_jax.train.
 set -euo pipefail
 
 CONFIG=configs/debug.py WORKDIR=/tmp/xmag_gpu DATA="" GPU=0 MEM_FRACTION=0.75 PREALLOCATE=1 DETERMINISTIC=1
@@ -17,13 +17,13 @@ while [[ $# -gt 0 ]]; do
     --workdir) WORKDIR="$2"; shift 2 ;;
     --data) DATA="$2"; shift 2 ;;
     --gpu) GPU="$2"; shift 2 ;;
-    --mem-fraction) MEM_FRACTION="$2"; shift 2 ;;
-    --no-preallocate) PREALLOCATE=0; shift ;;
+    --mem_fraction) MEM_FRACTION="$2"; shift 2 ;;
+    --nopreallocate) PREALLOCATE=0; shift ;;
     --nondeterministic) DETERMINISTIC=0; shift ;;
     --install) INSTALL=1; shift ;;
-    --jax-extra) JAX_EXTRA="$2"; shift 2 ;;
+    --jax_extra) JAX_EXTRA="$2"; shift 2 ;;
     --python) PYTHON="$2"; shift 2 ;;
-    --dry-run) DRY=1; shift ;;
+    --dry_run) DRY=1; shift ;;
     -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "gpu_single.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
@@ -32,7 +32,7 @@ done
 
 die() { echo "gpu_single.sh: $*" >&2; exit 2; }
 [[ "$GPU" =~ ^[0-9]+$ ]] || die "--gpu takes one GPU index, got '$GPU'"
-[[ "$MEM_FRACTION" =~ ^(0?\.[0-9]+|1(\.0*)?)$ ]] || die "--mem-fraction must be in (0, 1], got '$MEM_FRACTION'"
+[[ "$MEM_FRACTION" =~ ^(0?\.[0-9]+|1(\.0*)?)$ ]] || die "--mem_fraction must be in (0, 1], got '$MEM_FRACTION'"
 [[ -f "$CONFIG" ]] || (( DRY )) || die "config file '$CONFIG' not found"
 
 run() {  # print (dry run) or execute one command

@@ -2,11 +2,11 @@
 # Distil on a Cloud TPU pod slice: create the TPU VM(s), ship the code, install, train on every worker.
 #
 #   launch/tpu_pod.sh --name xmag-uni2h --zone us-east5-a --accelerator v5p-256 \
-#       --config configs/uni2h_vits14.py --data gs://BUCKET/pairs --workdir gs://BUCKET/runs/uni2h [--dry-run]
+#       --config configs/uni2h_vits14.py --data gs://BUCKET/pairs --workdir gs://BUCKET/runs/uni2h [--dry_run]
 #
 # Steps (default: all = create code install train): create | code | install | train | status | logs | delete.
 # Data and workdir are gs:// paths; the train loop reads and writes them through etils.epath.
-# --dry-run prints every command instead of running it.
+# --dry_run prints every command instead of running it.
 set -euo pipefail
 
 usage() {
@@ -26,7 +26,7 @@ Options:
   --gcsfuse BUCKET         install gcsfuse and mount gs://BUCKET at /gcs/BUCKET on every worker (install step)
   --workdir GS_DIR         checkpoints, logs
   --repo URL --ref REF     pull the code with git on the workers (default: copy `git archive HEAD` of this checkout)
-  --dry-run                print the commands, run nothing
+  --dry_run                print the commands, run nothing
   -- ARGS                  passed on to `python -m xmag_jax.train`, e.g. -- --config.total_steps=1000
 EOF
 }
@@ -49,7 +49,7 @@ while [[ $# -gt 0 ]]; do
     --workdir) WORKDIR="$2"; shift 2 ;;
     --repo) REPO="$2"; shift 2 ;;
     --ref) REF="$2"; shift 2 ;;
-    --dry-run) DRY=1; shift ;;
+    --dry_run) DRY=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     create|code|install|train|status|logs|delete|all) STEPS+=("$1"); shift ;;

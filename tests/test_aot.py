@@ -82,8 +82,8 @@ def test_debug_step_compiles_for_v5p_8_with_sane_numbers(debug_v5p_8):
 
 def test_require_fit_fails_on_an_absurd_batch_naming_the_buffers(capsys):
     # 8 chips over 2 slices, 2^17 pairs per chip: the uint8 batch alone is ~300 GiB per chip.
-    rc = cli.main(["aot", "--config", "configs/debug.py", "--topology", "v5e-4", "--slices", "2",
-                   "--global-batch", str(8 * 2**17), "--require-fit", "--config.optim.grad_accum=1"])
+    rc = cli.main(["--config", "configs/debug.py", "--topology", "v5e-4", "--slices", "2",
+                   "--global_batch", str(8 * 2**17), "--require_fit", "--config.optim.grad_accum=1"])
     out, err = capsys.readouterr()
     assert rc == cli.NOT_FIT_EXIT
     assert out.startswith("configs/debug.py --config.optim.grad_accum=1 on v5e-4")  # overrides from argv
@@ -92,13 +92,13 @@ def test_require_fit_fails_on_an_absurd_batch_naming_the_buffers(capsys):
 
 
 def test_cli_unknown_topology_lists_known_names(capsys):
-    rc = cli.main(["aot", "--config", "configs/debug.py", "--topology", "v5p-7"])
+    rc = cli.main(["--config", "configs/debug.py", "--topology", "v5p-7"])
     assert rc == 2
     assert "known v5p names: v5p-8, v5p-16" in capsys.readouterr().err
 
 
 def test_cli_help_lists_the_flags(capsys):
-    assert cli.main(["aot", "--help"]) == 0
+    assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "--topology" in out and "find_batch" in out and "require_fit" in out
 
@@ -132,7 +132,7 @@ def test_find_batch_brackets_then_lands_on_the_largest_fit(monkeypatch):
 
 
 def test_docs_cheap_mode_writes_the_whole_page_then_rerenders_it(debug_v5p_8, tmp_path, monkeypatch):
-    """`--docs --no-search` on the debug config: one compile per case (the fixture's real one), the whole page
+    """`--docs --nosearch` on the debug config: one compile per case (the fixture's real one), the whole page
     with its provenance, then a rerender from the JSON."""
     import jax
 
@@ -150,11 +150,11 @@ def test_docs_cheap_mode_writes_the_whole_page_then_rerenders_it(debug_v5p_8, tm
 
     monkeypatch.setattr(compile_lib, "compile_step", compile_step)
     page = tmp_path / "aot.md"
-    assert cli.main(["aot", "--docs", str(page), "--no-search"]) == 0
+    assert cli.main(["--docs", str(page), "--nosearch"]) == 0
     assert calls == ["configs/debug.py", "configs/debug.py --config.optim.grad_accum=2"]  # no search compiles
     text = page.read_text()
     assert text.startswith("# Ahead-of-time TPU compile reports\n")
-    assert (f"- every case: `python -m xmag_jax.aot --docs {page} --no-search` on "
+    assert (f"- every case: `python -m xmag_jax.aot --docs {page} --nosearch` on "
             f"{datetime.date.today().isoformat()}, jax {jax.__version__}, libtpu ") in text
     row = next(line for line in text.splitlines() if line.startswith("| debug teacher → debug student | v5p-8"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
@@ -169,7 +169,7 @@ def test_docs_cheap_mode_writes_the_whole_page_then_rerenders_it(debug_v5p_8, tm
     saved = json.loads((tmp_path / "aot.json").read_text())["cases"]["debug/v5p-8"]
     report = compile_lib.Report.from_json(saved["tries"][0])
     assert compile_lib.Report.from_json(json.loads(json.dumps(report.to_json()))) == report
-    assert cli.main(["aot", "--docs", str(page), "--rerender", "--mfu", "0.25"]) == 0
+    assert cli.main(["--docs", str(page), "--rerender", "--mfu", "0.25"]) == 0
     rerendered = next(line for line in page.read_text().splitlines() if line.startswith(row[:40]))
     assert len(calls) == 2
     assert rerendered.split("|")[8].strip().startswith(f"{report.pairs_per_second / 2:.0f} ")
@@ -177,7 +177,7 @@ def test_docs_cheap_mode_writes_the_whole_page_then_rerenders_it(debug_v5p_8, tm
 
 def test_docs_rows_pattern_matching_nothing_is_one_line():
     with pytest.raises(errors.UserError, match=r"--rows: 'uni2h/\*' matches no case.*uni2h_vits14/v5p-256"):
-        cli.main(["aot", "--docs", "unused.md", "--rows", "uni2h/*"])
+        cli.main(["--docs", "unused.md", "--rows", "uni2h/*"])
 
 
 def test_docs_processes_fill_one_page(monkeypatch, tmp_path):
@@ -189,9 +189,9 @@ def test_docs_processes_fill_one_page(monkeypatch, tmp_path):
     monkeypatch.setattr(docs, "KNOB_TOPOLOGY", "v5e-8")
     page = str(tmp_path / "aot.md")
     for topology in ("v6e-8", "v5e-8"):
-        assert cli.main(["aot", "--docs", page, "--rows", f"debug/{topology}", "--resume"]) == 0
+        assert cli.main(["--docs", page, "--rows", f"debug/{topology}", "--resume"]) == 0
     rows_calls = len(calls)
-    assert cli.main(["aot", "--docs", page, "--rows", "knobs/*", "--no-search"]) == 0
+    assert cli.main(["--docs", page, "--rows", "knobs/*", "--nosearch"]) == 0
     text = (tmp_path / "aot.md").read_text()
     # v5e-8 (15.75 GiB): largest multiple of 8 with 2 + 0.3 * b / 8 <= 15.75 is 360; v6e-8 (31.24 GiB): 776.
     assert "| debug | v5e-8 | data 8×fsdp 1 | 8 | fits, " in text and "| 360 (45/chip) |" in text

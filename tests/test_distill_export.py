@@ -54,12 +54,11 @@ def test_export_errors_name_the_problem(tmp_path, capsys):
     assert _cli(["--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("export: error: ") and "no complete checkpoint" in err and err.count("\n") == 1
-    assert _cli(["--random-init", "vit_test", "--out", str(tmp_path / "r")]) == 0
+    assert _cli(["--random_init", "vit_test", "--out", str(tmp_path / "r")]) == 0
     assert model_checkpoint.read_arch(tmp_path / "r").name == "vit_test"
-    assert _cli(["--random-init", "vit_test", "--out", str(tmp_path / "r")]) == 2
+    assert _cli(["--random_init", "vit_test", "--out", str(tmp_path / "r")]) == 2
     assert "--out: " in capsys.readouterr().err
-    assert _cli(["--random-init", "vit_tst", "--out", str(tmp_path / "t")]) == 2
+    assert _cli(["--random_init", "vit_tst", "--out", str(tmp_path / "t")]) == 2
     assert "unknown model 'vit_tst'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        export.main(["--random-init", "vit_test", "--initial", "--out", str(tmp_path / "i")])
-    assert "--initial needs --workdir" in capsys.readouterr().err
+    with pytest.raises(errors.UserError, match="--initial needs --workdir"):
+        export.main(["--random_init", "vit_test", "--initial", "--out", str(tmp_path / "i")])

@@ -186,7 +186,7 @@ def test_mil_cli_cross_validates(tmp_path):
     out = tmp_path / "mil.json"
     assert mil.main(["--features", str(tmp_path / "feats"), "--labels", str(labels), "--folds", "3",
                      "--epochs", "2", "--out", str(out),
-                     "--heatmap", str(tmp_path / "maps"), "--heatmap-slides", "2"]) == 0
+                     "--heatmap", str(tmp_path / "maps"), "--heatmap_slides", "2"]) == 0
     result = json.loads(out.read_text())
     assert len(result["folds"]) == 3 and sum(f["n_test"] for f in result["folds"]) == 12
     assert set(result["summary"]) == {"auc", "balanced_accuracy"}
@@ -235,8 +235,8 @@ def test_fidelity_from_pair_shards(tmp_path):
     checkpoint.save_model(tmp_path / "student", models.create_model("vit_test", rngs=nnx.Rngs(0)), "vit_test")
     arrays_file = tmp_path / "arrays.npz"
     rc = fidelity.main(["--pairs", str(tmp_path / "pairs"), "--split", "test", "--batch", "8",
-                        "--student-checkpoint", str(tmp_path / "student"), "--teacher", "vit_test_teacher",
-                        "--random-teacher", "--save-arrays", str(arrays_file), "--out", str(tmp_path / "f.json")])
+                        "--student_checkpoint", str(tmp_path / "student"), "--teacher", "vit_test_teacher",
+                        "--random_teacher", "--save_arrays", str(arrays_file), "--out", str(tmp_path / "f.json")])
     assert rc == 0
     arrays = fidelity.load_arrays(arrays_file)
     assert arrays["student"].shape == (5, 64) and arrays["student_tiles"].shape == (5, 16, 64)
@@ -268,4 +268,5 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
                        argv=["probe", "--features", str(tmp_path / "feats"), "--labels", str(labels)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("python -m xmag_jax.eval probe: error: labels CSV has no label for 1")
-    assert main(["nonsense"]) == 2
+    with pytest.raises(errors.UserError, match="unknown subcommand 'nonsense'"):
+        main(["nonsense"])

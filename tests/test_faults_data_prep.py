@@ -18,7 +18,7 @@ from xmag_jax import errors, workdir_lock
 from xmag_jax.formats import pair_records
 from xmag_jax.wsi import inputs
 
-FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1", "--no-progress", "--no-isolation"]
+FAST = ["--direct_running_mode=in_memory", "--direct_num_workers=1", "--noprogress", "--noisolation"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO}
 
@@ -64,19 +64,19 @@ def test_a_second_job_on_the_same_out_is_refused_and_leaves_the_first_ones_files
 
 def test_mpp_ratio_must_be_the_field_geometry(slides, tmp_path):
     with pytest.raises(pair_records.GeometryError, match="ratio must be 4"):
-        tile_pairs.main(["--slides", str(slides), "--out", str(tmp_path / "out"), "--mpp-5x", "0.5",
-                         "--mpp-20x", "2.0", *FAST])
+        tile_pairs.main(["--slides", str(slides), "--out", str(tmp_path / "out"), "--mpp_5x", "0.5",
+                         "--mpp_20x", "2.0", *FAST])
     assert not (tmp_path / "out").exists(), "stopped before reading a slide"
 
 
 def test_upsampling_is_refused_per_slide_unless_allowed(slides, tmp_path):
     manifest = tmp_path / "m.csv"  # the 0.5 µm/px TIFF declared as a 1.0 µm/px (10x) scan
     manifest.write_text(f"path,slide_id,mpp\n{slides / 'slide_000.svs'},good,\n{slides / 'slide_001.tif'},x10,1.0\n")
-    summary = run(manifest, tmp_path / "out", "--max-failure-fraction", "1", "--val-fraction", "0")
+    summary = run(manifest, tmp_path / "out", "--max_failure_fraction", "1", "--val_fraction", "0")
     failure = json.loads((tmp_path / "out" / "failures.jsonl").read_text())
     assert (failure["slide_id"], failure["error_type"]) == ("x10", "ResolutionError")
-    assert "--allow-upsample" in failure["message"] and summary["slides_per_split"] == {"train": 1}
-    summary = run(manifest, tmp_path / "up", "--allow-upsample", "--val-fraction", "0")
+    assert "--allow_upsample" in failure["message"] and summary["slides_per_split"] == {"train": 1}
+    summary = run(manifest, tmp_path / "up", "--allow_upsample", "--val_fraction", "0")
     assert summary["failed"] == 0 and summary["slides_per_split"] == {"train": 2}
     assert pair_records.read_metadata(tmp_path / "up")["allow_upsample"] is True
 
@@ -133,12 +133,12 @@ def test_manifest_columns_are_checked_and_a_byte_order_mark_is_fine(slides, tmp_
 
 def test_a_truncated_shard_behind_a_done_marker_is_tiled_again(slides, tmp_path, caplog):
     out = tmp_path / "out"
-    first = run(slides, out, "--val-fraction", "0")
+    first = run(slides, out, "--val_fraction", "0")
     shard = out / "work" / "slide_000.array_record"
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     with caplog.at_level(logging.WARNING):
-        second = run(slides, out, "--val-fraction", "0")
+        second = run(slides, out, "--val_fraction", "0")
     assert "slide_000" in caplog.text and "tiling the slide again" in caplog.text
     assert (second["skipped_already_done"], second["tiled_now"]) == (1, 1) and second["pairs"] == first["pairs"]
     done = json.loads((out / "work" / "slide_000.done.json").read_text())
@@ -153,7 +153,7 @@ def test_failed_slides_take_no_place_in_the_splits(slides, tmp_path):
     specs = inputs.list_slides(str(folder))
     # a seed under which the good slide is the one val slide when failed slides count towards the quota
     seed = next(s for s in range(100) if inputs.assign_splits(specs, 0.1, s)["good"] == "val")
-    summary = run(folder, tmp_path / "out", "--split-seed", str(seed), "--max-failure-fraction", "1")
+    summary = run(folder, tmp_path / "out", "--split_seed", str(seed), "--max_failure_fraction", "1")
     assert summary["slides_per_split"] == {"train": 1} and list(summary["pairs"]) == ["train"]
     manifest = tmp_path / "all_val.csv"
     manifest.write_text(f"path,split\n{folder / 'good.tif'},val\n")
@@ -215,11 +215,11 @@ def test_thumbnail_is_read_in_bounded_blocks_and_equals_a_whole_level_read(slide
 
 @pytest.mark.parametrize("argv, message", [
     (["--out", "FILE"], "--out .*: expected a folder"),
-    (["--mpp-5x", "0"], "--mpp-5x 0.0: expected a pixel size > 0"),
-    (["--mpp-5x", "-2", "--mpp-20x", "-0.5"], "--mpp-5x -2.0: expected a pixel size > 0"),
-    (["--examples-per-shard", "0"], "--examples-per-shard 0: expected at least 1"),
-    (["--jpeg-quality", "500"], "--jpeg-quality 500: expected a JPEG quality in 1..100"),
-    (["--val-fraction", "1.5"], "--val-fraction 1.5: expected a fraction"),
+    (["--mpp_5x", "0"], "--mpp_5x 0.0: expected a pixel size > 0"),
+    (["--mpp_5x", "-2", "--mpp_20x", "-0.5"], "--mpp_5x -2.0: expected a pixel size > 0"),
+    (["--examples_per_shard", "0"], "--examples_per_shard 0: expected at least 1"),
+    (["--jpeg_quality", "500"], "--jpeg_quality 500: expected a JPEG quality in 1..100"),
+    (["--val_fraction", "1.5"], "--val_fraction 1.5: expected a fraction"),
 ])
 def test_bad_tile_pairs_values_are_one_line(slides, tmp_path, capsys, argv, message):
     (tmp_path / "FILE").write_text("not a folder")
@@ -233,9 +233,9 @@ def test_bad_tile_pairs_values_are_one_line(slides, tmp_path, capsys, argv, mess
 
 
 def test_data_prep_command_lines_report_bad_values_in_one_line(slides, tmp_path):
-    rc, err = cli("data_prep.tile_pairs", "--slides", slides, "--out", tmp_path / "o", "--jpeg-quality", "500")
+    rc, err = cli("data_prep.tile_pairs", "--slides", slides, "--out", tmp_path / "o", "--jpeg_quality", "500")
     assert (rc, err.strip().splitlines()) == (2, [
-        "python -m data_prep.tile_pairs: error: --jpeg-quality 500: expected a JPEG quality in 1..100"])
+        "python -m data_prep.tile_pairs: error: --jpeg_quality 500: expected a JPEG quality in 1..100"])
     rc, err = cli("xmag_jax.wsi.synthetic", "--out", tmp_path / "syn", "--n", "-1")
     assert (rc, err.strip()) == (2, "python -m xmag_jax.wsi.synthetic: error: --n -1: expected an integer >= 1")
     rc, err = cli("data_prep.tile_pairs", "--slides", tmp_path / "nowhere", "--out", tmp_path / "o")

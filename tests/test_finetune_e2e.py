@@ -20,9 +20,9 @@ from xmag_jax.wsi import synthetic
 
 def test_end_to_end_beats_frozen_on_the_same_folds(tmp_path):
     synthetic.write_dataset(str(tmp_path / "slides"), 16, size_px=4096, seed=0)
-    args, beam_args = tile_bags.build_parser().parse_known_args([
-        "--slides", str(tmp_path / "slides"), "--out", str(tmp_path / "bags"), "--mpp", "1.0", "--patch-px", "56",
-        "--no-progress", "--no-isolation", "--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    args, beam_args = tile_bags.COMMAND.parse([
+        "--slides", str(tmp_path / "slides"), "--out", str(tmp_path / "bags"), "--mpp", "1.0", "--patch_px", "56",
+        "--noprogress", "--noisolation", "--direct_running_mode=in_memory", "--direct_num_workers=1"])
     assert tile_bags.run(args, beam_args)["slides_with_tiles"] == 16
     # A random student; LayerScale 1.0 (not the registry's 1e-5) so that its frozen features depend on the image.
     checkpoint.save_model(tmp_path / "init", models.create_model("vit_test", rngs=nnx.Rngs(0), init_values=1.0),

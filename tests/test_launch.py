@@ -1,4 +1,4 @@
-"""Launch scripts: their --dry-run prints every command they would run (no gcloud, no GPU needed)."""
+"""Launch scripts: their --dry_run prints every command they would run (no gcloud, no GPU needed)."""
 
 import os
 import pathlib
@@ -12,13 +12,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def dry_run(script: str, *args: str) -> list[list[str]]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run(["bash", str(ROOT / "launch" / script), "--dry-run", *args],
+    out = subprocess.run(["bash", str(ROOT / "launch" / script), "--dry_run", *args],
                          capture_output=True, text=True, env=env, check=True, cwd=ROOT)
     return [shlex.split(line) for line in out.stdout.splitlines()]
 
 
 def failing(script: str, *args: str) -> str:
-    out = subprocess.run(["bash", str(ROOT / "launch" / script), "--dry-run", *args],
+    out = subprocess.run(["bash", str(ROOT / "launch" / script), "--dry_run", *args],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2, out
     return out.stderr
@@ -104,7 +104,7 @@ def test_gpu_single_defaults_and_flags():
 
 
 def test_gpu_single_install_and_options():
-    cmds = dry_run("gpu_single.sh", "--install", "--gpu", "3", "--no-preallocate", "--nondeterministic",
+    cmds = dry_run("gpu_single.sh", "--install", "--gpu", "3", "--nopreallocate", "--nondeterministic",
                    "--data", "demo_out/pairs", "--", "--config.total_steps=5")
     assert cmds[0] == ["python3", "-m", "venv", ".venv"]
     assert "jax[cuda13]" in cmds[1] and "-e" in cmds[1]
@@ -115,7 +115,7 @@ def test_gpu_single_install_and_options():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mem-fraction", "1.5"], "--mem-fraction must be in (0, 1]"),
+    (["--mem_fraction", "1.5"], "--mem_fraction must be in (0, 1]"),
     (["--gpu", "0,1"], "one GPU index"),
 ])
 def test_gpu_single_bad_input(args, message):

@@ -16,7 +16,7 @@ from xmag_jax.formats import bag_records
 from xmag_jax.wsi import inputs, slide_reader, synthetic
 
 MPP = 1.0  # µm/px: a 1 mm synthetic slide gives a 4x4 grid of 224 px tiles
-ARGS = ["--mpp", str(MPP), "--no-progress", "--no-isolation", "--direct_running_mode=in_memory",
+ARGS = ["--mpp", str(MPP), "--noprogress", "--noisolation", "--direct_running_mode=in_memory",
         "--direct_num_workers=1"]
 
 
@@ -31,8 +31,8 @@ def slides(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bags(slides, tmp_path_factory):
     out = tmp_path_factory.mktemp("bags")
-    args, beam_args = tile_bags.build_parser().parse_known_args(["--slides", str(slides), "--out", str(out),
-                                                                 "--max-failure-fraction", "0.5", *ARGS])
+    args, beam_args = tile_bags.COMMAND.parse(["--slides", str(slides), "--out", str(out),
+                                                                 "--max_failure_fraction", "0.5", *ARGS])
     return out, tile_bags.run(args, beam_args)
 
 
@@ -69,8 +69,8 @@ def test_tiles_are_embeds_plan_and_pixels(bags, slides):
 
 def test_rerun_skips_done_slides_and_retiles_a_changed_shard(bags, slides):
     out, _ = bags
-    args, beam_args = tile_bags.build_parser().parse_known_args(["--slides", str(slides), "--out", str(out),
-                                                                 "--max-failure-fraction", "0.5", *ARGS])
+    args, beam_args = tile_bags.COMMAND.parse(["--slides", str(slides), "--out", str(out),
+                                                                 "--max_failure_fraction", "0.5", *ARGS])
     again = tile_bags.run(args, beam_args)
     assert again["skipped_already_done"] == 2 and again["tiled_now"] == 0, again
     with open(out / "work" / "slide_001.array_record", "r+b") as f:  # a shard that changed since its marker
@@ -82,9 +82,9 @@ def test_rerun_skips_done_slides_and_retiles_a_changed_shard(bags, slides):
 def test_bad_flags_are_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run([sys.executable, "-m", "data_prep.tile_bags", "--slides", str(tmp_path), "--out",
-                           str(tmp_path / "o"), "--patch-px", "0"], capture_output=True, text=True, env=env)
+                           str(tmp_path / "o"), "--patch_px", "0"], capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "python -m data_prep.tile_bags: error: --patch-px 0: expected a tile side >= 14 px"], proc.stderr
+        "python -m data_prep.tile_bags: error: --patch_px 0: expected a tile side >= 14 px"], proc.stderr
 
 
 def test_the_command_line_reads_slides_in_a_child_process(slides, tmp_path):
@@ -92,7 +92,7 @@ def test_the_command_line_reads_slides_in_a_child_process(slides, tmp_path):
     manifest.write_text(f"path\n{slides / 'slide_001.tif'}\n")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run([sys.executable, "-m", "data_prep.tile_bags", "--slides", str(manifest), "--out",
-                           str(tmp_path / "o"), "--mpp", str(MPP), "--no-progress", "--direct_running_mode=in_memory",
+                           str(tmp_path / "o"), "--mpp", str(MPP), "--noprogress", "--direct_running_mode=in_memory",
                            "--direct_num_workers=1"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())

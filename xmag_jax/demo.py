@@ -10,7 +10,6 @@ clear at 20x, subtle at 5x).
 Each stage is the project's own command line, run as a subprocess, so the demo shows exactly what a user types.
 """
 
-import argparse
 import json
 import os
 import shlex
@@ -20,7 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from xmag_jax import geometry
+from absl import flags
+
+from xmag_jax import cli, errors, geometry
+
+PROG = "python -m xmag_jax.demo"
 
 
 def run_stage(title: str, args: list[str], env: dict[str, str]) -> None:
@@ -34,16 +37,21 @@ def run_stage(title: str, args: list[str], env: dict[str, str]) -> None:
     print(f"--- {title}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", "demo_out", "output folder (replaced if it exists)", flag_values=fv)
+    flags.DEFINE_integer("slides", 8, "number of synthetic slides", flag_values=fv)
+    flags.DEFINE_integer("slide_size", 8192, "slide side in px at 0.25 µm/px", flag_values=fv)
+    flags.DEFINE_integer("teacher_steps", 80, "stand-in teacher training steps", flag_values=fv)
+    flags.DEFINE_integer("steps", None, "distillation steps (default: configs/demo.py's)", flag_values=fv)
+    flags.DEFINE_float("lr", None, "distillation peak learning rate (default: configs/demo.py's)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the slides, teacher and distillation", flag_values=fv)
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo_out", help="output folder (replaced if it exists)")
-    parser.add_argument("--slides", type=int, default=8, help="number of synthetic slides")
-    parser.add_argument("--slide-size", type=int, default=8192, help="slide side in px at 0.25 µm/px")
-    parser.add_argument("--teacher-steps", type=int, default=80, help="stand-in teacher training steps")
-    parser.add_argument("--steps", type=int, help="distillation steps (default: configs/demo.py's)")
-    parser.add_argument("--lr", type=float, help="distillation peak learning rate (default: configs/demo.py's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the slides, teacher and distillation")
-    args = parser.parse_args(argv)
+    args, _ = COMMAND.parse(argv)
 
     out = Path(args.out).resolve()
     if out.exists():
@@ -116,4 +124,4 @@ def comparison_line(probe_json: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run_cli(main, prog=PROG)

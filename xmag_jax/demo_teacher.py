@@ -16,8 +16,6 @@ these textures at 20x", not a foundation model; the student it teaches never see
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 
 import grain
@@ -25,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 from flax import nnx
 from PIL import Image
 
-from xmag_jax import geometry
+from xmag_jax import cli, errors, geometry
 from xmag_jax.data import augment
 from xmag_jax.data import pairs as pair_data
 from xmag_jax.eval import features as eval_features
@@ -151,30 +150,34 @@ def registry_model(trained: TeacherWithHead) -> VisionTransformer:
     return model
 
 
+PROG = "python -m xmag_jax.demo_teacher"
+
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("pairs", None, "pair dataset folder from data_prep.tile_pairs", flag_values=fv)
+    flags.DEFINE_string("labels", None, "CSV slide_id,label (xmag_jax.wsi.synthetic's labels.csv)", flag_values=fv)
+    flags.DEFINE_string("out", None, "teacher checkpoint directory to write (must not exist)", flag_values=fv)
+    flags.DEFINE_integer("steps", 80, "optimizer updates", flag_values=fv)
+    flags.DEFINE_integer("batch", 16, "20x tiles per update", flag_values=fv)
+    flags.DEFINE_float("lr", 1e-2, "peak learning rate (warmup, cosine decay, clipping at norm 1)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the init and the tile order", flag_values=fv)
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("pairs", "labels", "out"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xmag_jax.demo_teacher", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", required=True, help="pair dataset folder from data_prep.tile_pairs")
-    parser.add_argument("--labels", required=True, help="CSV slide_id,label (xmag_jax.wsi.synthetic's labels.csv)")
-    parser.add_argument("--out", required=True, help="teacher checkpoint directory to write (must not exist)")
-    parser.add_argument("--steps", type=int, default=80, help="optimizer updates (80)")
-    parser.add_argument("--batch", type=int, default=16, help="20x tiles per update (16)")
-    parser.add_argument("--lr", type=float, default=1e-2,
-                        help="peak learning rate (1e-2; warmup, cosine decay, clipping at norm 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args, _ = COMMAND.parse(argv)
     if args.steps < 1 or args.batch < 1:
-        parser.error("--steps and --batch must be >= 1")
+        raise errors.UserError("--steps and --batch must be >= 1")
     start = time.perf_counter()
     try:
         labels = eval_features.read_labels(args.labels)
         tiles, y, classes = load_tiles(args.pairs, "train", labels)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise errors.UserError(str(e)) from e
     if len(classes) < 2:
-        print(f"error: the train pairs of {args.pairs} have only the class(es) {classes}", file=sys.stderr)
-        return 1
+        raise errors.UserError(f"the train pairs of {args.pairs} have only the class(es) {classes}")
     batch = min(args.batch, len(tiles))
     print(f"training {ARCH_NAME} + linear head on {len(tiles)} 20x tiles, classes {classes}", flush=True)
     model = train_teacher(tiles, y, len(classes), steps=args.steps, batch=batch, lr=args.lr, seed=args.seed)
@@ -191,4 +194,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    errors.run_cli(main, prog=PROG)

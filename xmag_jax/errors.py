@@ -5,9 +5,9 @@
     if __name__ == "__main__":
         errors.run_cli(main, prog="python -m data_prep.tile_pairs")
 
-A `UserError` never shows a traceback; anything else is a bug and keeps its traceback. The config-driven
-commands (absl + ml_collections: `train`, `aot`, `finetune`, `teacher_cache`) parse their flags through
-`absl_flags_parser`, so a bad flag or `--config.KEY=VALUE` is one line too.
+A `UserError` never shows a traceback; anything else is a bug and keeps its traceback. Every command parses
+its flags with `xmag_jax.cli` (absl + ml_collections) over `parse_flags`, so a bad flag or `--config.KEY=VALUE`
+is one line too.
 """
 
 from __future__ import annotations
@@ -52,15 +52,17 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], *, prog: str,
     sys.exit(rc or 0)
 
 
-def parse_flags(fv, argv: list[str], known_keys: Callable[[], Iterable[str]] | None = None) -> list[str]:
+def parse_flags(fv, argv: list[str], known_keys: Callable[[], Iterable[str]] | None = None, *,
+                known_only: bool = False) -> list[str]:
     """`fv(argv)` (an absl `FlagValues`, with an ml_collections `--config` flag if the command has one), where a
     bad flag, a config file that does not load or an override of a key the config lacks raises `UserError`.
     The config file is loaded here (ml_collections loads it lazily, at its first use). `known_keys()` (the
-    schema's dotted keys) gives the did-you-mean for an unknown `--config.KEY`. Returns the unparsed arguments."""
+    schema's dotted keys) gives the did-you-mean for an unknown `--config.KEY`. Returns the unparsed arguments
+(`argv[0]` first; with `known_only`, unknown flags too)."""
     from absl import flags
 
     try:
-        rest = fv(argv)
+        rest = fv(argv, known_only=known_only)
         config = fv["config"].value if "config" in fv else None
         if config is not None:
             config.to_dict()
@@ -78,19 +80,3 @@ def parse_flags(fv, argv: list[str], known_keys: Callable[[], Iterable[str]] | N
         else:  # KeyError's str() is the repr of its message
             message = f"--config: {error.args[0] if isinstance(error, KeyError) and error.args else error}"
     raise UserError(message)
-
-
-def absl_flags_parser(prog: str, known_keys: Callable[[], Iterable[str]] | None = None
-                      ) -> Callable[[list[str]], list[str]]:
-    """A `flags_parser` for `absl.app.run`: `parse_flags` on absl's global flags, its `UserError` as one line
-    and exit 2."""
-    from absl import flags
-
-    def parse(argv: list[str]) -> list[str]:
-        try:
-            return parse_flags(flags.FLAGS, argv, known_keys)
-        except UserError as error:
-            report(error, prog)
-            sys.exit(EXIT_USER_ERROR)
-
-    return parse

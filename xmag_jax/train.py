@@ -29,23 +29,37 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
-from xmag_jax import chips, data, errors, platforms, sharding, workdir_lock
+from xmag_jax import chips, cli, data, errors, sharding, workdir_lock
 from xmag_jax.distill import config_validation
 from xmag_jax.distill import step as step_lib
 from xmag_jax.distill.checkpointing import Checkpointer
 from xmag_jax.distill.metrics import MetricWriter, NonFiniteLossError, Throughput, check_finite, log_progress, to_floats
 from xmag_jax.teacher_cache import spec as teacher_cache_spec
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, metrics, TensorBoard.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with cluster auto-detection.")
+PROG = "python -m xmag_jax.train"
+
+
+def define_distributed(fv: flags.FlagValues) -> None:
+    """The multi-host flags of `initialize_distributed` (train and teacher_cache)."""
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with cluster auto-detection.",
+                      flag_values=fv)
+
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, metrics, TensorBoard.",
+                        flag_values=fv)
+    define_distributed(fv)
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("config", "workdir"),
+                      config=(None, "Config file (configs/NAME.py[:ARG])."),
+                      known_keys=lambda: config_validation.flatten(config_validation.schema.base_config()))
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
@@ -53,7 +67,7 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     """Join the multi-host job before anything touches the devices (no-op for a single process)."""
     given = [coordinator_address is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
-        raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+        raise errors.UserError("--coordinator_address, --num_processes and --process_id go together")
     if all(given):
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     elif auto:
@@ -274,33 +288,28 @@ class _DropOrbaxInfo(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
-PROG = "python -m xmag_jax.train"
-
-
-def main(argv: list[str]) -> None:
-    """The command line: every error a person can fix is one line on stderr (see the module's exit status)."""
+def main(argv: list[str] | None = None) -> int:
+    """The command line (`argv` without the program name): every error a person can fix is one line on stderr
+    (see the module's exit status)."""
     prog = PROG
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    platforms.configure()
-    logging.get_absl_handler().addFilter(_DropOrbaxInfo())
     try:
-        config = _CONFIG.value  # loaded and checked by errors.parse_flags
-        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
-        train(config, _WORKDIR.value)
-    except errors.UserError as error:  # ConfigError, WorkdirLocked
+        fv, _ = COMMAND.parse(argv)
+        cli.start_absl_logging()
+        logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+        initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
+        train(fv.config, fv.workdir)
+    except errors.UserError as error:  # a flag, ConfigError, WorkdirLocked
         errors.report(error, prog)
-        sys.exit(errors.EXIT_USER_ERROR)
+        return errors.EXIT_USER_ERROR
     except NonFiniteLossError as error:
         errors.report(error, prog)
-        sys.exit(1)
+        return 1
     except Stopped as stopped:
         logging.warning("%s", stopped)
         print(f"{prog}: {stopped}", file=sys.stderr, flush=True)
-        sys.exit(stopped.exit_code)
+        return stopped.exit_code
+    return 0
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=errors.absl_flags_parser(
-        PROG, lambda: config_validation.flatten(config_validation.schema.base_config())))
+    errors.run_cli(main, prog=PROG)

@@ -1,12 +1,12 @@
 """Writes docs/aot.md, the AOT compile reports of the real-size configs on TPU v5e/v5p/v6e-256, by compiling.
 
-    python -m xmag_jax.aot --docs docs/aot.md [--no-search] [--rows 'uni2h_vits14/*,knobs/*'] [--resume]
+    python -m xmag_jax.aot --docs docs/aot.md [--nosearch] [--rows 'uni2h_vits14/*,knobs/*'] [--resume]
 
 Every line of the page is a `Case` with an id (`uni2h_vits14/v5p-256`, `knobs/fp32_teacher`): the main table
 (each teacher → student config on each topology, XMAG's recipe on v5p-256 and v6e-256) and the
 memory/precision knob variants of one combination (scanned layers off among them). Each case compiles once at
 its page batch (the config's, rounded down to a multiple of the batch unit); the table rows then search their
-largest batch (`search.find_batch`, at most `MAX_TRIES` compiles) unless `--no-search`, and show the one-compile
+largest batch (`search.find_batch`, at most `MAX_TRIES` compiles) unless `--nosearch`, and show the one-compile
 estimate instead. Results go to a JSON beside the page (`aot.json`), with the date, versions and command of
 each compile; the page is rewritten from it after every compile, so an interrupted run leaves what it finished,
 and several processes (different `--rows`) can fill one page. `--resume` keeps the cases the JSON holds.
@@ -65,7 +65,7 @@ class Case:
     config: str
     topology: str
     overrides: tuple[tuple[str, Any], ...] = ()
-    searched: bool = True  # a main-table row: its largest batch is searched unless --no-search
+    searched: bool = True  # a main-table row: its largest batch is searched unless --nosearch
 
     @property
     def config_name(self) -> str:
@@ -184,7 +184,7 @@ def render(results: list[Result], failed: dict[str, str], mfu: float, command_no
     lines = [
         "# Ahead-of-time TPU compile reports",
         "",
-        "Made by `python -m xmag_jax.aot --docs docs/aot.md` (`xmag_jax/aot/docs.py`; `--no-search`: one compile "
+        "Made by `python -m xmag_jax.aot --docs docs/aot.md` (`xmag_jax/aot/docs.py`; `--nosearch`: one compile "
         "per row, `--rows PATTERNS`: only those case ids, `--resume`: keep what `docs/aot.json` holds) with "
         f"libtpu compile-only devices on a CPU host ({platform.machine()}). Every number comes from compiling the "
         "train step of `xmag_jax/distill/step.py` (the one `jit` the train loop runs) for the topology with "
@@ -200,7 +200,7 @@ def render(results: list[Result], failed: dict[str, str], mfu: float, command_no
         "v6e 31.24 GiB). When the compile itself runs out of HBM, the total is XLA's requirement from its error.",
         f"- **max batch**: `search.find_batch`, at most {MAX_TRIES} compiles per row; \"< N\" is the smallest batch "
         "tried that did not fit when the search stopped before narrowing to one batch unit. \"≈ N (estimate)\": "
-        "not searched (`--no-search`); where the one compile's HBM, taken as fixed state + a part linear in the "
+        "not searched (`--nosearch`); where the one compile's HBM, taken as fixed state + a part linear in the "
         "batch, reaches the chip's (the search's first guess; optimistic by the temporaries that do not grow with "
         "the batch).",
         f"- **pairs/s**: projected at {mfu:.0%} MFU of the chip's bf16 peak (v5e 197, v5p 459, v6e 918 TFLOP/s) "

@@ -1,8 +1,8 @@
-"""`python -m xmag_jax.bench NAME [args]`: run one benchmark; each lives in its own module with `main(argv)`."""
+"""`python -m xmag_jax.bench NAME [flags]`: run one benchmark; each lives in its own module with `main(argv)`."""
 
-import importlib
-import sys
+from xmag_jax import cli, errors
 
+PROG = "python -m xmag_jax.bench"
 BENCHMARKS = {
     "forward": "xmag_jax.bench.forward",
     "parity": "xmag_jax.bench.parity",
@@ -14,13 +14,9 @@ BENCHMARKS = {
 }
 
 
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: python -m xmag_jax.bench {{{','.join(BENCHMARKS)}}} [args]", file=sys.stderr)
-        return 2
-    module = importlib.import_module(BENCHMARKS[argv[0]])
-    return module.main(argv[1:]) or 0
+def main(argv: list[str] | None = None) -> int:
+    return cli.dispatch(PROG, cli.lazy_mains(BENCHMARKS), argv, doc=__doc__)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    errors.run_cli(main, prog=PROG)

@@ -1,20 +1,19 @@
 """Slide embedding speed: the student at 5x against the teacher at 20x, through the same reader.
 
-    python -m xmag_jax.bench embed [--models student=vit_test,teacher=vit_test_teacher] [--n-slides 4]
-        [--size 8192] [--teacher-depth N] [--dtype bfloat16] [--slides DIR] [--out results.json]
+    python -m xmag_jax.bench embed [--models student=vit_test,teacher=vit_test_teacher] [--n_slides 4]
+        [--size 8192] [--teacher_depth N] [--dtype bfloat16] [--slides DIR] [--out results.json]
 
-Writes `--n-slides` synthetic slides (`xmag_jax.wsi.synthetic`, `--size` px at 0.25 µm/px) unless `--slides`
-is given, then runs `xmag_jax.embed.run.embed_slides` twice on them: the student at `--student-mpp` (2.0 µm/px,
-5x) and the teacher at `--teacher-mpp` (0.5 µm/px, 20x). Both use random-init weights (speed does not
+Writes `--n_slides` synthetic slides (`xmag_jax.wsi.synthetic`, `--size` px at 0.25 µm/px) unless `--slides`
+is given, then runs `xmag_jax.embed.run.embed_slides` twice on them: the student at `--student_mpp` (2.0 µm/px,
+5x) and the teacher at `--teacher_mpp` (0.5 µm/px, 20x). Both use random-init weights (speed does not
 depend on them). Reports, per model: wall time per slide (after the one-off compile, which is listed
 apart), patches per slide, patches/s, WSIs/min; then the teacher/student ratios of time and patches.
-Real sizes (`student=vit_s14,teacher=uni2_h`) want an accelerator; `--teacher-depth` cuts the teacher's
+Real sizes (`student=vit_s14,teacher=uni2_h`) want an accelerator; `--teacher_depth` cuts the teacher's
 depth to fit a small one (its time then scales about linearly back with depth).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -22,8 +21,9 @@ import tempfile
 import warnings
 
 import jax
+from absl import flags
 
-from xmag_jax import encoders
+from xmag_jax import cli, encoders, errors
 from xmag_jax.embed import plan, run
 from xmag_jax.wsi import inputs, synthetic
 
@@ -56,25 +56,33 @@ def run_model(label: str, name: str, specs, out_dir: pathlib.Path, mpp: float, a
 def parse_models(text: str) -> dict[str, str]:
     models = dict(item.split("=", 1) for item in text.split(","))
     if set(models) != {"student", "teacher"}:
-        raise SystemExit(f"--models must name student=... and teacher=..., got {text!r}")
+        raise errors.UserError(f"--models must name student=... and teacher=..., got {text!r}")
     return models
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmag_jax.bench embed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="student=vit_test,teacher=vit_test_teacher")
-    p.add_argument("--n-slides", type=int, default=4)
-    p.add_argument("--size", type=int, default=8192, help="synthetic slide side in px at 0.25 µm/px")
-    p.add_argument("--slides", help="use these slides (folder or CSV) instead of synthetic ones")
-    p.add_argument("--student-mpp", type=float, default=2.0)
-    p.add_argument("--teacher-mpp", type=float, default=0.5)
-    p.add_argument("--teacher-depth", type=int, help="override the teacher's depth (fit a real size on a small device)")
-    p.add_argument("--dtype", help="compute dtype of both models, e.g. bfloat16")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--tissue-threshold", type=float, default=0.25)
-    p.add_argument("--out", help="write the results as JSON here")
-    args = p.parse_args(argv)
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("models", "student=vit_test,teacher=vit_test_teacher", "registry names of both encoders",
+                        flag_values=fv)
+    flags.DEFINE_integer("n_slides", 4, "synthetic slides", flag_values=fv)
+    flags.DEFINE_integer("size", 8192, "synthetic slide side in px at 0.25 µm/px", flag_values=fv)
+    flags.DEFINE_string("slides", None, "use these slides (folder or CSV) instead of synthetic ones", flag_values=fv)
+    flags.DEFINE_float("student_mpp", 2.0, "µm/px of the student's tiles", flag_values=fv)
+    flags.DEFINE_float("teacher_mpp", 0.5, "µm/px of the teacher's tiles", flag_values=fv)
+    flags.DEFINE_integer("teacher_depth", None, "override the teacher's depth (fit a real size on a small device)",
+                         flag_values=fv)
+    flags.DEFINE_string("dtype", None, "compute dtype of both models, e.g. bfloat16 (default: the models')",
+                        flag_values=fv)
+    flags.DEFINE_integer("batch", 64, "tiles per forward", flag_values=fv)
+    flags.DEFINE_integer("workers", 4, "tile reader threads", flag_values=fv)
+    flags.DEFINE_float("tissue_threshold", 0.25, "min tissue fraction of a kept tile", flag_values=fv)
+    flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)
+
+
+COMMAND = cli.Command("python -m xmag_jax.bench embed", _define, doc=__doc__.split("\n\n")[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = COMMAND.parse(argv)
     models = parse_models(args.models)
 
     with tempfile.TemporaryDirectory(prefix="xmag_bench_embed_") as tmp:

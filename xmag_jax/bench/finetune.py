@@ -1,4 +1,4 @@
-"""`python -m xmag_jax.bench finetune [--config configs/mil_e2e_debug.py] [--model vit_test] [--patch-px 224]`.
+"""`python -m xmag_jax.bench finetune [--config configs/mil_e2e_debug.py] [--model vit_test] [--patch_px 224]`.
 
 Times the jitted end-to-end training step (student forward/backward with the config's remat and dtype, the
 GatedABMIL head, AdamW groups) on random uint8 tiles already on the mesh: the first step (compile) apart,
@@ -15,23 +15,26 @@ import time
 import jax
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
-from xmag_jax import models, sharding
+from xmag_jax import cli, errors, models, sharding
 from xmag_jax.finetune import model as model_lib
 
 
-def _flags(argv: list[str]) -> flags.FlagValues:
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", "configs/mil_e2e_debug.py", "Finetune config file.",
-                                    flag_values=values)
+def _define(values: flags.FlagValues) -> None:
     flags.DEFINE_string("model", "vit_test", "Registry name of the student.", flag_values=values)
     flags.DEFINE_integer("patch_px", 224, "Tile side, px.", flag_values=values)
     flags.DEFINE_integer("steps", 5, "Timed steps after the compile step.", flag_values=values)
     flags.DEFINE_bool("json", False, "Print one JSON object instead of text.", flag_values=values)
-    values(["bench_finetune", *argv])
+
+
+COMMAND = cli.Command("python -m xmag_jax.bench finetune", _define, doc=__doc__,
+                      config=("configs/mil_e2e_debug.py", "Finetune config file."))
+
+
+def _flags(argv: list[str]) -> flags.FlagValues:
+    values, _ = COMMAND.parse(argv)
     if values.steps < 1:
-        raise flags.IllegalFlagValueError(f"--steps must be >= 1, got {values.steps}")
+        raise errors.UserError(f"--steps must be >= 1, got {values.steps}")
     return values
 
 

@@ -7,15 +7,16 @@ timed batches (the two alternate) after warm-up and, for Flax, compilation.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
 
 import jax
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from xmag_jax import cli
 from xmag_jax.models.registry import ARCHS, create_model, embed, get_arch
 
 
@@ -32,14 +33,20 @@ def _interleaved_medians(fns: dict, iters: int, warmup: int) -> dict[str, float]
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum("model", "vit_s14", sorted(ARCHS), "registry name", flag_values=fv)
+    flags.DEFINE_integer("batch", 32, "images per forward", flag_values=fv)
+    flags.DEFINE_integer("iters", 5, "timed forwards of each framework", flag_values=fv)
+    flags.DEFINE_integer("warmup", 1, "untimed forwards first", flag_values=fv)
+    flags.DEFINE_integer("img_size", None, "image side, px (default: the architecture's native size)",
+                         flag_values=fv)
+
+
+COMMAND = cli.Command("python -m xmag_jax.bench forward", _define, doc=__doc__)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmag_jax.bench forward", description=__doc__)
-    p.add_argument("--model", default="vit_s14", choices=sorted(ARCHS))
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--img-size", type=int, default=None, help="px; default: the architecture's native size")
-    args = p.parse_args(argv)
+    args, _ = COMMAND.parse(argv)
 
     import timm
     import torch

@@ -10,7 +10,6 @@ of synthetic pair shards is written first (`xmag_jax.data.synthetic_pairs`).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -20,7 +19,9 @@ import time
 
 import grain
 import numpy as np
+from absl import flags
 
+from xmag_jax import cli
 from xmag_jax import config as schema
 from xmag_jax.data import make_iterator
 from xmag_jax.data.augment import AugmentOptions
@@ -109,18 +110,24 @@ def run(data_dir: str, *, split: str, batch: int, workers: int, steps: int, warm
     }
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xmag_jax.bench input", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="pair shard directory (default: write synthetic shards to a temp dir)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--batch", type=int, default=8, help="pairs per batch")
-    parser.add_argument("--workers", type=int, default=0, help="Grain worker processes (0 = threads in-process)")
-    parser.add_argument("--threads", type=int, default=2, help="decode threads per process")
-    parser.add_argument("--steps", type=int, default=20, help="timed batches")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    parser.add_argument("--records", type=int, default=64, help="synthetic pairs to write without --data")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("data", None, "pair shard directory (default: write synthetic shards to a temp dir)",
+                        flag_values=fv)
+    flags.DEFINE_string("split", "train", "shard split of --data", flag_values=fv)
+    flags.DEFINE_integer("batch", 8, "pairs per batch", flag_values=fv)
+    flags.DEFINE_integer("workers", 0, "Grain worker processes (0 = threads in-process)", flag_values=fv)
+    flags.DEFINE_integer("threads", 2, "decode threads per process", flag_values=fv)
+    flags.DEFINE_integer("steps", 20, "timed batches", flag_values=fv)
+    flags.DEFINE_integer("warmup", 3, "untimed batches first", flag_values=fv)
+    flags.DEFINE_integer("records", 64, "synthetic pairs to write without --data", flag_values=fv)
+    flags.DEFINE_bool("json", False, "print one JSON object", flag_values=fv)
+
+
+COMMAND = cli.Command("python -m xmag_jax.bench input", _define, doc=__doc__.splitlines()[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = COMMAND.parse(argv)
 
     with tempfile.TemporaryDirectory(prefix="xmag_input_bench_") as tmp:
         data_dir = args.data

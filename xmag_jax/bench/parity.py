@@ -1,4 +1,4 @@
-"""`python -m xmag_jax.bench parity --model uni2_h [--full] [--img-size 224]`: build the timm model (full
+"""`python -m xmag_jax.bench parity --model uni2_h [--full] [--img_size 224]`: build the timm model (full
 depth with --full, else `--depth`, default 2, at full width), randomise it, convert it to Flax in memory
 (the same table as `xmag_jax.convert import`), and print the max abs difference of the embedding and the
 patch tokens, with the time each side took.
@@ -6,13 +6,14 @@ patch tokens, with the time each side took.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from xmag_jax import cli
 from xmag_jax.models.registry import ARCHS, embed, get_arch
 
 LAYER_SCALES = ("gamma", "lambda1")  # timm's LayerScale, transformers Dinov2's
@@ -46,14 +47,19 @@ def timm_embedding(arch, model, feats) -> np.ndarray:
     return model.forward_head(feats, pre_logits=True).numpy()
 
 
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum("model", "uni2_h", sorted(ARCHS), "registry name", flag_values=fv)
+    flags.DEFINE_bool("full", False, "full depth (giant teachers need ~3x their fp32 size in RAM)", flag_values=fv)
+    flags.DEFINE_integer("depth", 2, "blocks when not --full", flag_values=fv)
+    flags.DEFINE_integer("img_size", 224, "image side, px", flag_values=fv)
+    flags.DEFINE_integer("batch", 1, "images per forward", flag_values=fv)
+
+
+COMMAND = cli.Command("python -m xmag_jax.bench parity", _define, doc=__doc__)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmag_jax.bench parity", description=__doc__)
-    p.add_argument("--model", default="uni2_h", choices=sorted(ARCHS))
-    p.add_argument("--full", action="store_true", help="full depth (giant teachers need ~3x their fp32 size in RAM)")
-    p.add_argument("--depth", type=int, default=2, help="blocks when not --full")
-    p.add_argument("--img-size", type=int, default=224, help="px")
-    p.add_argument("--batch", type=int, default=1)
-    args = p.parse_args(argv)
+    args, _ = COMMAND.parse(argv)
 
     import timm
     import torch

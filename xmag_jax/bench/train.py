@@ -24,27 +24,29 @@ import time
 import jax
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
-from xmag_jax import chips, sharding
+from xmag_jax import chips, cli, errors, sharding
 from xmag_jax.distill import config_validation
 from xmag_jax.distill import step as step_lib
 from xmag_jax.distill.metrics import Throughput
 
 
-def _flags(argv: list[str]) -> flags.FlagValues:
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).", flag_values=values)
+def _define(values: flags.FlagValues) -> None:
     flags.DEFINE_integer("steps", 10, "Timed steps after the compile step.", flag_values=values)
     flags.DEFINE_bool("json", False, "Print one JSON object instead of text.", flag_values=values)
     flags.DEFINE_bool("teacher_cache", False, "Also time the step that trains from cached teacher targets "
                       "(data.teacher_cache: random targets of the cache's shapes in the batch, no teacher), and "
                       "report the ratio.", flag_values=values)
-    values(["bench_train", *argv])
-    if values.config is None:
-        raise flags.IllegalFlagValueError("--config is required")
+
+
+COMMAND = cli.Command("python -m xmag_jax.bench train", _define, doc=__doc__, required=("config",),
+                      config=(None, "Config file (configs/NAME.py[:ARG])."))
+
+
+def _flags(argv: list[str]) -> flags.FlagValues:
+    values, _ = COMMAND.parse(argv)
     if values.steps < 1:
-        raise flags.IllegalFlagValueError(f"--steps must be >= 1, got {values.steps}")
+        raise errors.UserError(f"--steps must be >= 1, got {values.steps}")
     return values
 
 

@@ -3,7 +3,7 @@
     python -m xmag_jax.distill.export --workdir RUN --out student          # newest step (EMA weights if kept)
     python -m xmag_jax.distill.export --workdir RUN --step 2000 --out student
     python -m xmag_jax.distill.export --workdir RUN --initial --out baseline  # the run's student before training
-    python -m xmag_jax.distill.export --random-init vit_s14 --out baseline  # untrained registry student
+    python -m xmag_jax.distill.export --random_init vit_s14 --out baseline  # untrained registry student
 
 Only the student is written: the projectors (and their BatchNorm statistics) are training-only.
 The result feeds `python -m xmag_jax.convert export --checkpoint student --out DIR` (timm / PyTorch) and
@@ -12,15 +12,14 @@ The result feeds `python -m xmag_jax.convert export --checkpoint student --out D
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import flags
 from etils import epath
 from flax import nnx
 
-from xmag_jax import errors, sharding
+from xmag_jax import cli, errors, sharding
 from xmag_jax.distill import config_validation
 from xmag_jax.distill import step as step_lib
 from xmag_jax.distill.checkpointing import CHECKPOINT_DIR, DIGEST, META, STATE, verify
@@ -81,25 +80,33 @@ def student_from_workdir(workdir: str, step: int | None = None, initial: bool = 
     return student, config.student.name
 
 
+PROG = "python -m xmag_jax.distill.export"
+
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "distillation run directory (the train command's --workdir)",
+                        flag_values=fv)
+    flags.DEFINE_string("random_init", None, "registry name of an untrained student to write", flag_values=fv)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", flag_values=fv)
+    flags.DEFINE_bool("initial", False, "with --workdir: the run's student before its first update (same config "
+                      "and seed)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of --random_init", flag_values=fv)
+    flags.DEFINE_string("out", None, "model checkpoint directory to write (must not exist)", flag_values=fv)
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("out",), one_of=(("workdir", "random_init"),))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", help="distillation run directory (the train command's --workdir)")
-    source.add_argument("--random-init", metavar="NAME", help="registry name of an untrained student to write")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    parser.add_argument("--initial", action="store_true",
-                        help="with --workdir: the run's student before its first update (same config and seed)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init")
-    parser.add_argument("--out", required=True, help="model checkpoint directory to write (must not exist)")
-    args = parser.parse_args(argv)
+    args, _ = COMMAND.parse(argv)
     if args.initial and not args.workdir:
-        parser.error("--initial needs --workdir")
+        raise errors.UserError("--initial needs --workdir")
     if args.workdir:
         model, name = student_from_workdir(args.workdir, args.step, args.initial)
     else:
         name = args.random_init
         if name not in registry.ARCHS:
-            raise errors.UserError(f"--random-init: unknown model {name!r}; known: {', '.join(sorted(registry.ARCHS))}")
+            raise errors.UserError(f"--random_init: unknown model {name!r}; known: {', '.join(sorted(registry.ARCHS))}")
         model = registry.create_model(name, rngs=nnx.Rngs(args.seed))
     try:
         path = model_checkpoint.save_model(args.out, model, name)
@@ -110,4 +117,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    errors.run_cli(main, prog="python -m xmag_jax.distill.export")
+    errors.run_cli(main, prog=PROG)

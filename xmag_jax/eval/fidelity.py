@@ -2,9 +2,9 @@
 
     python -m xmag_jax.eval fidelity --arrays fidelity.npz
     python -m xmag_jax.eval fidelity --pairs demo_out/pairs --split val \
-        --student-checkpoint ckpt/student --teacher vit_test_teacher --teacher-weights teacher.safetensors
-    python -m xmag_jax.eval fidelity --pairs demo_out/pairs --split val --student-checkpoint ckpt/student \
-        --teacher-cache CACHE        # teacher features from a teacher-target cache of that split
+        --student_checkpoint ckpt/student --teacher vit_test_teacher --teacher_weights teacher.safetensors
+    python -m xmag_jax.eval fidelity --pairs demo_out/pairs --split val --student_checkpoint ckpt/student \
+        --teacher_cache CACHE        # teacher features from a teacher-target cache of that split
 
 Targets, both as in the distillation losses (`xmag_jax.distill.losses`):
 - global: the teacher's mean embedding over the 16 20x tiles of a field `[N, Et]`, from the student's
@@ -24,13 +24,14 @@ Arrays npz: `student [N, Es]`, `teacher_tiles [N, 16, Et]`, optional `student_ti
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
 import numpy as np
+from absl import flags
 from sklearn import linear_model, metrics, model_selection, pipeline, preprocessing
 
+from xmag_jax import cli
 from xmag_jax.eval import features as feats
 
 ALPHAS = np.logspace(-3, 4, 15)
@@ -98,30 +99,38 @@ def load_arrays(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     return feats.npz_arrays(path, ("student", "teacher_tiles"), ("student_tiles", "teacher_tokens", "groups"))
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmag_jax.eval fidelity", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--arrays", help="npz with student [N, Es], teacher_tiles [N, 16, Et], ...")
-    src.add_argument("--pairs", help="directory of tile-pair ArrayRecord shards (data_prep)")
-    p.add_argument("--split", default="val", help="shard split of --pairs (held-out slides: data_prep writes `val`)")
-    p.add_argument("--max-pairs", type=int, default=2048, help="random subsample of the split's pairs")
-    p.add_argument("--batch", type=int, default=16, help="pairs per forward batch")
-    p.add_argument("--student-checkpoint", help="student model checkpoint (models.checkpoint)")
-    p.add_argument("--student-timm-dir", help="student as a timm local dir (config.json + model.safetensors)")
-    p.add_argument("--teacher-checkpoint", help="teacher model checkpoint (models.checkpoint)")
-    p.add_argument("--teacher-timm-dir", help="teacher as a timm local dir")
-    p.add_argument("--teacher", help="teacher registry name (with --teacher-weights, or --random-teacher)")
-    p.add_argument("--teacher-weights", help="teacher weights file for --teacher")
-    p.add_argument("--random-teacher", action="store_true", help="allow a random-init teacher (debug only)")
-    p.add_argument("--teacher-cache", help="read the teacher's features from this teacher-target cache of the "
-                   "same --pairs split (`python -m xmag_jax.teacher_cache`) instead of running a teacher")
-    p.add_argument("--save-arrays", help="also save the computed arrays to this npz")
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the ridge fit (slides kept whole)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pair subsample and the folds")
-    p.add_argument("--out", help="write the results as JSON here")
-    args = p.parse_args(argv)
+PROG = "python -m xmag_jax.eval fidelity"
 
+
+def _define(fv: flags.FlagValues) -> None:
+    def string(name: str, help_: str, default: str | None = None) -> None:
+        flags.DEFINE_string(name, default, help_, flag_values=fv)
+
+    string("arrays", "npz with student [N, Es], teacher_tiles [N, 16, Et], ...")
+    string("pairs", "directory of tile-pair ArrayRecord shards (data_prep)")
+    string("split", "shard split of --pairs (held-out slides: data_prep writes `val`)", "val")
+    flags.DEFINE_integer("max_pairs", 2048, "random subsample of the split's pairs", flag_values=fv)
+    flags.DEFINE_integer("batch", 16, "pairs per forward batch", flag_values=fv)
+    string("student_checkpoint", "student model checkpoint (models.checkpoint)")
+    string("student_timm_dir", "student as a timm local dir (config.json + model.safetensors)")
+    string("teacher_checkpoint", "teacher model checkpoint (models.checkpoint)")
+    string("teacher_timm_dir", "teacher as a timm local dir")
+    string("teacher", "teacher registry name (with --teacher_weights, or --random_teacher)")
+    string("teacher_weights", "teacher weights file for --teacher")
+    flags.DEFINE_bool("random_teacher", False, "allow a random-init teacher (debug only)", flag_values=fv)
+    string("teacher_cache", "read the teacher's features from this teacher-target cache of the same --pairs split "
+           "(`python -m xmag_jax.teacher_cache`) instead of running a teacher")
+    string("save_arrays", "also save the computed arrays to this npz")
+    flags.DEFINE_integer("folds", 5, "cross-validation folds of the ridge fit (slides kept whole)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the pair subsample and the folds", flag_values=fv)
+    string("out", "write the results as JSON here")
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__.split("\n\n")[0], one_of=(("arrays", "pairs"),))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = COMMAND.parse(argv)
     if args.arrays:
         arrays = load_arrays(args.arrays)
     else:

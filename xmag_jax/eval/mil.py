@@ -12,7 +12,6 @@ attention of every slide is kept for heatmaps.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -22,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 from flax import nnx
 from sklearn import model_selection
 
+from xmag_jax import cli
 from xmag_jax.eval import features as feats
 from xmag_jax.eval import metrics
 
@@ -157,27 +158,35 @@ def _subsample(bag: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return bag if len(bag) <= n else bag[np.sort(rng.choice(len(bag), n, replace=False))]
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmag_jax.eval mil", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--features", required=True, help="directory of slide h5 files (TRIDENT layout)")
-    p.add_argument("--labels", required=True, help="CSV with slide_id,label")
-    p.add_argument("--folds", type=int, default=5,
-                   help="stratified cross-validation folds over slides (fewer if a class has fewer slides)")
-    p.add_argument("--epochs", type=int, default=MILConfig.epochs, help="training epochs (passes over the slides)")
-    p.add_argument("--lr", type=float, default=MILConfig.learning_rate, help="AdamW learning rate")
-    p.add_argument("--batch-size", type=int, default=MILConfig.batch_size, help="slides per step")
-    p.add_argument("--max-instances", type=int, default=MILConfig.max_instances,
-                   help="tiles sampled per slide per step in training")
-    p.add_argument("--seed", type=int, default=0, help="seed of folds, init and tile sampling")
-    p.add_argument("--skip-unlabelled", action="store_true",
-                   help="drop feature files without a label instead of failing")
-    p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--heatmap", metavar="DIR", help="write attention heatmap PNGs of a few slides here")
-    p.add_argument("--heatmap-slides", type=int, default=4, help="how many slides get a heatmap")
-    p.add_argument("--slides", help="slide folder or CSV for heatmap thumbnails (default: the h5's slide_path attr)")
-    args = p.parse_args(argv)
+PROG = "python -m xmag_jax.eval mil"
 
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("features", None, "directory of slide h5 files (TRIDENT layout)", flag_values=fv)
+    flags.DEFINE_string("labels", None, "CSV with slide_id,label", flag_values=fv)
+    flags.DEFINE_integer("folds", 5, "stratified cross-validation folds over slides (fewer if a class has fewer "
+                         "slides)", flag_values=fv)
+    flags.DEFINE_integer("epochs", MILConfig.epochs, "training epochs (passes over the slides)", flag_values=fv)
+    flags.DEFINE_float("lr", MILConfig.learning_rate, "AdamW learning rate", flag_values=fv)
+    flags.DEFINE_integer("batch_size", MILConfig.batch_size, "slides per step", flag_values=fv)
+    flags.DEFINE_integer("max_instances", MILConfig.max_instances, "tiles sampled per slide per step in training",
+                         flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of folds, init and tile sampling", flag_values=fv)
+    flags.DEFINE_bool("skip_unlabelled", False, "drop feature files without a label instead of failing",
+                      flag_values=fv)
+    flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)
+    flags.DEFINE_string("heatmap", None, "write attention heatmap PNGs of a few slides to this folder",
+                        flag_values=fv)
+    flags.DEFINE_integer("heatmap_slides", 4, "how many slides get a heatmap", flag_values=fv)
+    flags.DEFINE_string("slides", None, "slide folder or CSV for heatmap thumbnails (default: the h5's slide_path "
+                        "attr)", flag_values=fv)
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__.split("\n\n")[0], required=("features", "labels"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = COMMAND.parse(argv)
     labelled = feats.load_labelled_bags(args.features, feats.read_labels(args.labels),
                                         skip_unlabelled=args.skip_unlabelled)
     y, classes = feats.encode_labels([label for _, label in labelled])

@@ -11,10 +11,9 @@ of running the teacher.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import tqdm
+from absl import flags
 
 from xmag_jax import encoders, geometry
 from xmag_jax.data import pairs
@@ -85,8 +84,8 @@ def pair_arrays(source, indices: np.ndarray, student: encoders.Encoder, teacher:
     return arrays
 
 
-def from_args(args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """The arrays for `eval fidelity --pairs DIR` (encoders from the --student-* / --teacher-* flags)."""
+def from_args(args: flags.FlagValues) -> dict[str, np.ndarray]:
+    """The arrays for `eval fidelity --pairs DIR` (encoders from the --student_* / --teacher_* flags)."""
     try:
         paths = pair_records.shard_paths(args.pairs, args.split)
     except (FileNotFoundError, ValueError) as e:  # no or an incomplete shard set
@@ -110,10 +109,10 @@ def from_args(args: argparse.Namespace) -> dict[str, np.ndarray]:
         source_meta = cache.meta["source"]
         if (source_meta["split"], source_meta["fingerprint"]) != (
                 args.split, cache_records.source_fingerprint(args.pairs, args.split)["fingerprint"]):
-            raise feats.EvalInputError(f"--teacher-cache {args.teacher_cache}: holds targets of {source_meta['dir']} "
+            raise feats.EvalInputError(f"--teacher_cache {args.teacher_cache}: holds targets of {source_meta['dir']} "
                                        f"split {source_meta['split']!r}, not of --pairs {args.pairs} split "
                                        f"{args.split!r}")
         if 0 not in cache.states:
-            raise feats.EvalInputError(f"--teacher-cache {args.teacher_cache}: has no identity state (states "
+            raise feats.EvalInputError(f"--teacher_cache {args.teacher_cache}: has no identity state (states "
                                        f"{list(cache.states)})")
     return pair_arrays(source, indices, student, teacher, args.batch, cache=cache)

@@ -10,15 +10,16 @@ macro AUC, with slide-level bootstrap confidence intervals.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
 
 import numpy as np
+from absl import flags
 from sklearn import model_selection, neighbors, pipeline, preprocessing
 from sklearn.linear_model import LogisticRegression
 
+from xmag_jax import cli, errors
 from xmag_jax.eval import features as feats
 from xmag_jax.eval import metrics
 
@@ -124,33 +125,38 @@ def run_probe(
     return summary
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmag_jax.eval probe", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--features", action="append", metavar="[NAME=]DIR",
-                     help="directory of slide h5 files (repeatable, to compare encoders)")
-    src.add_argument("--npz", help="npz with features [N, D], labels [N], optional groups [N]")
-    p.add_argument("--labels", help="CSV with slide_id,label (required with --features)")
-    p.add_argument("--folds", type=int, default=5,
-                   help="cross-validation folds, slides kept whole (fewer if a class has fewer slides)")
-    p.add_argument("--C", dest="c", type=float, default=1.0,
-                   help="inverse L2 strength of the logistic regression (larger = weaker regularisation)")
-    p.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN probe (tiles)")
-    p.add_argument("--max-tiles-per-slide", type=int, default=None,
-                   help="random subsample of each slide's tiles (None: all)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
-    p.add_argument("--skip-unlabelled", action="store_true",
-                   help="drop feature files without a label instead of failing")
-    p.add_argument("--seed", type=int, default=0, help="seed of folds, subsampling and bootstrap")
-    p.add_argument("--out", help="write the results as JSON here")
-    args = p.parse_args(argv)
+PROG = "python -m xmag_jax.eval probe"
 
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_multi_string("features", None, "[NAME=]DIR: directory of slide h5 files (repeat the flag to "
+                              "compare encoders)", flag_values=fv)
+    flags.DEFINE_string("npz", None, "npz with features [N, D], labels [N], optional groups [N]", flag_values=fv)
+    flags.DEFINE_string("labels", None, "CSV with slide_id,label (required with --features)", flag_values=fv)
+    flags.DEFINE_integer("folds", 5, "cross-validation folds, slides kept whole (fewer if a class has fewer slides)",
+                         flag_values=fv)
+    flags.DEFINE_float("c", 1.0, "C, the inverse L2 strength of the logistic regression (larger = weaker "
+                       "regularisation)", flag_values=fv)
+    flags.DEFINE_integer("knn_k", 20, "neighbours of the kNN probe (tiles)", flag_values=fv)
+    flags.DEFINE_integer("max_tiles_per_slide", None, "random subsample of each slide's tiles (none: all)",
+                         flag_values=fv)
+    flags.DEFINE_integer("bootstrap", 1000, "bootstrap resamples for the intervals", flag_values=fv)
+    flags.DEFINE_bool("skip_unlabelled", False, "drop feature files without a label instead of failing",
+                      flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of folds, subsampling and bootstrap", flag_values=fv)
+    flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__.split("\n\n")[0], one_of=(("features", "npz"),))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = COMMAND.parse(argv)
     if args.npz:
         sets = {pathlib.Path(args.npz).stem: tiles_from_npz(args.npz)}
     else:
         if not args.labels:
-            p.error("--labels is required with --features")
+            raise errors.UserError("--labels is required with --features")
         labels = feats.read_labels(args.labels)
         sets = {}
         for spec in args.features:

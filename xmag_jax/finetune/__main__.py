@@ -13,38 +13,43 @@ from __future__ import annotations
 import logging as std_logging
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from xmag_jax import errors, platforms
+from xmag_jax import cli, errors
 from xmag_jax.distill.metrics import NonFiniteLossError
 
 PROG = "python -m xmag_jax.finetune"
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/mil_e2e*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: folds' checkpoints, metrics, outputs, results.json.")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    platforms.configure()
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "Run directory: folds' checkpoints, metrics, outputs, results.json.",
+                        flag_values=fv)
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("config", "workdir"),
+                      config=(None, "Config file (configs/mil_e2e*.py)."))
+
+
+def main(argv: list[str] | None = None) -> int:
+    fv, _ = COMMAND.parse(argv)
+    cli.start_absl_logging()
     from xmag_jax.finetune import run  # after flag parsing and the platform choice, before JAX starts a backend
 
     # Orbax logs every stage of every save at INFO: keep its warnings, and our progress lines.
     logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
 
     try:
-        summary = run.run(_CONFIG.value, _WORKDIR.value)
+        summary = run.run(fv.config, fv.workdir)
     except errors.UserError as error:
         errors.report(error, PROG)
-        sys.exit(errors.EXIT_USER_ERROR)
+        return errors.EXIT_USER_ERROR
     except NonFiniteLossError as error:
         logging.error("%s", error)
         print(f"{PROG}: error: {errors.one_line(error)}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     print(run.summary_line(summary))
+    return 0
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=errors.absl_flags_parser(PROG))
+    errors.run_cli(main, prog=PROG)

@@ -14,31 +14,38 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
-from xmag_jax import errors, models, platforms, sharding, topologies
+from xmag_jax import cli, errors, geometry, models, sharding, topologies
 from xmag_jax.aot import compile as compile_lib
 from xmag_jax.finetune import model as model_lib
 
 GiB = topologies.GiB
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/mil_e2e.py", "Finetune config file.")
-_MODEL = flags.DEFINE_string("model", "vit_b14", "Registry name of the student (xmag_vitb14 = vit_b14 layout).")
-_TOPOLOGY = flags.DEFINE_multi_string("topology", ["v5p-8", "v6e-8"], "Cloud TPU topology names.")
-_TILES = flags.DEFINE_multi_integer("tiles", [1024, 2048, 4096], "tiles_per_slide values.")
-_PATCH = flags.DEFINE_integer("patch_px", 224, "Tile side, px.")
-_MFU = flags.DEFINE_float("mfu", compile_lib.DEFAULT_MFU, "Assumed model FLOPs utilisation for the projection.")
-_JSON = flags.DEFINE_bool("json", False, "One JSON line per report instead of text.")
+PROG = "python -m xmag_jax.finetune.aot"
+
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("model", "vit_b14", "Registry name of the student (xmag_vitb14 = vit_b14 layout).",
+                        flag_values=fv)
+    flags.DEFINE_multi_string("topology", ["v5p-8", "v6e-8"], "Cloud TPU topology names.", flag_values=fv)
+    flags.DEFINE_multi_integer("tiles", [1024, 2048, 4096], "tiles_per_slide values.", flag_values=fv)
+    flags.DEFINE_integer("patch_px", geometry.TILE_PX, "Tile side, px.", flag_values=fv)
+    flags.DEFINE_float("mfu", compile_lib.DEFAULT_MFU, "Assumed model FLOPs utilisation for the projection.",
+                       flag_values=fv)
+    flags.DEFINE_bool("json", False, "One JSON line per report instead of text.", flag_values=fv)
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__, config=("configs/mil_e2e.py", "Finetune config file."))
 
 
 def compile_report(config: ml_collections.ConfigDict, model: str, topo: topologies.Topology, tiles: int,
-                   patch_px: int = 224, mfu: float = compile_lib.DEFAULT_MFU, devices: list | None = None) -> dict:
+                   patch_px: int = geometry.TILE_PX, mfu: float = compile_lib.DEFAULT_MFU,
+                   devices: list | None = None) -> dict:
     """Compile one step for `topo` at `tiles` tiles per slide, one slide per chip; the report as a dict."""
     devices = topologies.compile_devices(topo) if devices is None else devices
     config = copy.deepcopy(config)
@@ -87,18 +94,16 @@ def format_report(r: dict) -> str:
                    f"({r['projected_step_s']} s/step at MFU {r['mfu']}); compile {r['compile_s']} s")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    platforms.configure()
-    for name in _TOPOLOGY.value:
+def main(argv: list[str] | None = None) -> int:
+    fv, _ = COMMAND.parse(argv)
+    for name in fv.topology:
         topo = topologies.parse(name)
         devices = topologies.compile_devices(topo)
-        for tiles in _TILES.value:
-            r = compile_report(_CONFIG.value, _MODEL.value, topo, tiles, _PATCH.value, _MFU.value, devices)
-            print(json.dumps(r) if _JSON.value else format_report(r), flush=True)
-    sys.stdout.flush()
+        for tiles in fv.tiles:
+            r = compile_report(fv.config, fv.model, topo, tiles, fv.patch_px, fv.mfu, devices)
+            print(json.dumps(r) if fv.json else format_report(r), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=errors.absl_flags_parser("python -m xmag_jax.finetune.aot"))
+    errors.run_cli(main, prog=PROG)

@@ -12,30 +12,23 @@ import sys
 from collections.abc import Sequence
 
 from absl import flags
-from ml_collections import config_flags
 
-from xmag_jax import errors, workdir_lock
+from xmag_jax import cli, errors, workdir_lock
 
 PROG = "python -m xmag_jax.survival"
 
 
-def _flags(argv: Sequence[str]) -> flags.FlagValues:
-    fv = flags.FlagValues()
-    argv = [PROG, *argv]
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/celleconet.py[:ARG]).", flag_values=fv,
-                                    lock_config=True, sys_argv=argv)  # --config.KEY overrides are found in argv
+def _define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "Run directory: run.json, units/, checkpoints/, results.json, km_*.png.",
                         flag_values=fv)
-    rest = errors.parse_flags(fv, argv)
-    if len(rest) > 1:
-        raise errors.UserError(f"unexpected arguments {rest[1:]}")
-    if fv.config is None or fv.workdir is None:
-        raise errors.UserError("--config and --workdir are required")
-    return fv
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("config", "workdir"),
+                      config=(None, "Config file (configs/celleconet.py[:ARG])."))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    fv = _flags(list(sys.argv[1:] if argv is None else argv))
+    fv, _ = COMMAND.parse(argv)
     config, workdir = fv.config, pathlib.Path(fv.workdir)
     from xmag_jax.survival import clinical as clinical_lib
     from xmag_jax.survival import cv

@@ -12,43 +12,33 @@ import json
 from collections.abc import Sequence
 
 from absl import flags
-from ml_collections import config_flags
 
-from xmag_jax import errors
+from xmag_jax import cli, errors
 
 PROG = "python -m xmag_jax.teacher_cache"
 
 
-def _flags(argv: Sequence[str]) -> flags.FlagValues:
-    fv = flags.FlagValues()
-    argv = [PROG, *argv]
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).", flag_values=fv,
-                                    sys_argv=argv)
+def _define(fv: flags.FlagValues) -> None:
+    from xmag_jax import train
+
     flags.DEFINE_string("out", None, "Cache directory to write (or resume).", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored dtype of the targets.", flag_values=fv)
     flags.DEFINE_integer("batch", None, "Fields (pair x state) per global teacher forward (default: "
                          "config.batch_size).", flag_values=fv)
     flags.DEFINE_integer("read_threads", 4, "Threads decoding the 20x JPEGs.", flag_values=fv)
     flags.DEFINE_bool("progress", True, "Progress bar (pairs/s, bad records).", flag_values=fv)
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.", flag_values=fv)
-    flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.", flag_values=fv)
-    flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with cluster auto-detection.",
-                      flag_values=fv)
-    errors.parse_flags(fv, argv)
-    for name in ("config", "out"):
-        if fv[name].value is None:
-            raise errors.UserError(f"--{name} is required")
-    return fv
+    train.define_distributed(fv)
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("config", "out"),
+                      config=(None, "Config file (configs/NAME.py[:ARG])."))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import sys
-
     from xmag_jax import train
     from xmag_jax.teacher_cache import writer
 
-    fv = _flags(sys.argv[1:] if argv is None else argv)
+    fv, _ = COMMAND.parse(argv)
     train.initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
     summary = writer.write(fv.config, fv.out, dtype=fv.dtype, batch=fv.batch, read_threads=fv.read_threads,
                            progress=fv.progress)

@@ -16,7 +16,6 @@ Colour follows Beer-Lambert with the Ruifrok-Johnston H&E stain vectors: eosin (
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import csv
 import dataclasses
@@ -27,10 +26,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import tifffile
+from absl import flags
 from PIL import Image
 from scipy import ndimage
 
-from xmag_jax import atomic, errors
+from xmag_jax import atomic, cli, errors
 
 RENDER_MPP = 0.5
 TILE_PX = 256
@@ -222,18 +222,24 @@ def write_dataset(out: str, n: int, size_px: int = DEFAULT_SIZE_PX, seed: int = 
     return rows
 
 
+PROG = "python -m xmag_jax.wsi.synthetic"
+
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", None, "output folder (created)", flag_values=fv)
+    flags.DEFINE_integer("n", None, "number of slides", flag_values=fv)
+    flags.DEFINE_integer("size", DEFAULT_SIZE_PX, f"slide side in px at 0.25 µm/px, rounded down to a multiple of "
+                         f"{TILE_PX * DOWNSAMPLES[-1]} ({DEFAULT_SIZE_PX} px = {DEFAULT_SIZE_PX * 0.25 / 1000:.2f} "
+                         "mm)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the scenes", flag_values=fv)
+    flags.DEFINE_integer("workers", os.cpu_count() or 1, "processes (default: all cores)", flag_values=fv)
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("out", "n"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xmag_jax.wsi.synthetic", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--n", type=int, required=True, help="number of slides")
-    parser.add_argument("--size", type=int, default=DEFAULT_SIZE_PX,
-                        help=f"slide side in px at 0.25 µm/px, rounded down to a multiple of "
-                             f"{TILE_PX * DOWNSAMPLES[-1]} (default {DEFAULT_SIZE_PX} = "
-                             f"{DEFAULT_SIZE_PX * 0.25 / 1000:.2f} mm)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
-    args = parser.parse_args(argv)
+    args, _ = COMMAND.parse(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise errors.UserError(f"--out {args.out}: expected a folder (this is a file)")
     for flag, value, least in (("--n", args.n, 1), ("--size", args.size, TILE_PX * DOWNSAMPLES[-1]),
@@ -246,4 +252,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    errors.run_cli(main, prog="python -m xmag_jax.wsi.synthetic")
+    errors.run_cli(main, prog=PROG)
