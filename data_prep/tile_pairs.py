@@ -207,7 +207,7 @@ def collect_results(specs: list[inputs.SlideSpec], config, out_dir: str, work_di
     (a slide with neither marker is a `failures.NO_RESULT`)."""
     done = {s.slide_id: pairs.read_done(work_dir, s, config) for s in specs}
     failed = [pairs.read_failed(work_dir, s) or failures.Failure.kind(
-                  s, failures.NO_RESULT, "no result: the worker died on this slide (run without --no-isolation?)")
+                  s, failures.NO_RESULT, "no result: the worker died on this slide (run without --noisolation?)")
               for s in specs if done[s.slide_id] is None]
     failures.write_failures(out_dir, failed)
     return done, failed

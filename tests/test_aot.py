@@ -98,7 +98,9 @@ def test_cli_unknown_topology_lists_known_names(capsys):
 
 
 def test_cli_help_lists_the_flags(capsys):
-    assert cli.main(["--help"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--topology" in out and "find_batch" in out and "require_fit" in out
 

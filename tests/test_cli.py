@@ -37,6 +37,7 @@ COMMANDS = [
     ("xmag_jax.demo_teacher", [], "xmag_jax.demo_teacher", "COMMAND"),
     ("xmag_jax.distill.export", [], "xmag_jax.distill.export", "COMMAND"),
     ("xmag_jax.wsi.synthetic", [], "xmag_jax.wsi.synthetic", "COMMAND"),
+    ("xmag_jax.embed.__main__", [], "xmag_jax.embed.__main__", "COMMAND"),
     ("data_prep.tile_pairs", [], "data_prep.tile_pairs", "COMMAND"),
     ("data_prep.tile_bags", [], "data_prep.tile_bags", "COMMAND"),
     ("data_prep.synthetic_survival", ["features"], "data_prep.synthetic_survival", "COMMANDS:features"),
@@ -89,7 +90,7 @@ def test_help_lists_every_flag_with_its_default(module, words, parser_module, at
         elif any(name in group for group in command.one_of):
             assert "is required)" in block, block
         elif name == "config":
-            assert f"(default: {command.config[0]})" in block, block
+            assert f"(default: {cli.show(command.config[0])})" in block, block
         else:
             assert f"(default: {cli.show(flag.default)})" in block, block
         if isinstance(flag, flags.BooleanFlag):

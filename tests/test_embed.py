@@ -134,8 +134,8 @@ def test_cli_teacher_from_csv_manifest(slides, tmp_path):
     manifest = tmp_path / "slides.csv"
     manifest.write_text(f"path,slide_id\n{slides / 'slide_001.tif'},s1\n")
     out = tmp_path / "teacher"
-    rc = cli.main(["--slides", str(manifest), "--out", str(out), "--model", "vit_test_teacher", "--random-init",
-                     "--mpp", "2.0", "--batch", "8", "--no-progress"])
+    rc = cli.main(["--slides", str(manifest), "--out", str(out), "--model", "vit_test_teacher", "--random_init",
+                     "--mpp", "2.0", "--batch", "8", "--noprogress"])
     assert rc == 0
     with h5py.File(out / "s1.h5", "r") as f:
         assert f["features"].shape[1] == 96 and f.attrs["target_magnification"] == 5.0

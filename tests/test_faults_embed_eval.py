@@ -217,8 +217,8 @@ def test_embed_holds_the_out_lock(slides, encoder, tmp_path, capsys):
         assert other.stdout.readline() == "held\n"  # another embed job holds --out
         with pytest.raises(workdir_lock.WorkdirLocked, match=f"in use by embed .*pid {other.pid}"):
             _embed(slides, encoder, out)
-        err = _cli(embed_cli.main, ["--slides", str(slides), "--out", str(out), "--model", "vit_test", "--random-init",
-                                "--no-progress"], capsys)
+        err = _cli(embed_cli.main, ["--slides", str(slides), "--out", str(out), "--model", "vit_test", "--random_init",
+                                "--noprogress"], capsys)
         assert "in use by embed" in err and f"pid {other.pid}" in err
     finally:
         other.communicate("", timeout=60)
@@ -238,7 +238,7 @@ def test_new_weights_at_the_same_path_are_not_taken_for_done(slides, encoder, tm
     checkpoint.save_model(ckpt, models.create_model("vit_test", rngs=nnx.Rngs(1)), "vit_test")
     out = tmp_path / "out"
     argv = ["--slides", str(slides), "--out", str(out), "--checkpoint", str(ckpt), "--mpp", str(MPP), "--batch", "8",
-            "--workers", "1", "--no-progress"]
+            "--workers", "1", "--noprogress"]
     assert embed_cli.main(argv) == 0
     with h5py.File(out / "slide_000.h5", "r") as f:
         first = f["features"][...]
@@ -257,7 +257,7 @@ def test_new_weights_at_the_same_path_are_not_taken_for_done(slides, encoder, tm
         assert f.attrs["preprocessing_fingerprint"] == fingerprints[1]
         assert not np.allclose(f["features"][...], first)
     # other preprocessing (here the tissue threshold) at the same µm/px is refused the same way
-    err = _cli(embed_cli.main, [*argv, "--tissue-threshold", "0.5"], capsys)
+    err = _cli(embed_cli.main, [*argv, "--tissue_threshold", "0.5"], capsys)
     assert "preprocessing_fingerprint" in err and "weights_fingerprint" not in err
 
 
@@ -266,7 +266,7 @@ def test_new_weights_at_the_same_path_are_not_taken_for_done(slides, encoder, tm
     (["--out", "{tmp}/file"], "is a file; expected a folder"),
     (["--mpp", "0"], "--mpp 0.0: expected a positive µm/px"),
     (["--mpp", "-2"], "--mpp -2.0: expected a positive µm/px"),
-    (["--model", "vit_test", "--random-init", "--weights", "w.safetensors"], "exclude each other"),
+    (["--model", "vit_test", "--random_init", "--weights", "w.safetensors"], "exclude each other"),
 ])
 def test_embed_bad_input_is_one_line_exit_2(slides, tmp_path, capsys, argv, expected):
     from xmag_jax.embed import __main__ as embed_cli
@@ -278,8 +278,8 @@ def test_embed_bad_input_is_one_line_exit_2(slides, tmp_path, capsys, argv, expe
         if flag not in args:
             args += [flag, value]
     if "--model" not in args:
-        args += ["--model", "vit_test", "--random-init"]
-    assert expected in _cli(embed_cli.main, [*args, "--no-progress"], capsys)
+        args += ["--model", "vit_test", "--random_init"]
+    assert expected in _cli(embed_cli.main, [*args, "--noprogress"], capsys)
 
 
 def test_decoder_crash_in_the_reader_fails_that_slide_only(slides, encoder, tmp_path):

@@ -91,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     run_stage(
         "slide embeddings at 5x (distilled student, from its timm export)",
         ["xmag_jax.embed", "--slides", str(slides), "--out", str(features["distilled"]),
-         "--timm-dir", str(timm_dir), "--mpp", str(geometry.MPP_5X), "--no-progress"],
+         "--timm_dir", str(timm_dir), "--mpp", str(geometry.MPP_5X), "--noprogress"],
         env,
     )
     run_stage(
         "slide embeddings at 5x (random-init student, the baseline)",
         ["xmag_jax.embed", "--slides", str(slides), "--out", str(features["random_init"]),
-         "--checkpoint", str(initial_dir), "--mpp", str(geometry.MPP_5X), "--no-progress"],
+         "--checkpoint", str(initial_dir), "--mpp", str(geometry.MPP_5X), "--noprogress"],
         env,
     )
     run_stage(

@@ -6,7 +6,6 @@ Used by `xmag_jax.embed` (slides), `xmag_jax.eval.pair_features` (tile pairs) an
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -15,6 +14,7 @@ import pathlib
 
 import jax
 import numpy as np
+from absl import flags
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -85,7 +85,7 @@ def load_encoder(*, checkpoint_dir: str | None = None, timm_dir: str | None = No
     `dtype` sets the compute dtype (e.g. 'bfloat16'); `vit_overrides` other ViTConfig fields (e.g. depth)."""
     sources = [s for s in (checkpoint_dir, timm_dir, model) if s]
     if len(sources) != 1:
-        raise ValueError("give exactly one of --checkpoint, --timm-dir, --model")
+        raise ValueError("give exactly one of --checkpoint, --timm_dir, --model")
     overrides = dict(vit_overrides, **({"dtype": dtype} if dtype else {}))
     if checkpoint_dir:
         net, arch = checkpoint.load_model(checkpoint_dir, dtype=dtype)
@@ -95,7 +95,7 @@ def load_encoder(*, checkpoint_dir: str | None = None, timm_dir: str | None = No
         net = _from_timm_weights(arch, pathlib.Path(timm_dir) / "model.safetensors")
         return Encoder(f"{arch.name}:{os.path.abspath(timm_dir)}", arch, net)
     if weights and random_init:
-        raise ValueError("--weights and --random-init exclude each other")
+        raise ValueError("--weights and --random_init exclude each other")
     if weights:
         if os.path.isdir(weights):
             net, arch = checkpoint.load_model(weights, dtype=dtype)
@@ -106,7 +106,7 @@ def load_encoder(*, checkpoint_dir: str | None = None, timm_dir: str | None = No
             net = _from_timm_weights(arch, pathlib.Path(weights))
         return Encoder(f"{model}:{os.path.abspath(weights)}", arch, net)
     if not random_init:
-        raise ValueError(f"--model {model} needs --weights FILE (or --random-init for a random-init baseline)")
+        raise ValueError(f"--model {model} needs --weights FILE (or --random_init for a random-init baseline)")
     arch = models.get_arch(model, **overrides)
     net = models.create_model(model, rngs=nnx.Rngs(seed), **overrides)
     return Encoder(f"{model}:random-init-seed{seed}", arch, net)
@@ -135,18 +135,22 @@ def _arch_of_timm_dir(directory: pathlib.Path, overrides: dict) -> models.Arch:
     return models.get_arch(name, **{**sizes, **overrides})
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="model checkpoint directory (models.checkpoint / trainer export)")
-    src.add_argument("--timm-dir", help="timm local dir: config.json + model.safetensors")
-    src.add_argument("--model", help="registry name (with --weights FILE, or --random-init)")
-    p.add_argument("--weights", help="weights for --model: a file `xmag_jax.convert import` reads (timm, DINOv2 "
-                                     ".pth, XMAG release .ckpt) or a model checkpoint dir")
-    p.add_argument("--random-init", action="store_true", help="random-init --model (a baseline)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
-    p.add_argument("--dtype", help="compute dtype, e.g. bfloat16 (default: the model's)")
+SOURCE_FLAGS = ("checkpoint", "timm_dir", "model")  # exactly one: `cli.Command(..., one_of=(SOURCE_FLAGS,))`
 
 
-def from_args(args: argparse.Namespace) -> Encoder:
-    return load_encoder(checkpoint_dir=args.checkpoint, timm_dir=args.timm_dir, model=args.model,
-                        weights=args.weights, random_init=args.random_init, seed=args.seed, dtype=args.dtype)
+def define_flags(fv: flags.FlagValues) -> None:
+    """The flags of `from_flags`: where the encoder comes from, its seed and compute dtype."""
+    flags.DEFINE_string("checkpoint", None, "model checkpoint directory (models.checkpoint / trainer export)",
+                        flag_values=fv)
+    flags.DEFINE_string("timm_dir", None, "timm local dir: config.json + model.safetensors", flag_values=fv)
+    flags.DEFINE_string("model", None, "registry name (with --weights FILE, or --random_init)", flag_values=fv)
+    flags.DEFINE_string("weights", None, "weights for --model: a file `xmag_jax.convert import` reads (timm, "
+                        "DINOv2 .pth, XMAG release .ckpt) or a model checkpoint dir", flag_values=fv)
+    flags.DEFINE_bool("random_init", False, "random-init --model (a baseline)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of --random_init", flag_values=fv)
+    flags.DEFINE_string("dtype", None, "compute dtype, e.g. bfloat16 (default: the model's)", flag_values=fv)
+
+
+def from_flags(fv: flags.FlagValues) -> Encoder:
+    return load_encoder(checkpoint_dir=fv.checkpoint, timm_dir=fv.timm_dir, model=fv.model, weights=fv.weights,
+                        random_init=fv.random_init, seed=fv.seed, dtype=fv.dtype)

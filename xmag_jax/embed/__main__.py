@@ -8,10 +8,11 @@ What a run does (tiling, reading in a child process, resume, OUT/failures.jsonl)
 
 from __future__ import annotations
 
-import argparse
 import os
 
-from xmag_jax import encoders, errors
+from absl import flags
+
+from xmag_jax import cli, encoders, errors, geometry
 from xmag_jax.embed.plan import Tiling
 from xmag_jax.embed.run import embed_slides
 from xmag_jax.wsi import failures, inputs
@@ -21,12 +22,12 @@ class EmbedInputError(errors.UserError):
     """Bad `embed` input: a flag, the slide list, the encoder source, the output folder."""
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: flags.FlagValues) -> None:
     """EmbedInputError for flag values that cannot run, before any slide or weight is read."""
     for flag, value, ok, expected in (
             ("--mpp", args.mpp, args.mpp > 0, "a positive µm/px, e.g. 2.0 (5x) or 0.5 (20x)"),
-            ("--patch-px", args.patch_px, args.patch_px > 0, "a positive tile side in px"),
-            ("--tissue-threshold", args.tissue_threshold, 0 <= args.tissue_threshold <= 1, "a fraction in [0, 1]"),
+            ("--patch_px", args.patch_px, args.patch_px > 0, "a positive tile side in px"),
+            ("--tissue_threshold", args.tissue_threshold, 0 <= args.tissue_threshold <= 1, "a fraction in [0, 1]"),
             ("--batch", args.batch, args.batch > 0, "a positive number of tiles"),
             ("--workers", args.workers, args.workers > 0, "a positive number of threads"),
             ("--prefetch", args.prefetch, args.prefetch > 0, "a positive number of batches"),
@@ -37,32 +38,38 @@ def _check_args(args: argparse.Namespace) -> None:
         raise EmbedInputError(f"--out {args.out} is a file; expected a folder for the {{slide_id}}.h5 files")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m xmag_jax.embed", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--slides", required=True, help="folder of slides, or CSV manifest (path[,slide_id,mpp])")
-    p.add_argument("--out", required=True, help="output folder of {slide_id}.h5 (one job at a time)")
-    encoders.add_args(p)
-    p.add_argument("--mpp", type=float, default=2.0, help="target µm/px (2.0 ≈ 5x, 0.5 ≈ 20x)")
-    p.add_argument("--patch-px", type=int, default=224, help="tile side in px at --mpp")
-    p.add_argument("--tissue-threshold", type=float, default=0.25, help="min tissue fraction of a kept tile")
-    p.add_argument("--batch", type=int, default=64, help="tiles per forward (rounded up to a multiple of devices)")
-    p.add_argument("--workers", type=int, default=4, help="tile reader threads")
-    p.add_argument("--prefetch", type=int, default=4, help="batches read ahead")
-    p.add_argument("--overwrite", action="store_true",
-                   help="embed again slides whose h5 was made by other weights or settings (else refused)")
-    p.add_argument("--no-isolation", action="store_true",
-                   help="read tiles in this process (a decoder crash then ends the job)")
-    p.add_argument("--tokens", type=int, default=0, metavar="S",
-                   help="also store each tile's patch tokens average-pooled to S x S (`tokens [N, S, S, D]` "
-                        "float16; S = 4 at 2 µm/px: one word = 112 µm; 0 = off)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+PROG = "python -m xmag_jax.embed"
 
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("slides", None, "folder of slides, or CSV manifest (path[,slide_id,mpp])", flag_values=fv)
+    flags.DEFINE_string("out", None, "output folder of {slide_id}.h5 (one job at a time)", flag_values=fv)
+    encoders.define_flags(fv)
+    flags.DEFINE_float("mpp", geometry.MPP_5X, "target µm/px (2.0 ≈ 5x, 0.5 ≈ 20x)", flag_values=fv)
+    flags.DEFINE_integer("patch_px", geometry.TILE_PX, "tile side in px at --mpp", flag_values=fv)
+    flags.DEFINE_float("tissue_threshold", 0.25, "min tissue fraction of a kept tile", flag_values=fv)
+    flags.DEFINE_integer("batch", 64, "tiles per forward (rounded up to a multiple of devices)", flag_values=fv)
+    flags.DEFINE_integer("workers", 4, "tile reader threads", flag_values=fv)
+    flags.DEFINE_integer("prefetch", 4, "batches read ahead", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "embed again slides whose h5 was made by other weights or settings "
+                      "(else refused)", flag_values=fv)
+    flags.DEFINE_bool("isolation", True, "read tiles in a child process, so a decoder crash fails that slide only "
+                      "(--noisolation: in this process; a crash then ends the job)", flag_values=fv)
+    flags.DEFINE_integer("tokens", 0, "S: also store each tile's patch tokens average-pooled to S x S (`tokens "
+                         "[N, S, S, D]` float16; S = 4 at 2 µm/px: one word = 112 µm; 0 = off)", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "progress bar (--noprogress: none)", flag_values=fv)
+
+
+COMMAND = cli.Command(PROG, _define, doc=__doc__.split("\n\n")[0], required=("slides", "out"),
+                      one_of=(encoders.SOURCE_FLAGS,))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = COMMAND.parse(argv)
     _check_args(args)
     try:
         specs = inputs.list_slides(args.slides)
-        encoder = encoders.from_args(args)
+        encoder = encoders.from_flags(args)
     except (ValueError, FileNotFoundError) as e:  # a bad slide list or encoder source (ManifestError included)
         raise EmbedInputError(str(e)) from e
     grid = args.patch_px // encoder.arch.vit.patch_size
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{args.patch_px} px tile; expected S <= {grid}")
     report = embed_slides(specs, encoder, args.out, Tiling(args.mpp, args.patch_px, args.tissue_threshold),
                           batch=args.batch, workers=args.workers, prefetch=args.prefetch,
-                          progress=not args.no_progress, overwrite=args.overwrite, isolate=not args.no_isolation,
+                          progress=args.progress, overwrite=args.overwrite, isolate=args.isolation,
                           tokens=args.tokens)
     n_tiles = sum(report.tiles.values())
     print(f"{encoder.name} @ {args.mpp:g} µm/px -> {args.out}: {len(report.done)} embedded ({n_tiles} tiles, "
@@ -83,4 +90,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    errors.run_cli(main, prog="python -m xmag_jax.embed")
+    errors.run_cli(main, prog=PROG)

@@ -1,6 +1,6 @@
 """The embedding loop of `python -m xmag_jax.embed` (the CLI is `xmag_jax.embed.__main__`).
 
-Per slide: CLAM-style tissue mask and a grid of non-overlapping `--patch-px` tiles at `--mpp` µm/px
+Per slide: CLAM-style tissue mask and a grid of non-overlapping `--patch_px` tiles at `--mpp` µm/px
 (`xmag_jax.wsi.tissue`), tiles read from the best pyramid level (`xmag_jax.wsi.slide_reader`) by background
 threads into a bounded queue while the device computes, a jitted forward on fixed-shape batches that
 run across slide boundaries (only the job's last one is zero-padded; one compile), sharded over the
