@@ -3,6 +3,8 @@
 import importlib
 import sys
 
+from xmag_jax import errors
+
 BENCHMARKS = {
     "forward": "xmag_jax.bench.forward",
     "parity": "xmag_jax.bench.parity",
@@ -23,4 +25,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    errors.run_cli(main, prog="python -m xmag_jax.bench", argv=sys.argv[1:])

@@ -12,6 +12,10 @@ counts every view) and MFU against the device's peak (`xmag_jax.chips`; n/a on a
 The teacher is the config's (its checkpoint must exist, or use `--config.teacher.checkpoint=
 --config.teacher.allow_random_teacher=True` for a random one). `--teacher_cache` also times the step that
 trains from a teacher-target cache (random float32 targets in the batch, no teacher) and prints the speed-up.
+`--vs-torch` also times the same step in PyTorch + timm, eager (`vs_torch.TorchStep`: same sizes, same
+initial weights, same batch, `--torch_threads` intra-op threads, default the CPUs this process may use as
+XLA's CPU client does), alternating JAX and torch steps, and prints both medians, both losses of the first
+and last step and the ratio torch step time / JAX step time.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from xmag_jax import chips, sharding
+from xmag_jax import chips, errors, sharding
 from xmag_jax.distill import config_validation
 from xmag_jax.distill import step as step_lib
 from xmag_jax.distill.metrics import Throughput
@@ -40,11 +44,18 @@ def _flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_bool("teacher_cache", False, "Also time the step that trains from cached teacher targets "
                       "(data.teacher_cache: random targets of the cache's shapes in the batch, no teacher), and "
                       "report the ratio.", flag_values=values)
-    values(["bench_train", *argv])
+    flags.DEFINE_bool("vs-torch", False, "Also time the same step in PyTorch + timm, eager "
+                      "(xmag_jax/bench/vs_torch.py; torch is a test extra), alternating with the JAX step, and "
+                      "report torch step time / JAX step time.", flag_values=values)
+    flags.DEFINE_integer("torch_threads", None, "torch's intra-op threads with --vs-torch (default: the CPUs "
+                         "this process may use, as XLA's CPU client).", flag_values=values)
+    errors.parse_flags(values, ["bench_train", *argv])
     if values.config is None:
-        raise flags.IllegalFlagValueError("--config is required")
+        raise errors.UserError("--config is required")
     if values.steps < 1:
-        raise flags.IllegalFlagValueError(f"--steps must be >= 1, got {values.steps}")
+        raise errors.UserError(f"--steps must be >= 1, got {values.steps}")
+    if values["vs-torch"].value and values.teacher_cache:
+        raise errors.UserError("--vs-torch and --teacher_cache: give one of them")
     return values
 
 
@@ -62,7 +73,8 @@ def _random_batch(trainer: step_lib.Trainer, rng: np.random.Generator) -> dict[s
     return batch
 
 
-def run(config, steps: int) -> dict:
+def _setup(config):
+    """(trainer, mesh, step-0 state, teacher parameters, random batch) for `config`."""
     config_validation.check_schema(config)
     config_validation.check_values(config)
     mesh = sharding.make_mesh(config.mesh)
@@ -71,18 +83,60 @@ def run(config, steps: int) -> dict:
     state = trainer.init_state(jax.random.key(config.seed))
     teacher = trainer.teacher_state()
     batch = _random_batch(trainer, np.random.default_rng(config.seed))
+    return trainer, mesh, state, teacher, batch
 
+
+def _timed(fn, *args) -> tuple[float, object]:
+    """Seconds `fn(*args)` took to finish (its JAX results ready), and what it returned."""
     start = time.perf_counter()
-    state, metrics = trainer.step(state, teacher, batch)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
+    out = jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start, out
+
+
+def run(config, steps: int) -> dict:
+    trainer, mesh, state, teacher, batch = _setup(config)
+    compile_s, (state, _) = _timed(trainer.step, state, teacher, batch)
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = trainer.step(state, teacher, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+        seconds, (state, _) = _timed(trainer.step, state, teacher, batch)
+        times.append(seconds)
+    return _result(config, trainer, mesh, compile_s, times)
 
+
+def run_vs_torch(config, steps: int, threads: int) -> dict:
+    """The JAX step and the PyTorch+timm eager step (`vs_torch.TorchStep`) from the same weights on the same
+    batch, timed alternately (JAX, torch, JAX, ...) so a shared machine's load affects both alike."""
+    from xmag_jax.bench import vs_torch
+
+    torch = vs_torch.require_torch()
+    vs_torch.check_supported(config)
+    trainer, mesh, state, teacher, batch = _setup(config)
+    ref = vs_torch.TorchStep(trainer, state, teacher, steps=steps + 1, threads=threads)  # before `state` is donated
+    torch_batch = vs_torch.to_torch_batch(batch)
+    compile_s, (state, jax_first) = _timed(trainer.step, state, teacher, batch)
+    torch_first_s, torch_first = _timed(ref.step, torch_batch)
+    times = {"jax": [], "torch": []}
+    for _ in range(steps):
+        seconds, (state, jax_last) = _timed(trainer.step, state, teacher, batch)
+        times["jax"].append(seconds)
+        seconds, torch_last = _timed(ref.step, torch_batch)
+        times["torch"].append(seconds)
+    result = _result(config, trainer, mesh, compile_s, times["jax"])
+    torch_median = statistics.median(times["torch"])
+    result["torch"] = {
+        "version": torch.__version__, "threads": threads, "first_step_s": torch_first_s,
+        "step_time_s_median": torch_median, "step_time_s_min": min(times["torch"]),
+        "step_time_s_max": max(times["torch"]), "pairs_per_s": config.batch_size / torch_median,
+        "first_loss": torch_first["loss/total"], "last_loss": torch_last["loss/total"],
+    }
+    result["jax_first_loss"] = float(jax_first["loss/total"])
+    result["jax_last_loss"] = float(jax_last["loss/total"])
+    result["torch_over_jax"] = torch_median / result["step_time_s_median"]
+    return result
+
+
+def _result(config, trainer: step_lib.Trainer, mesh, compile_s: float, times: list[float]) -> dict:
+    steps = len(times)
     flops = trainer.flops_per_step()
     median = statistics.median(times)
     peak = chips.peak_flops_per_device(jax.devices(), config.get("peak_tflops_per_device"))
@@ -129,8 +183,32 @@ def _print(result: dict) -> None:
            if result["mfu"] is not None else f"MFU n/a on {result['device_kind']} (no known peak)"))
 
 
+def _print_vs_torch(result: dict) -> None:
+    _print(result)
+    t = result["torch"]
+    print(f"  torch {t['version']} eager ({t['threads']} threads): first step {t['first_step_s']:.2f} s; median step "
+          f"{t['step_time_s_median']:.4f} s over {result['timed_steps']} steps (min {t['step_time_s_min']:.4f}, "
+          f"max {t['step_time_s_max']:.4f}); {t['pairs_per_s']:.2f} pairs/s")
+    print(f"  loss/total from the same weights and batch: step 0 jax {result['jax_first_loss']:.6f} torch "
+          f"{t['first_loss']:.6f}; step {result['timed_steps']} jax {result['jax_last_loss']:.6f} torch "
+          f"{t['last_loss']:.6f}")
+    print(f"  torch step time / JAX step time: {result['torch_over_jax']:.2f}x")
+
+
 def main(argv: list[str]) -> int:
     values = _flags(argv)
+    if values["vs-torch"].value:
+        threads = values.torch_threads
+        if threads is None:
+            from xmag_jax.bench.vs_torch import default_threads
+
+            threads = default_threads()
+        result = run_vs_torch(values.config, values.steps, threads)
+        if values.json:
+            print(json.dumps(result))
+        else:
+            _print_vs_torch(result)
+        return 0
     result = run(values.config, values.steps)
     results = [result]
     if values.teacher_cache:
