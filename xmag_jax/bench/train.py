@@ -88,9 +88,15 @@ def _setup(config):
 
 def _timed(fn, *args) -> tuple[float, object]:
     """Seconds `fn(*args)` took to finish (its JAX results ready), and what it returned."""
-    start = time.perf_counter()
+    seconds, _, out = _timed_cpu(fn, *args)
+    return seconds, out
+
+
+def _timed_cpu(fn, *args) -> tuple[float, float, object]:
+    """Wall seconds and this process's CPU seconds (all threads) of `fn(*args)`, and what it returned."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, time.process_time() - cpu_start, out
 
 
 def run(config, steps: int) -> dict:
@@ -116,22 +122,28 @@ def run_vs_torch(config, steps: int, threads: int) -> dict:
     compile_s, (state, jax_first) = _timed(trainer.step, state, teacher, batch)
     torch_first_s, torch_first = _timed(ref.step, torch_batch)
     times = {"jax": [], "torch": []}
+    cpu = {"jax": [], "torch": []}
     for _ in range(steps):
-        seconds, (state, jax_last) = _timed(trainer.step, state, teacher, batch)
+        seconds, cpu_s, (state, jax_last) = _timed_cpu(trainer.step, state, teacher, batch)
         times["jax"].append(seconds)
-        seconds, torch_last = _timed(ref.step, torch_batch)
+        cpu["jax"].append(cpu_s)
+        seconds, cpu_s, torch_last = _timed_cpu(ref.step, torch_batch)
         times["torch"].append(seconds)
+        cpu["torch"].append(cpu_s)
     result = _result(config, trainer, mesh, compile_s, times["jax"])
+    result["cpu_s_median"] = statistics.median(cpu["jax"])
     torch_median = statistics.median(times["torch"])
     result["torch"] = {
         "version": torch.__version__, "threads": threads, "first_step_s": torch_first_s,
         "step_time_s_median": torch_median, "step_time_s_min": min(times["torch"]),
         "step_time_s_max": max(times["torch"]), "pairs_per_s": config.batch_size / torch_median,
+        "cpu_s_median": statistics.median(cpu["torch"]),
         "first_loss": torch_first["loss/total"], "last_loss": torch_last["loss/total"],
     }
     result["jax_first_loss"] = float(jax_first["loss/total"])
     result["jax_last_loss"] = float(jax_last["loss/total"])
     result["torch_over_jax"] = torch_median / result["step_time_s_median"]
+    result["torch_over_jax_cpu"] = result["torch"]["cpu_s_median"] / result["cpu_s_median"]
     return result
 
 
@@ -192,6 +204,9 @@ def _print_vs_torch(result: dict) -> None:
     print(f"  loss/total from the same weights and batch: step 0 jax {result['jax_first_loss']:.6f} torch "
           f"{t['first_loss']:.6f}; step {result['timed_steps']} jax {result['jax_last_loss']:.6f} torch "
           f"{t['last_loss']:.6f}")
+    print(f"  process CPU time per step (all threads; steadier than wall time on a shared machine): jax "
+          f"{result['cpu_s_median']:.4f} s, torch {t['cpu_s_median']:.4f} s, torch/JAX "
+          f"{result['torch_over_jax_cpu']:.2f}x")
     print(f"  torch step time / JAX step time: {result['torch_over_jax']:.2f}x")
 
 
