@@ -50,6 +50,12 @@ STEP_BATCH_KEYS = ("image_5x", "tiles_20x")
 # With data.teacher_cache: float32 `target_tiles [B, V, 16, Et]`, and `target_tokens [B, V, G, G, Dt]` when
 # the token term is on, replace `tiles_20x`.
 CACHED_BATCH_KEYS = ("image_5x", "target_tiles", "target_tokens")
+# XLA's CPU compiler (jax 0.10) fuses the element-wise ops and reductions around a dot (attention's scale and
+# softmax, bias + GELU) into the YNNPACK dot fusion; on the 2-core AVX (no AVX2) EPYC of our CI the debug step
+# then costs ~20% more CPU time than with YNNPACK taking the dots and convolutions alone and XLA's own loop
+# fusions the rest (`bench train --vs_torch`, see docs/design.md). Only the step on CPU devices is compiled so.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ",".join(
+    f"LIBRARY_FUSION_TYPE_{t}" for t in ("DOT", "INDIVIDUAL_DOT", "INDIVIDUAL_CONVOLUTION"))}
 
 
 def archs(config: ml_collections.ConfigDict) -> tuple[registry.Arch, registry.Arch]:
@@ -383,8 +389,10 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
         return new_state, metrics
 
     replicated = sharding.replicated(mesh)
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
     step = jax.jit(train_step, in_shardings=(state_shardings, teacher_shardings, step_batch_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+                   compiler_options=CPU_COMPILER_OPTIONS if on_cpu else None)
     return Trainer(
         config=config, mesh=mesh, student_arch=student_arch, teacher_arch=teacher_arch, weights=weights,
         graphdef=graphdef, teacher_graphdef=teacher_graphdef, state_shardings=state_shardings,
