@@ -23,7 +23,7 @@ from array_record.python import array_record_module
 from PIL import Image
 from tqdm import tqdm
 
-from xmag_jax import atomic
+from xmag_jax import atomic, geometry
 from xmag_jax.formats import pair_records
 from xmag_jax.wsi import failures, inputs, slide_reader, tissue
 
@@ -34,8 +34,8 @@ class PairConfig:
     `allow_upsample`: tile such a slide anyway (its 20x regions upsampled); `low_mag_source`: the 5x tile read
     from the pyramid ('pyramid') or Lanczos-resized from the 20x region ('resize', XMAG's way)."""
 
-    mpp_5x: float = 2.0
-    mpp_20x: float = 0.5
+    mpp_5x: float = geometry.MPP_5X
+    mpp_20x: float = geometry.MPP_20X
     mpp_tolerance: float = 0.1
     allow_upsample: bool = False
     low_mag_source: str = "pyramid"

@@ -77,8 +77,8 @@ def _define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("slides", None, "folder of slides or a CSV manifest (path [, slide_id, mpp])",
                         flag_values=fv)
     flags.DEFINE_string("out", None, "output dataset folder", flag_values=fv)
-    flags.DEFINE_float("mpp", 2.0, "µm/px of the tiles (2.0 = 5x)", flag_values=fv)
-    flags.DEFINE_integer("patch_px", 224, "tile side in px", flag_values=fv)
+    flags.DEFINE_float("mpp", geometry.MPP_5X, "µm/px of the tiles (2.0 = 5x)", flag_values=fv)
+    flags.DEFINE_integer("patch_px", geometry.TILE_PX, "tile side in px", flag_values=fv)
     flags.DEFINE_float("min_tissue", 0.25, "keep tiles whose field is at least this fraction tissue (as embed)",
                        flag_values=fv)
     flags.DEFINE_float("thumbnail_mpp", tissue.THUMBNAIL_MPP, "µm/px of the tissue mask", flag_values=fv)

@@ -50,7 +50,7 @@ import apache_beam as beam  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from data_prep import assemble, pairs  # noqa: E402
-from xmag_jax import atomic, cli, errors, workdir_lock  # noqa: E402
+from xmag_jax import atomic, cli, errors, geometry, workdir_lock  # noqa: E402
 from xmag_jax.formats import pair_records  # noqa: E402
 from xmag_jax.wsi import failures, inputs, isolation, tissue  # noqa: E402
 
@@ -92,8 +92,8 @@ def _define(fv: flags.FlagValues) -> None:
                         "manifest with columns path [, slide_id, mpp, split, coords]", flag_values=fv)
     flags.DEFINE_string("out", None, "output dataset folder", flag_values=fv)
     # magnification (pixel sizes in µm/px)
-    flags.DEFINE_float("mpp_5x", 2.0, "µm/px of the 224 px low-magnification tile", flag_values=fv)
-    flags.DEFINE_float("mpp_20x", 0.5, "µm/px of the 896 px high-magnification region", flag_values=fv)
+    flags.DEFINE_float("mpp_5x", geometry.MPP_5X, "µm/px of the 224 px low-magnification tile", flag_values=fv)
+    flags.DEFINE_float("mpp_20x", geometry.MPP_20X, "µm/px of the 896 px high-magnification region", flag_values=fv)
     flags.DEFINE_float("mpp_tolerance", 0.1, "a slide scanned up to this fraction coarser than --mpp_20x "
                        "is still used, slightly upsampled (0.1 = 10%)", flag_values=fv)
     flags.DEFINE_bool("allow_upsample", False, "tile slides scanned coarser than the 20x target too (their "

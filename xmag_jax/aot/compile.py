@@ -23,10 +23,10 @@ import jax
 import ml_collections
 
 from xmag_jax import sharding, topologies
+from xmag_jax.config import XMAG_NUM_PAIRS
 from xmag_jax.topologies import GiB, Topology
 
 DEFAULT_MFU = 0.5
-XMAG_NUM_PAIRS = 3_490_000  # tile pairs in one XMAG epoch (arXiv 2509.23097), as xmag_jax.config
 _OOM_RE = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
                      r"\(([\d.]+)([KMGT]?)\)")
 _UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}

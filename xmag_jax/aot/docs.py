@@ -36,6 +36,7 @@ from xmag_jax import atomic, errors, topologies
 from xmag_jax.aot import compile as compile_lib
 from xmag_jax.aot import search
 from xmag_jax.aot.compile import DEFAULT_MFU, Report
+from xmag_jax.config import XMAG_NUM_PAIRS
 from xmag_jax.topologies import GiB
 
 MAX_TRIES = 4
@@ -208,7 +209,7 @@ def render(results: list[Result], failed: dict[str, str], mfu: float, command_no
         "student forward+backward, projectors; every view of a pair counted); it does not depend on the batch. "
         "**XLA est.** is XLA:TPU's own step-time estimate (`cost_analysis()['optimal_seconds']`) at the row's "
         "batch, when it gives one and no layers are scanned (it counts a loop body once).",
-        f"- **epoch**: {compile_lib.XMAG_NUM_PAIRS / 1e6:.2f} M pairs at the projected pairs/s.",
+        f"- **epoch**: {XMAG_NUM_PAIRS / 1e6:.2f} M pairs at the projected pairs/s.",
         "",
         "| teacher → student | topology | mesh | global batch | fits, HBM/chip (GiB) | max global batch | "
         "HBM/chip at max (GiB) | pairs/s (pairs/s/chip) | XLA est. pairs/s | epoch | compiled |",

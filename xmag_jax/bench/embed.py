@@ -23,7 +23,7 @@ import warnings
 import jax
 from absl import flags
 
-from xmag_jax import cli, encoders, errors
+from xmag_jax import cli, encoders, errors, geometry
 from xmag_jax.embed import plan, run
 from xmag_jax.wsi import inputs, synthetic
 
@@ -66,8 +66,8 @@ def _define(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("n_slides", 4, "synthetic slides", flag_values=fv)
     flags.DEFINE_integer("size", 8192, "synthetic slide side in px at 0.25 µm/px", flag_values=fv)
     flags.DEFINE_string("slides", None, "use these slides (folder or CSV) instead of synthetic ones", flag_values=fv)
-    flags.DEFINE_float("student_mpp", 2.0, "µm/px of the student's tiles", flag_values=fv)
-    flags.DEFINE_float("teacher_mpp", 0.5, "µm/px of the teacher's tiles", flag_values=fv)
+    flags.DEFINE_float("student_mpp", geometry.MPP_5X, "µm/px of the student's tiles", flag_values=fv)
+    flags.DEFINE_float("teacher_mpp", geometry.MPP_20X, "µm/px of the teacher's tiles", flag_values=fv)
     flags.DEFINE_integer("teacher_depth", None, "override the teacher's depth (fit a real size on a small device)",
                          flag_values=fv)
     flags.DEFINE_string("dtype", None, "compute dtype of both models, e.g. bfloat16 (default: the models')",

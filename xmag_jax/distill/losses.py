@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-FIELD_SIDE = 4  # a 5x field is FIELD_SIDE x FIELD_SIDE tiles at 20x
-FIELD_TILES = FIELD_SIDE * FIELD_SIDE
+from xmag_jax.geometry import FIELD_SIDE, FIELD_TILES
+
 MODES = ("dual", "global_only", "local_only")
 
 
