@@ -272,3 +272,17 @@ def test_two_views_loss_is_the_mean_of_each_view_against_its_own_teacher():
     assert abs(swapped["loss/total"] - both["loss/total"]) > 1e-3, (swapped, both)
     f1, f2 = (flops.step_flops(trainers[v].config) for v in (1, 2))
     assert f2.total == pytest.approx(2 * f1.total)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_student_forward_waits_for_the_teacher_targets(cached):
+    """An optimization barrier ties the student's uint8 images to the teacher's float32 tile targets, so XLA runs
+    the student after the teacher: left free, it keeps the student's saved activations live through the teacher's
+    forward (+0.8 GiB/chip for configs/uni2h_vits14.py on v5p-256, docs/aot.md). Lowered only, not compiled."""
+    config = small_config(**{"data.teacher_cache": "CACHE" if cached else ""})
+    text = step.make_trainer(config, sharding.make_mesh(config.mesh)).lower().as_text()
+    barriers = [line for line in text.splitlines() if "stablehlo.optimization_barrier" in line]
+    if cached:
+        assert not barriers
+    else:
+        assert len(barriers) == 1 and "xui8>" in barriers[0] and "xf32>" in barriers[0], barriers

@@ -352,17 +352,22 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
 
         def accumulate(carry, mb):
             grad_sum, term_sum, mean_sum, batch_stats = carry
-            grid = mb["image_5x"].shape[2] // student_arch.vit.patch_size
+            images = mb["image_5x"]
+            grid = images.shape[2] // student_arch.vit.patch_size
             if cached:
                 targets = cached_targets(mb)
             else:  # the teacher runs on every view's tiles
                 targets = teacher_forward_targets(teacher_arch, teacher_graphdef, weights.token > 0, teacher_params,
                                                   mb["tiles_20x"], grid)
+                # The student after the teacher: left free, XLA schedules the student's forward (or the buffers of
+                # its saved activations) before the teacher's layer loop and keeps them live through it (+0.8 GiB/chip
+                # on v5p-256 with scanned layers, docs/aot.md).
+                images, _ = jax.lax.optimization_barrier((images, targets.tiles))
             if state.target_center is not None:
                 mean_sum = jax.tree.map(jnp.add, mean_sum, losses.target_means(targets))
                 targets = losses.center_targets(targets, state.target_center)
             (_, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, batch_stats, mb["image_5x"], targets)
+                state.params, batch_stats, images, targets)
             grads = jax.lax.with_sharding_constraint(grads, state_shardings.params)
             return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, term_sum, terms), mean_sum,
                     batch_stats), None
