@@ -179,4 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    errors.run_cli(main, prog=PROG)
+    # Through the importable module: the isolated slide reader unpickles `process_slide` by its module's name.
+    from data_prep import tile_bags
+
+    errors.run_cli(tile_bags.main, prog=PROG)
