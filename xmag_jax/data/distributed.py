@@ -23,3 +23,16 @@ def global_batch(
         sharding = shardings[key] if isinstance(shardings, Mapping) else shardings
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
+
+
+def process_slice(sharding: jax.sharding.Sharding, shape: tuple[int, ...], axis: int) -> slice:
+    """The rows along `axis` of a global array of `shape` under `sharding` that this process's devices hold:
+    what this process loads for `global_batch` (the whole axis when it is not split over processes).
+    ValueError when they are not one contiguous range (a mesh whose data axes interleave processes)."""
+    spans = {(i[axis].start or 0, shape[axis] if i[axis].stop is None else i[axis].stop)
+             for i in sharding.addressable_devices_indices_map(shape).values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise ValueError(f"this process's devices hold rows {sorted(spans)} of axis {axis}: not one contiguous "
+                         f"range; order the mesh's devices by process")
+    return slice(lo, hi)

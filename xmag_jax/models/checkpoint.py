@@ -31,16 +31,19 @@ ARCH_FILE = "arch.json"
 PARAMS_DIR = "params"
 
 
-def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str, *, overwrite: bool = False) -> Path:
+def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str, *, overwrite: bool = False,
+               multiprocessing_options: ocp.options.MultiprocessingOptions | None = None) -> Path:
     """Write `model`'s parameters and architecture to the directory `path` (created; must not exist
-    unless `overwrite`). Returns the absolute path."""
+    unless `overwrite`). Returns the absolute path. `multiprocessing_options`: Orbax's, e.g. one process of a
+    multi-host job writing alone (its parameters then host values or fully replicated)."""
     path = Path(path).absolute()
     get_arch(arch_name)
     if path.exists() and not overwrite:
         raise FileExistsError(f"checkpoint directory {path} already exists")
     with atomic.target(path, directory=True) as tmp:
         params = unstack_blocks(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg.depth)
-        with ocp.StandardCheckpointer() as ckptr:
+        options = {} if multiprocessing_options is None else {"multiprocessing_options": multiprocessing_options}
+        with ocp.StandardCheckpointer(**options) as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
         vit = dataclasses.replace(model.cfg, scan_layers=False)
         (tmp / ARCH_FILE).write_text(json.dumps({"name": arch_name, "vit": vit.to_dict()}, indent=2))
