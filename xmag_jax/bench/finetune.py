@@ -1,34 +1,55 @@
-"""`python -m xmag_jax.bench finetune [--config configs/mil_e2e_debug.py] [--model vit_test] [--patch-px 224]`.
+"""`python -m xmag_jax.bench finetune [--config configs/mil_e2e_debug.py] [--model vit_test] [--patch_px 224]`
+and `python -m xmag_jax.bench finetune --compare --out DIR [--slides 48 --folds 4 --config.KEY=VALUE]`.
 
-Times the jitted end-to-end training step (student forward/backward with the config's remat and dtype, the
+Timing: times the jitted end-to-end training step (student forward/backward with the config's remat and dtype, the
 GatedABMIL head, AdamW groups) on random uint8 tiles already on the mesh: the first step (compile) apart,
 then the median of `--steps` steps. Reports tiles/s and slides/s (`slides_per_step x tiles_per_slide` tiles
 per step). The student is randomly initialised from the registry (`--model`), so no checkpoint is needed.
+
+`--compare`: end to end against the frozen baseline at a size CI cannot afford: `--slides` synthetic slides with
+texture labels tiled into bags, a random `vit_test` student, `--folds` folds (default config
+`configs/mil_e2e_synthetic.py`); prints the per-fold AUCs, their means, the pooled out-of-fold AUC with a
+bootstrap CI for each method and a paired bootstrap of their difference; DIR keeps the slides, bags and the run
+(a rerun resumes it).
 """
 
 from __future__ import annotations
 
 import json
+import pathlib
 import statistics
 import time
 
 import jax
 import numpy as np
 from absl import flags
+from flax import nnx
 from ml_collections import config_flags
 
 from xmag_jax import models, sharding
+from xmag_jax.eval import metrics
 from xmag_jax.finetune import model as model_lib
+from xmag_jax.finetune import run as finetune_run
+from xmag_jax.models import checkpoint
 
 
 def _flags(argv: list[str]) -> flags.FlagValues:
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", "configs/mil_e2e_debug.py", "Finetune config file.",
-                                    flag_values=values)
+    compare = "--compare" in argv
+    config_flags.DEFINE_config_file(
+        "config", "configs/mil_e2e_synthetic.py" if compare else "configs/mil_e2e_debug.py", "Finetune config file.",
+        flag_values=values)
     flags.DEFINE_string("model", "vit_test", "Registry name of the student.", flag_values=values)
-    flags.DEFINE_integer("patch_px", 224, "Tile side, px.", flag_values=values)
+    flags.DEFINE_integer("patch_px", 56 if compare else 224, "Tile side, px.", flag_values=values)
     flags.DEFINE_integer("steps", 5, "Timed steps after the compile step.", flag_values=values)
     flags.DEFINE_bool("json", False, "Print one JSON object instead of text.", flag_values=values)
+    flags.DEFINE_bool("compare", False, "End to end vs frozen on synthetic slides (module doc).", flag_values=values)
+    flags.DEFINE_string("out", "bench_finetune_compare", "--compare: folder of the slides, bags and run.",
+                        flag_values=values)
+    flags.DEFINE_integer("slides", 48, "--compare: synthetic slides.", flag_values=values)
+    flags.DEFINE_integer("folds", 4, "--compare: cross-validation folds.", flag_values=values)
+    flags.DEFINE_integer("slide_size", 4096, "--compare: slide side, px at 0.25 µm/px.", flag_values=values)
+    flags.DEFINE_float("mpp", 1.0, "--compare: µm/px of the bag tiles.", flag_values=values)
     values(["bench_finetune", *argv])
     if values.steps < 1:
         raise flags.IllegalFlagValueError(f"--steps must be >= 1, got {values.steps}")
@@ -66,8 +87,79 @@ def run(config, model: str, patch_px: int, steps: int) -> dict:
             "loss": float(out["loss"])}
 
 
+def synthetic_cohort(out: pathlib.Path, slides: int, size_px: int, mpp: float, patch_px: int, seed: int
+                     ) -> tuple[str, str, str]:
+    """Synthetic slides with texture labels (`data_prep.synthetic`), their tile bags (`data_prep.tile_bags`) and
+    a random `vit_test` student with LayerScale 1.0 (the registry's 1e-5 makes a random student's features
+    nearly image-independent); returns (bags dir, labels CSV, student checkpoint). Reused where present."""
+    from data_prep import synthetic, tile_bags
+
+    if not (out / "slides" / "labels.csv").exists():
+        synthetic.write_dataset(str(out / "slides"), slides, size_px=size_px, seed=seed)
+    if not (out / "bags" / "slides.csv").exists():
+        args, beam_args = tile_bags.build_parser().parse_known_args([
+            "--slides", str(out / "slides"), "--out", str(out / "bags"), "--mpp", str(mpp), "--patch-px",
+            str(patch_px), "--no-progress", "--no-isolation", "--direct_running_mode=in_memory",
+            "--direct_num_workers=1"])
+        tile_bags.run(args, beam_args)
+    if not (out / "init" / "arch.json").exists():
+        checkpoint.save_model(out / "init", models.create_model("vit_test", rngs=nnx.Rngs(seed), init_values=1.0),
+                              "vit_test")
+    return str(out / "bags"), str(out / "slides" / "labels.csv"), str(out / "init")
+
+
+def paired_auc_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, seed: int, n: int = 2000) -> dict:
+    """AUC(a) - AUC(b) on the same slides (`a`, `b`: `[N, C]` probabilities) with a percentile bootstrap over
+    slides (the same resample for both), and the fraction of resamples where a wins."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n):
+        pick = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[pick])) == 2:
+            diffs.append(metrics.macro_auc(y[pick], a[pick]) - metrics.macro_auc(y[pick], b[pick]))
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return {"value": metrics.macro_auc(y, a) - metrics.macro_auc(y, b), "low": float(low), "high": float(high),
+            "p_a_wins": float(np.mean(np.asarray(diffs) > 0))}
+
+
+def compare(values: flags.FlagValues) -> dict:
+    """End to end vs frozen on `--slides` synthetic slides, `--folds` folds: the finetune run's results.json
+    plus the paired bootstrap of the pooled out-of-fold AUC difference."""
+    out = pathlib.Path(values.out)
+    bags, labels, init = synthetic_cohort(out, values.slides, values.slide_size, values.mpp, values.patch_px,
+                                          values.config.seed)
+    c = values.config
+    c.data.bags, c.data.labels, c.model.init, c.data.folds = bags, labels, init, values.folds
+    summary = finetune_run.run(c, str(out / "work"))
+    results = [json.loads((out / "work" / f"fold_{k}" / "result.json").read_text()) for k in range(summary["folds"])]
+    y = np.concatenate([r["y"] for r in results])
+    pooled = {m: np.concatenate([r[m] for r in results]) for m in finetune_run.METHODS}
+    summary["paired_auc_difference"] = paired_auc_difference(y, pooled["end_to_end"], pooled["frozen"], c.seed)
+    return summary
+
+
+def compare_report(summary: dict) -> str:
+    lines = []
+    for m in finetune_run.METHODS:
+        s = summary[m]
+        auc = s["pooled"]["auc"]
+        lines.append(f"{m:>10}: AUC per fold {[round(a, 3) for a in s['auc']]}, mean {s['auc_mean']:.3f} ± "
+                     f"{s['auc_std']:.3f}; pooled out-of-fold AUC {auc['value']:.3f} [{auc['low']:.3f}, "
+                     f"{auc['high']:.3f}]; balanced acc mean {s['balanced_acc_mean']:.3f}")
+    d = summary["paired_auc_difference"]
+    wins = sum(a > b for a, b in zip(summary["end_to_end"]["auc"], summary["frozen"]["auc"]))
+    lines.append(f"end to end - frozen, pooled AUC: {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
+                 f"(paired bootstrap over slides, end to end ahead in {d['p_a_wins']:.1%} of resamples); "
+                 f"end to end ahead in {wins} of {summary['folds']} folds; {summary['seconds']} s")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     values = _flags(argv)
+    if values.compare:
+        summary = compare(values)
+        print(json.dumps(summary) if values.json else compare_report(summary))
+        return 0
     result = run(values.config, values.model, values.patch_px, values.steps)
     if values.json:
         print(json.dumps(result))
