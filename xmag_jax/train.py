@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from xmag_jax import chips, data, errors, platforms, sharding, workdir_lock
+from xmag_jax.data.distributed import initialize_distributed
 from xmag_jax.distill import config_validation
 from xmag_jax.distill import step as step_lib
 from xmag_jax.distill.checkpointing import Checkpointer
@@ -46,18 +47,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with cluster auto-detection.")
-
-
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
-                           auto: bool) -> None:
-    """Join the multi-host job before anything touches the devices (no-op for a single process)."""
-    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
-    if any(given) and not all(given):
-        raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
-    if all(given):
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif auto:
-        jax.distributed.initialize()
 
 
 def _peak_flops(config: ml_collections.ConfigDict) -> float | None:

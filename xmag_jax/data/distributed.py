@@ -1,4 +1,4 @@
-"""Per-process numpy batches → global `jax.Array`s sharded over the mesh."""
+"""Multi-host plumbing: joining the job, and per-process numpy batches → global `jax.Array`s over the mesh."""
 
 from __future__ import annotations
 
@@ -6,6 +6,19 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from absl import app
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
+                           auto: bool) -> None:
+    """Join the multi-host job before anything touches the devices (no-op for a single process)."""
+    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+    if all(given):
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif auto:
+        jax.distributed.initialize()
 
 
 def global_batch(

@@ -129,5 +129,5 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None,
 
 def _sharding_of(t: Any) -> jax.sharding.Sharding:
     sharding = getattr(t, "sharding", None)
-    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
