@@ -17,6 +17,7 @@ from array_record.python import array_record_module
 from flax import nnx
 
 from xmag_jax import models
+from xmag_jax.data import augment, distributed
 from xmag_jax.errors import ConfigError
 from xmag_jax.finetune import config as schema
 from xmag_jax.finetune import data, run
@@ -200,3 +201,48 @@ def test_kill_9_then_resume_replays_the_same_steps(inputs, tmp_path):
     np.testing.assert_allclose([after[s] for s in sorted(before)], [before[s] for s in sorted(before)], rtol=1e-6)
     assert (work / "fold_0" / "student" / "arch.json").exists() and (work / "results.json").exists()
     assert checkpoint.read_arch(work / "fold_0" / "student").vit == checkpoint.read_arch(d / "init").vit
+
+
+class _ProcessDevices:
+    """A sharding as one process of a multi-host job sees it: only `devices` are addressable."""
+
+    def __init__(self, sharding, devices):
+        self.sharding, self.devices = sharding, set(devices)
+
+    def addressable_devices_indices_map(self, shape):
+        return {d: i for d, i in self.sharding.devices_indices_map(shape).items() if d in self.devices}
+
+
+def test_process_shares_put_together_are_the_one_process_batch(inputs):
+    d, labels = inputs
+    bags, devices = data.Bags(str(d / "bags")), jax.devices()
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(8, 1), ("data", "fsdp"))
+    fns_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+    fns_chunk = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    cohort = data.read_cohort(labels, bags, folds=2, seed=0)
+    sampler = data.Sampler(bags, cohort.slide_ids, cohort.y, slides_per_step=4, tiles_per_slide=8, grad_accum=2,
+                           options=augment.AugmentOptions.from_config({"preset": "xmag"}), seed=0, fold=0)
+    shape = (2, 16, PATCH_PX, PATCH_PX, 3)
+    halves = [distributed.process_slice(_ProcessDevices(fns_batch, devices[4 * p: 4 * p + 4]), shape, 1)
+              for p in range(2)]
+    assert halves == [slice(0, 8), slice(8, 16)]
+    assert distributed.process_slice(fns_batch, shape, 1) == slice(0, 16)  # one process holds everything
+    for step in (1, 5):
+        whole = sampler.batch(step)
+        parts = [sampler.batch(step, rows) for rows in halves]
+        assert whole.images.shape == shape and parts[0].images.shape == (2, 8, PATCH_PX, PATCH_PX, 3)
+        np.testing.assert_array_equal(np.concatenate([p.images for p in parts], axis=1), whole.images)
+        for p in parts:
+            np.testing.assert_array_equal(p.mask, whole.mask)
+            np.testing.assert_array_equal(p.labels, whole.labels)
+        assert whole.images[whole.mask.reshape(2, 16)].any() and not whole.images[~whole.mask.reshape(2, 16)].any()
+    rows = [distributed.process_slice(_ProcessDevices(fns_chunk, devices[4 * p: 4 * p + 4]), (8, 1), 0)
+            for p in range(2)]
+    sid = max(cohort.slide_ids, key=lambda s: bags.slides[s].tiles)  # 26 tiles: 4 chunks of 8, the last padded
+    whole = list(data.slide_chunks(bags, sid, 8))
+    shares = [list(data.slide_chunks(bags, sid, 8, r)) for r in rows]
+    assert [v for _, v in whole] == [v for _, v in shares[0]] == [8, 8, 8, 2]
+    for k, (tiles, _) in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([shares[0][k][0], shares[1][k][0]]), tiles)
+    with pytest.raises(ValueError, match="not one contiguous range"):
+        distributed.process_slice(_ProcessDevices(fns_batch, devices[::2]), shape, 1)

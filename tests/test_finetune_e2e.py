@@ -8,31 +8,16 @@ fit a CI budget: at 2.0 µm/px a nucleus is 2-5 px and the difference needs far 
 
 import json
 
-from flax import nnx
-
-from configs import mil_e2e_debug
-from data_prep import tile_bags
-from xmag_jax import models
+from configs import mil_e2e_synthetic
+from xmag_jax.bench import finetune as bench
 from xmag_jax.finetune import run
 from xmag_jax.models import checkpoint
-from xmag_jax.wsi import synthetic
 
 
 def test_end_to_end_beats_frozen_on_the_same_folds(tmp_path):
-    synthetic.write_dataset(str(tmp_path / "slides"), 16, size_px=4096, seed=0)
-    args, beam_args = tile_bags.COMMAND.parse([
-        "--slides", str(tmp_path / "slides"), "--out", str(tmp_path / "bags"), "--mpp", "1.0", "--patch_px", "56",
-        "--noprogress", "--noisolation", "--direct_running_mode=in_memory", "--direct_num_workers=1"])
-    assert tile_bags.run(args, beam_args)["slides_with_tiles"] == 16
-    # A random student; LayerScale 1.0 (not the registry's 1e-5) so that its frozen features depend on the image.
-    checkpoint.save_model(tmp_path / "init", models.create_model("vit_test", rngs=nnx.Rngs(0), init_values=1.0),
-                          "vit_test")
-    c = mil_e2e_debug.get_config()
-    c.data.bags, c.data.labels = str(tmp_path / "bags"), str(tmp_path / "slides" / "labels.csv")
-    c.model.init = str(tmp_path / "init")
-    c.train.epochs, c.train.tiles_per_slide, c.frozen.epochs = 30, 32, 30
-    c.optim.backbone_lr, c.optim.layer_decay = 1e-3, 1.0
-    c.heatmap_slides = 1
+    c = mil_e2e_synthetic.get_config()
+    c.data.bags, c.data.labels, c.model.init = bench.synthetic_cohort(tmp_path, 16, size_px=4096, mpp=1.0,
+                                                                      patch_px=56, seed=0)
     summary = run.run(c, str(tmp_path / "work"))
     print(json.dumps({m: summary[m] for m in run.METHODS}))
     assert summary["folds"] == 2

@@ -33,6 +33,7 @@ from absl import flags, logging
 from jax.experimental import multihost_utils
 
 from xmag_jax import chips, cli, data, errors, sharding, workdir_lock
+from xmag_jax.data import distributed
 from xmag_jax.distill import config_validation
 from xmag_jax.distill import step as step_lib
 from xmag_jax.distill.checkpointing import Checkpointer
@@ -42,36 +43,15 @@ from xmag_jax.teacher_cache import spec as teacher_cache_spec
 PROG = "python -m xmag_jax.train"
 
 
-def define_distributed(fv: flags.FlagValues) -> None:
-    """The multi-host flags of `initialize_distributed` (train and teacher_cache)."""
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.", flag_values=fv)
-    flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.", flag_values=fv)
-    flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.", flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with cluster auto-detection.",
-                      flag_values=fv)
-
-
 def _define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, metrics, TensorBoard.",
                         flag_values=fv)
-    define_distributed(fv)
+    distributed.define_distributed(fv)
 
 
 COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("config", "workdir"),
                       config=(None, "Config file (configs/NAME.py[:ARG])."),
                       known_keys=lambda: config_validation.flatten(config_validation.schema.base_config()))
-
-
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
-                           auto: bool) -> None:
-    """Join the multi-host job before anything touches the devices (no-op for a single process)."""
-    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
-    if any(given) and not all(given):
-        raise errors.UserError("--coordinator_address, --num_processes and --process_id go together")
-    if all(given):
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif auto:
-        jax.distributed.initialize()
 
 
 def _peak_flops(config: ml_collections.ConfigDict) -> float | None:
@@ -296,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         fv, _ = COMMAND.parse(argv)
         cli.start_absl_logging()
         logging.get_absl_handler().addFilter(_DropOrbaxInfo())
-        initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
+        distributed.initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
         train(fv.config, fv.workdir)
     except errors.UserError as error:  # a flag, ConfigError, WorkdirLocked
         errors.report(error, prog)

@@ -164,9 +164,13 @@ class Sampler:
         order = np.random.default_rng([self.seed, self.fold, epoch]).permutation(len(self.slide_ids))
         return order[(pos * self.s + np.arange(self.s)) % len(order)]
 
-    def batch(self, step: int) -> Batch:
-        p = self.bags.patch_px
-        images = np.zeros((self.s, self.t, p, p, 3), np.uint8)
+    def batch(self, step: int, rows: slice = slice(None)) -> Batch:
+        """Step `step`'s batch; `images` holds only `rows` of each micro-step's `M * T` tiles (this process's
+        share, `distributed.process_slice`): the other tiles are neither read nor decoded. The draws do not
+        depend on `rows`, so the shares of all processes put together are the one-process batch."""
+        p, m = self.bags.patch_px, self.s // self.a
+        lo, hi, _ = rows.indices(m * self.t)
+        images = np.zeros((self.a, hi - lo, p, p, 3), np.uint8)
         mask = np.zeros((self.s, self.t), bool)
         picked = self.slides_at(step)
         for j, i in enumerate(picked.tolist()):
@@ -174,21 +178,27 @@ class Sampler:
             rng = np.random.default_rng([self.seed, self.fold, step, j])
             n = self.bags.slides[sid].tiles
             index = np.sort(rng.choice(n, min(n, self.t), replace=False))
-            for row, tile in enumerate(self.bags.tiles(sid, index)):
-                d = augment.draw(self.options, rng)
-                images[j, row] = augment.apply_d4(augment.apply_photometric(tile, d), d.d4)
+            draws = [augment.draw(self.options, rng) for _ in index]
             mask[j, : len(index)] = True
-        m = self.s // self.a
-        return Batch(images.reshape(self.a, m * self.t, p, p, 3), mask.reshape(self.a, m, self.t),
-                     self.y[picked].reshape(self.a, m).astype(np.int32))
+            micro, base = j // m, j % m * self.t
+            first, last = max(lo - base, 0), min(hi - base, len(index))
+            if first >= last:
+                continue
+            for row, tile in enumerate(self.bags.tiles(sid, index[first:last]), start=first):
+                d = draws[row]
+                images[micro, base + row - lo] = augment.apply_d4(augment.apply_photometric(tile, d), d.d4)
+        return Batch(images, mask.reshape(self.a, m, self.t), self.y[picked].reshape(self.a, m).astype(np.int32))
 
 
-def slide_chunks(bags: Bags, slide_id: str, chunk: int):
-    """All tiles of a slide as `(uint8 [chunk, P, P, 3] zero-padded, valid count)` chunks, in order."""
+def slide_chunks(bags: Bags, slide_id: str, chunk: int, rows: slice = slice(None)):
+    """All tiles of a slide as `(uint8 [rows of chunk, P, P, 3] zero-padded, valid count of the whole chunk)`
+    chunks, in order; `rows` is this process's share of a chunk (`distributed.process_slice`)."""
     n = bags.slides[slide_id].tiles
+    lo, hi, _ = rows.indices(chunk)
+    p = bags.patch_px
     for start in range(0, n, chunk):
-        index = np.arange(start, min(start + chunk, n))
-        tiles = bags.tiles(slide_id, index)
-        if len(tiles) < chunk:
-            tiles = np.concatenate([tiles, np.zeros((chunk - len(tiles), *tiles.shape[1:]), np.uint8)])
-        yield tiles, len(index)
+        out = np.zeros((hi - lo, p, p, 3), np.uint8)
+        index = np.arange(start + lo, min(start + hi, n))
+        if len(index):
+            out[: len(index)] = bags.tiles(slide_id, index)
+        yield out, min(chunk, n - start)

@@ -9,6 +9,11 @@ Workdir layout:
   fold_K/result.json         held-out probabilities of both methods (a finished fold is skipped on rerun)
   frozen_features.npz        the initial student's features of every slide (computed once)
   results.json               per-fold AUC / balanced accuracy of both, means, pooled bootstrap CIs
+
+Several JAX processes (multi-host): each reads and decodes only the tiles its devices hold (a step's and an
+evaluation chunk's tile axis is split over the mesh's data axes, `distributed.process_slice`) and every process
+computes the same replicated results; the checkpoints are written by all together, every other file by
+process 0 alone. The workdir must be shared by the processes.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from absl import logging
 from flax import nnx
 
 from xmag_jax import atomic, sharding, workdir_lock
-from xmag_jax.data import augment
+from xmag_jax.data import augment, distributed
 from xmag_jax.distill.metrics import MetricWriter, NonFiniteLossError, check_finite, log_progress, to_floats
 from xmag_jax.errors import ConfigError
 from xmag_jax.eval import heatmap, metrics, mil
@@ -77,16 +82,26 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, devices: list | Non
     return Setup(config, pathlib.Path(workdir), bags, cohort, arch, mesh)
 
 
+def _primary() -> bool:
+    """Whether this process writes the run's files (process 0; checkpoints are written by all)."""
+    return jax.process_index() == 0
+
+
 def _write_json(path: pathlib.Path, obj: Any) -> None:
+    if not _primary():
+        return
     with atomic.target(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1))
 
 
 def slide_features(setup: Setup, fns: model_lib.Functions, states: tuple, slide_id: str) -> np.ndarray:
-    """All tiles of a slide through the student in `eval.chunk_tiles` chunks: float32 `[N, D]`."""
+    """All tiles of a slide through the student in `eval.chunk_tiles` chunks: float32 `[N, D]` (every
+    process reads its share of each chunk and gets all the features)."""
+    chunk = setup.config.eval.chunk_tiles
+    rows = distributed.process_slice(fns.chunk_sharding, (chunk, setup.bags.patch_px, setup.bags.patch_px, 3), 0)
     out = []
-    for tiles, valid in data.slide_chunks(setup.bags, slide_id, setup.config.eval.chunk_tiles):
-        feats = fns.embed(*states, jax.device_put(tiles, fns.chunk_sharding))
+    for tiles, valid in data.slide_chunks(setup.bags, slide_id, chunk, rows):
+        feats = fns.embed(*states, distributed.global_batch({"tiles": tiles}, fns.chunk_sharding)["tiles"])
         out.append(np.asarray(feats)[:valid])
     return np.concatenate(out)
 
@@ -106,10 +121,22 @@ def frozen_features(setup: Setup) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     graphdef, trainable, frozen, rest = _fold_model(setup, 0)
     fns = model_lib.make_functions(graphdef, setup.arch, optax.identity(), setup.mesh)
-    feats = {s: slide_features(setup, fns, (trainable, frozen, rest), s) for s in setup.cohort.slide_ids}
-    with atomic.target(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **feats)
+    states = _replicate((trainable, frozen, rest), fns)
+    feats = {s: slide_features(setup, fns, states, s) for s in setup.cohort.slide_ids}
+    if _primary():
+        with atomic.target(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **feats)
     return feats
+
+
+def _host(tree: Any) -> Any:
+    """Numpy copies of a tree's arrays (PRNG keys, which have none, kept as they are)."""
+    return jax.tree.map(lambda x: x if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(x), tree)
+
+
+def _replicate(tree: Any, fns: model_lib.Functions) -> Any:
+    """Host values (the same in every process) as arrays replicated over the whole mesh."""
+    return jax.device_put(_host(tree), fns.replicated)
 
 
 class _Checkpoints:
@@ -158,8 +185,8 @@ def train_fold(setup: Setup, fold: int) -> tuple[Any, model_lib.Functions, tuple
     graphdef, trainable, frozen, rest = _fold_model(setup, fold)
     tx = model_lib.optimizer(cfg, trainable, setup.arch.vit.depth, total)
     fns = model_lib.make_functions(graphdef, setup.arch, tx, setup.mesh)
-    trainable, frozen, rest = jax.device_put((trainable, frozen, rest), fns.replicated)
-    opt_state = jax.device_put(tx.init(trainable), fns.replicated)
+    trainable, frozen, rest = _replicate((trainable, frozen, rest), fns)
+    opt_state = _replicate(tx.init(trainable), fns)
     ckpt = _Checkpoints(fold_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep)
     writer = MetricWriter(fold_dir)
     try:
@@ -170,11 +197,15 @@ def train_fold(setup: Setup, fold: int) -> tuple[Any, model_lib.Functions, tuple
             logging.info("fold %d: resumed at step %d of %d", fold, start, total)
         writer.resume_at(start)
         base_key = jax.random.key(cfg.seed + fold)
+        m = cfg.train.slides_per_step // cfg.train.grad_accum
+        shape = (cfg.train.grad_accum, m * cfg.train.tiles_per_slide, setup.bags.patch_px, setup.bags.patch_px, 3)
+        rows = distributed.process_slice(fns.batch_sharding, shape, 1)
+        shardings = {"images": fns.batch_sharding, "mask": fns.replicated, "labels": fns.replicated}
         for step in range(start + 1, total + 1):
-            batch = sampler.batch(step)
+            batch = distributed.global_batch(dataclasses.asdict(sampler.batch(step, rows)), shardings)
             trainable, opt_state, out = fns.train_step(
-                trainable, opt_state, frozen, rest, jax.device_put(batch.images, fns.batch_sharding),
-                batch.mask, batch.labels, jax.random.fold_in(base_key, step))
+                trainable, opt_state, frozen, rest, batch["images"], batch["mask"], batch["labels"],
+                jax.random.fold_in(base_key, step))
             values = to_floats(out)
             check_finite(step, values)
             log_point = step % cfg.log_every == 0 or step == total
@@ -193,11 +224,18 @@ def train_fold(setup: Setup, fold: int) -> tuple[Any, model_lib.Functions, tuple
 
 
 def _save_outputs(setup: Setup, fold: int, e2e: model_lib.E2EModel) -> None:
+    """The fine-tuned student and the head, written by process 0 alone."""
+    if not _primary():
+        return
     fold_dir = setup.workdir / f"fold_{fold}"
     saved_vit = checkpoint.read_arch(setup.config.model.init).vit
     e2e.backbone.cfg = saved_vit  # the init's dtypes, no remat: what embed and convert export expect
-    checkpoint.save_model(fold_dir / "student", e2e.backbone, setup.arch.name, overwrite=True)
-    with atomic.target(fold_dir / "head", directory=True) as tmp, ocp.StandardCheckpointer() as ck:
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    checkpoint.save_model(fold_dir / "student", e2e.backbone, setup.arch.name, overwrite=True,
+                          multiprocessing_options=alone)
+    with atomic.target(fold_dir / "head", directory=True) as tmp, \
+            ocp.StandardCheckpointer(multiprocessing_options=alone) as ck:
         ck.save(tmp / "params", nnx.to_pure_dict(nnx.state(e2e.head, nnx.Param)))
     _write_json(fold_dir / "head.json", {"in_dim": setup.arch.embed_dim, "classes": setup.cohort.classes,
                                          "hidden": setup.config.head.hidden, "attn_dim": setup.config.head.attn_dim,
@@ -213,11 +251,11 @@ def run_fold(setup: Setup, fold: int, frozen_feats: dict[str, np.ndarray]) -> di
     train, test = np.flatnonzero(cohort.fold != fold), np.flatnonzero(cohort.fold == fold)
     test_ids = [cohort.slide_ids[i] for i in test]
     graphdef, fns, states = train_fold(setup, fold)
-    e2e = nnx.merge(graphdef, *states)
+    e2e = nnx.merge(graphdef, *_host(states))  # host copies: the head and saves are local
     e2e.head.eval()
     feats = [slide_features(setup, fns, states, s) for s in test_ids]
     e2e_proba, attention = mil.predict(e2e.head, feats)
-    for sid, f, att in list(zip(test_ids, feats, attention))[: cfg.heatmap_slides]:
+    for sid, f, att in list(zip(test_ids, feats, attention))[: cfg.heatmap_slides if _primary() else 0]:
         entry = setup.bags.slides[sid]
         bag = SlideBag(sid, pathlib.Path(setup.bags.directory), f, setup.bags.coords(sid),
                        {"slide_path": entry.path, "level0_mpp": entry.level0_mpp,
@@ -270,7 +308,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices: list | None = 
     setup = prepare(config, workdir, devices)
     setup.workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    with workdir_lock.hold(setup.workdir, job="finetune"):
+    with workdir_lock.hold(setup.workdir, job="finetune", process_index=jax.process_index()):
         frozen_feats = frozen_features(setup) if config.frozen.enabled else {}
         results = [run_fold(setup, k, frozen_feats) for k in range(setup.cohort.num_folds)]
         summary = summarize(results, setup.cohort.classes, config.seed)

@@ -30,17 +30,19 @@ ARCH_FILE = "arch.json"
 PARAMS_DIR = "params"
 
 
-def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str, *,
-               overwrite: bool = False) -> epath.Path:
+def save_model(path: str | os.PathLike, model: VisionTransformer, arch_name: str, *, overwrite: bool = False,
+               multiprocessing_options: ocp.options.MultiprocessingOptions | None = None) -> epath.Path:
     """Write `model`'s parameters and architecture to the directory `path` (local or gs://; created; must not
-    exist unless `overwrite`). Returns the absolute path."""
+    exist unless `overwrite`). Returns the absolute path. `multiprocessing_options`: Orbax's, e.g. one process
+    of a multi-host job writing alone (its parameters then host values or fully replicated)."""
     path = atomic.as_path(path)
     get_arch(arch_name)
     if path.exists() and not overwrite:
         raise FileExistsError(f"checkpoint directory {path} already exists")
     with atomic.target(path, directory=True, marker=ARCH_FILE) as tmp:
         params = unstack_blocks(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg.depth)
-        with ocp.StandardCheckpointer() as ckptr:
+        options = {} if multiprocessing_options is None else {"multiprocessing_options": multiprocessing_options}
+        with ocp.StandardCheckpointer(**options) as ckptr:
             ckptr.save(tmp / PARAMS_DIR, params)
         vit = dataclasses.replace(model.cfg, scan_layers=False)
         (tmp / ARCH_FILE).write_text(json.dumps({"name": arch_name, "vit": vit.to_dict()}, indent=2))
@@ -121,5 +123,5 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None,
 
 def _sharding_of(t: Any) -> jax.sharding.Sharding:
     sharding = getattr(t, "sharding", None)
-    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 

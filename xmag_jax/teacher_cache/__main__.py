@@ -19,7 +19,7 @@ PROG = "python -m xmag_jax.teacher_cache"
 
 
 def _define(fv: flags.FlagValues) -> None:
-    from xmag_jax import train
+    from xmag_jax.data import distributed
 
     flags.DEFINE_string("out", None, "Cache directory to write (or resume).", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored dtype of the targets.", flag_values=fv)
@@ -27,7 +27,7 @@ def _define(fv: flags.FlagValues) -> None:
                          "config.batch_size).", flag_values=fv)
     flags.DEFINE_integer("read_threads", 4, "Threads decoding the 20x JPEGs.", flag_values=fv)
     flags.DEFINE_bool("progress", True, "Progress bar (pairs/s, bad records).", flag_values=fv)
-    train.define_distributed(fv)
+    distributed.define_distributed(fv)
 
 
 COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("config", "out"),
@@ -35,11 +35,11 @@ COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("config", "out"),
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from xmag_jax import train
+    from xmag_jax.data import distributed
     from xmag_jax.teacher_cache import writer
 
     fv, _ = COMMAND.parse(argv)
-    train.initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
+    distributed.initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
     summary = writer.write(fv.config, fv.out, dtype=fv.dtype, batch=fv.batch, read_threads=fv.read_threads,
                            progress=fv.progress)
     print(json.dumps(summary))
