@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    argv = ["--out", str(out)]
+    # The fine-tuning stage is left out here (tests/test_finetune_e2e.py runs that command end to end;
+    # test_finetune_stage_command_parses checks the demo's own command line for it).
+    argv = ["--out", str(out), "--nofinetune"]
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("XLA_FLAGS", raising=False)  # the stages run as on a laptop: one CPU device, not conftest's 8
         assert demo.main(argv) == 0
@@ -65,3 +67,14 @@ def test_timm_export_computes_the_flax_students_features(demo_out):
     trained = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     fresh = nnx.to_pure_dict(nnx.state(registry.create_model("vit_test", rngs=nnx.Rngs(0)), nnx.Param))
     assert not np.allclose(trained["patch_embed"]["proj"]["kernel"], fresh["patch_embed"]["proj"]["kernel"])
+
+
+def test_finetune_stage_command_parses(tmp_path):
+    """The demo's fine-tuning command line is one `python -m xmag_jax.finetune` accepts, keys and all."""
+    from xmag_jax.finetune import __main__ as finetune_cli
+
+    args = demo.finetune_stage(tmp_path, tmp_path / "labels.csv", tmp_path / "student", 3)
+    assert args[0] == "xmag_jax.finetune"
+    fv, _ = finetune_cli.COMMAND.parse(args[1:])
+    assert fv.config.model.init == str(tmp_path / "student") and fv.config.seed == 3
+    assert fv.config.data.bags == str(tmp_path / "bags") and fv.config.train.epochs == 20

@@ -50,6 +50,8 @@ def _define(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("steps", None, "distillation steps (default: configs/demo.py's)", flag_values=fv)
     flags.DEFINE_float("lr", None, "distillation peak learning rate (default: configs/demo.py's)", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed of the slides, teacher and distillation", flag_values=fv)
+    flags.DEFINE_bool("finetune", True, "end with 5x tile bags and end-to-end MIL from the distilled student "
+                      "against its frozen features (--nofinetune: stop after the probe)", flag_values=fv)
 
 
 COMMAND = cli.Command(PROG, _define, doc=__doc__)
@@ -111,19 +113,23 @@ def main(argv: list[str] | None = None) -> int:
          "--labels", str(slides / "labels.csv"), "--out", str(out / "probe.json")],
         env,
     )
-    run_stage("5x tile bags for end-to-end training",
-              ["data_prep.tile_bags", "--slides", str(slides), "--out", str(out / "bags"), "--noprogress"], env)
-    run_stage(
-        "end-to-end MIL from the distilled student, against the same head on its frozen features",
-        ["xmag_jax.finetune", "--config", "configs/mil_e2e_debug.py", "--workdir", str(out / "finetune"),
-         f"--config.data.bags={out / 'bags'}", f"--config.data.labels={slides / 'labels.csv'}",
-         f"--config.model.init={student_dir}", f"--config.seed={args.seed}", *FINETUNE_ARGS],
-        env,
-    )
+    if args.finetune:
+        run_stage("5x tile bags for end-to-end training",
+                  ["data_prep.tile_bags", "--slides", str(slides), "--out", str(out / "bags"), "--noprogress"], env)
+        run_stage("end-to-end MIL from the distilled student, against the same head on its frozen features",
+                  finetune_stage(out, slides / "labels.csv", student_dir, args.seed), env)
     print(f"\ndemo finished: outputs in {out}")
     print(comparison_line(out / "probe.json"))
-    print(finetune_line(out / "finetune" / "results.json"))
+    if args.finetune:
+        print(finetune_line(out / "finetune" / "results.json"))
     return 0
+
+
+def finetune_stage(out: Path, labels: Path, student_dir: Path, seed: int) -> list[str]:
+    """The fine-tuning stage's command line: configs/mil_e2e_debug.py on `out/bags` from the distilled student."""
+    return ["xmag_jax.finetune", "--config", "configs/mil_e2e_debug.py", "--workdir", str(out / "finetune"),
+            f"--config.data.bags={out / 'bags'}", f"--config.data.labels={labels}",
+            f"--config.model.init={student_dir}", f"--config.seed={seed}", *FINETUNE_ARGS]
 
 
 def finetune_line(results_json: Path) -> str:
