@@ -5,12 +5,13 @@
 #       --config configs/uni2h_vits14.py --data gs://BUCKET/pairs --workdir gs://BUCKET/runs/uni2h [--dry_run]
 #
 # Steps (default: all = create code install train): create | code | install | train | status | logs | delete.
-# Data and workdir are gs:// paths; the train loop reads and writes them through etils.epath.
+# The workdir is a gs:// path (written through etils.epath). Pair shards are ArrayRecord files, which the input
+# pipeline reads as local files: --data gs://BUCKET/DIR is mounted with gcsfuse at /gcs/BUCKET on every worker.
 # --dry_run prints every command instead of running it.
 set -euo pipefail
 
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
   cat <<'EOF'
 Options:
   --name NAME              TPU VM name (queued resource NAME-qr; multislice nodes NAME-0, NAME-1, ...)
@@ -22,7 +23,8 @@ Options:
   --direct                 create the TPU VM directly instead of through a queued resource
   --spot                   spot capacity (queued resources only)
   --config PATH            ml_collections config, e.g. configs/uni2h_vits14.py
-  --data GS_DIR            pair shards (data_prep output), sets --config.data.dir; gs://... or /gcs/BUCKET/...
+  --data GS_DIR            pair shards (data_prep output): gs://BUCKET/DIR (mounted with gcsfuse at /gcs/BUCKET,
+                           --config.data.dir=/gcs/BUCKET/DIR) or /gcs/BUCKET/DIR with --gcsfuse BUCKET
   --gcsfuse BUCKET         install gcsfuse and mount gs://BUCKET at /gcs/BUCKET on every worker (install step)
   --workdir GS_DIR         checkpoints, logs
   --repo URL --ref REF     pull the code with git on the workers (default: copy `git archive HEAD` of this checkout)
@@ -65,10 +67,17 @@ die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 if [[ " ${STEPS[*]} " =~ \ (all|create)\  ]]; then
   [[ -n "$ACCEL" ]] || die "--accelerator is required to create the TPU"
 fi
+if [[ "$DATA" == gs://* ]]; then  # array_record reads local files: read the bucket through a gcsfuse mount
+  DATA_BUCKET="${DATA#gs://}"; DATA_BUCKET="${DATA_BUCKET%%/*}"
+  [[ -z "$FUSE_BUCKET" || "$FUSE_BUCKET" == "$DATA_BUCKET" ]] ||
+    die "--data $DATA is in bucket $DATA_BUCKET but --gcsfuse mounts $FUSE_BUCKET"
+  FUSE_BUCKET="$DATA_BUCKET"
+  DATA="/gcs/${DATA#gs://}"
+fi
 if [[ " ${STEPS[*]} " =~ \ (all|train)\  ]]; then
   [[ -n "$CONFIG" ]] || die "--config is required to train"
-  [[ "$DATA" == gs://* || ( -n "$FUSE_BUCKET" && "$DATA" == "/gcs/$FUSE_BUCKET/"* ) ]] ||
-    die "--data must be a gs:// directory on a pod (every worker reads it), or /gcs/BUCKET/... with --gcsfuse BUCKET, got '$DATA'"
+  [[ -n "$FUSE_BUCKET" && "$DATA" == "/gcs/$FUSE_BUCKET/"* ]] ||
+    die "--data must be gs://BUCKET/DIR on a pod (every worker reads it, through gcsfuse), or /gcs/BUCKET/... with --gcsfuse BUCKET, got '$DATA'"
   [[ "$WORKDIR" == gs://* ]] || die "--workdir must be a gs:// directory on a pod (one checkpoint for all workers), got '$WORKDIR'"
 fi
 [[ -z "$REPO" || -n "$REF" ]] || die "--repo needs --ref (a branch, tag or commit)"

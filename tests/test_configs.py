@@ -91,6 +91,16 @@ def test_missing_shards_are_named(tmp_path):
         cv.check_files(config)
 
 
+@pytest.mark.parametrize("key", ["dir", "teacher_cache"])
+def test_pair_shards_on_an_object_store_need_a_mount(key):
+    """ArrayRecord reads local files: a gs:// data folder is one line naming the gcsfuse mount to use instead
+    of a traceback from inside the input pipeline."""
+    config = importlib.import_module("configs.debug").get_config()
+    config.data[key] = "gs://bucket/pairs"
+    with pytest.raises(cv.ConfigError, match=rf"data.{key}: 'gs://bucket/pairs' is on an object store.*/gcs/BUCKET"):
+        cv.check_files(config)
+
+
 def test_batch_must_divide_by_data_parallel_size():
     config = importlib.import_module("configs.debug").get_config()
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"))

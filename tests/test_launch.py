@@ -43,14 +43,16 @@ def test_tpu_pod_all_steps_in_order():
     tarball = cmds[2][-2].split("=", 1)[1]
     assert cmds[3][3:5] == ["tpu-vm", "scp"] and cmds[3][5] == tarball and "--worker=all" in cmds[3]
     ssh = [c for c in cmds if c[3:5] == ["tpu-vm", "ssh"]]
-    assert len(ssh) == 3 and all("--worker=all" in c and c[5] == "xmag" for c in ssh)
+    assert len(ssh) == 4 and all("--worker=all" in c and c[5] == "xmag" for c in ssh)
     assert "tar -xzf xmag_jax.tar.gz" in ssh_command(ssh[0])
     assert "pip install" in ssh_command(ssh[1]) and "jax[tpu]" in ssh_command(ssh[1])
-    train = shlex.split(ssh_command(ssh[2]).split("nohup", 1)[1].split(">", 1)[0])
+    # gs:// pair shards are read through a gcsfuse mount on every worker (array_record reads local files)
+    assert "gcsfuse --implicit-dirs bkt /gcs/bkt" in ssh_command(ssh[2])
+    train = shlex.split(ssh_command(ssh[3]).split("nohup", 1)[1].split(">", 1)[0])
     assert train == [".venv/bin/python", "-m", "xmag_jax.train", "--distributed", "--config", "configs/uni2h_vits14.py",
-                     "--workdir", "gs://bkt/runs/uni2h", "--config.data.dir=gs://bkt/pairs",
+                     "--workdir", "gs://bkt/runs/uni2h", "--config.data.dir=/gcs/bkt/pairs",
                      "--config.total_steps=100"]
-    assert len(cmds) == 7
+    assert len(cmds) == 8
 
 
 def test_tpu_pod_multislice_spot_git_and_teardown():
@@ -82,7 +84,9 @@ def test_tpu_pod_direct_vm():
 
 @pytest.mark.parametrize("args, message", [
     (["--zone", "z", "status"], "--name is required"),
-    (POD[:6] + ["--config", "c.py", "--data", "/local/pairs", "--workdir", "gs://b/w"], "--data must be a gs://"),
+    (POD[:6] + ["--config", "c.py", "--data", "/local/pairs", "--workdir", "gs://b/w"], "--data must be gs://"),
+    (POD[:6] + ["--config", "c.py", "--data", "gs://b/p", "--gcsfuse", "c", "--workdir", "gs://b/w"],
+     "is in bucket b but --gcsfuse mounts c"),
     (POD[:6] + ["--config", "c.py", "--data", "gs://b/p", "--workdir", "/tmp/w"], "--workdir must be a gs://"),
     (POD + ["--slices", "2", "--direct"], "needs a queued resource"),
     (POD[:8] + ["--data", "/gcs/other/p", "--workdir", "gs://b/w", "--gcsfuse", "b"], "with --gcsfuse BUCKET"),

@@ -1,7 +1,7 @@
 """The Grain input pipeline: ArrayRecord pair shards → augmented, batched numpy pairs for one process.
 
     ArrayRecordDataSource(shards) → tag global index → seed → shuffle → repeat(num_epochs)
-      → this process's slice [process_index::process_count] → decode + paired augmentation (random map)
+      → decode + paired augmentation (random map) → this process's slice [process_index::process_count]
       → to_iter_dataset (threads) → skip bad records → batch → multiprocess prefetch (worker_count > 0)
       → bad-record budget
 

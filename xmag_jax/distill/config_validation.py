@@ -19,8 +19,8 @@ import jax
 import ml_collections
 from etils import epath
 
+from xmag_jax import atomic, sharding
 from xmag_jax import config as schema
-from xmag_jax import sharding
 from xmag_jax.distill import losses
 from xmag_jax.distill.projectors import PROJECTOR_NORMS
 from xmag_jax.errors import ConfigError
@@ -173,6 +173,11 @@ def check_files(config: ml_collections.ConfigDict) -> None:
                  f"{config.teacher.checkpoint!r} does not exist (convert the teacher with "
                  "`python -m xmag_jax.convert import` first)")
     _require(bool(config.data.dir), "data.dir", "is empty: set it to a directory of tile-pair shards")
+    for key in ("data.dir", "data.teacher_cache"):
+        value = config.data.dir if key == "data.dir" else config.data.teacher_cache
+        _require(not (value and atomic.is_object_store(value)), key,
+                 f"{value!r} is on an object store: ArrayRecord shards are read as local files; mount the bucket "
+                 "with gcsfuse and give the mount path, e.g. /gcs/BUCKET/DIR (launch/README.md)")
     data_dir = epath.Path(config.data.dir)
     _require(_probe("data.dir", config.data.dir, data_dir.is_dir), "data.dir",
              f"{config.data.dir!r} is not a directory of tile-pair shards")
