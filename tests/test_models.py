@@ -109,6 +109,29 @@ def test_bf16_compute_is_close_to_fp32(teacher):
     np.testing.assert_allclose(np.asarray(out.patches, np.float32), ref, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_patch_embed_matmul_and_attention_compute_the_library_ops(dtype):
+    """PatchEmbed's matmul is the stride-p convolution of its kernel, Attention what jax.nn.dot_product_attention
+    gives, each within float32 rounding (float32) or one bfloat16 rounding of the output (bfloat16)."""
+    cfg = ViTConfig(img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2, dtype=dtype, param_dtype=dtype)
+    model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 28, 28, 3)), dtype)
+    pe = model.patch_embed.proj
+    conv = jax.lax.conv_general_dilated(
+        x.astype(jnp.float32), pe.kernel[...].astype(jnp.float32), (14, 14), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) + pe.bias[...].astype(jnp.float32)
+    out = nnx.jit(lambda m, x: m(x))(model.patch_embed, x)
+    assert out.dtype == jnp.dtype(dtype) and out.shape == (2, 2, 2, 32)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2 ** -7, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(conv), **tol)
+
+    attn = model.blocks[0].attn
+    tokens = jnp.asarray(np.random.default_rng(1).standard_normal((2, 9, 32)), dtype)
+    qkv = attn.qkv(tokens).reshape(2, 9, 3, 2, 16)
+    ref = attn.proj(jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(2, 9, 32))
+    np.testing.assert_allclose(np.asarray(attn(tokens), np.float32), np.asarray(ref, np.float32), **tol)
+
+
 def test_remat_gives_same_output(teacher):
     x = normalize(get_arch("vit_test_teacher"), _images(1))
     remat = create_model("vit_test_teacher", rngs=nnx.Rngs(0), remat=True)

@@ -153,8 +153,14 @@ class Attention(nnx.Module):
         b, n, d = x.shape
         head_dim = d // self.num_heads
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, head_dim)
-        # [B, N, heads, head_dim] each; XLA on CPU/TPU, cuDNN flash attention on GPUs where it applies.
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim] each
+        # What `jax.nn.dot_product_attention`'s XLA path computes (logits and softmax in float32), with timm's
+        # scaling of q before the product: the library call multiplies the [B, heads, N, N] logits by a
+        # broadcast scale, a separate pass over the largest tensor of the block on CPU.
+        q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bnts,bsnh->btnh", probs, v)
         return self.proj(out.reshape(b, n, d))
 
 
@@ -246,7 +252,12 @@ def _is_per_block(blocks: dict) -> bool:
 
 
 class PatchEmbed(nnx.Module):
-    """Non-overlapping p x p px patches -> D channels: `[B, H, W, 3]` -> `[B, H/p, W/p, D]`."""
+    """Non-overlapping p x p px patches -> D channels: `[B, H, W, 3]` -> `[B, H/p, W/p, D]`.
+
+    The parameters are a stride-p convolution's (`proj.kernel [p, p, 3, D]`, timm's layout transposed), the
+    computation one matmul of the flattened `[p·p·3]` patches with the flattened kernel: the same sums as the
+    convolution, cheaper on CPU than XLA's strided convolution and its weight gradient.
+    """
 
     def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
         p = cfg.patch_size
@@ -256,7 +267,13 @@ class PatchEmbed(nnx.Module):
             bias_init=_param(_zeros, "embed"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.proj(x)
+        b, h, w, c = x.shape
+        conv = self.proj
+        p = conv.kernel_size[0]
+        patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, -1)
+        kernel = conv.kernel[...].reshape(p * p * c, -1)
+        patches, kernel = patches.astype(conv.dtype), kernel.astype(conv.dtype)
+        return jnp.dot(patches, kernel) + conv.bias[...].astype(conv.dtype)
 
 
 class VisionTransformer(nnx.Module):
