@@ -16,7 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.epochs = 30
     c.train.tiles_per_slide = 32
     c.frozen.epochs = 30
-    c.optim.backbone_lr = 1e-3
+    c.optim.backbone_lr = 1e-5
     c.optim.layer_decay = 1.0
     c.heatmap_slides = 1
     return c
