@@ -4,7 +4,7 @@ Workdir layout:
   fold_K/checkpoints/STEP/   Orbax: trainable parameters + optimizer state (exact resume), meta JSON
   fold_K/metrics.jsonl, fold_K/tensorboard/   one line per step: loss, grad_norm
   fold_K/student/            the fine-tuned student (`models.checkpoint.save_model`: embed, convert export)
-  fold_K/head/, head.json    the GatedABMIL weights (Orbax) and its sizes and classes
+  fold_K/head/, head.json    the GatedABMIL weights (Orbax), its sizes, classes and input statistics
   fold_K/heatmaps/           attention over slide thumbnails of a few held-out slides
   fold_K/result.json         held-out probabilities of both methods (a finished fold is skipped on rerun)
   frozen_features.npz        the initial student's features of every slide (computed once; the frozen arm's
