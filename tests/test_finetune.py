@@ -1,4 +1,5 @@
-"""finetune: bad input before compile, parameter groups, 1 vs 8 devices, exact resume after kill -9."""
+"""finetune: bad input before compile, parameter groups, the head's standardised input, 1 vs 8 devices, exact
+resume after kill -9."""
 
 import csv
 import json
@@ -11,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 import simplejpeg
 from array_record.python import array_record_module
@@ -19,6 +21,7 @@ from flax import nnx
 from xmag_jax import models
 from xmag_jax.data import augment, distributed
 from xmag_jax.errors import ConfigError
+from xmag_jax.eval import metrics, mil
 from xmag_jax.finetune import config as schema
 from xmag_jax.finetune import data, run
 from xmag_jax.finetune import model as model_lib
@@ -138,7 +141,8 @@ def test_freeze_and_layer_groups():
     vit = models.get_arch("vit_test").vit  # depth 2
     keep = model_lib.trainable_filter(vit.depth, freeze_blocks=1)
     e2e = model_lib.E2EModel(models.VisionTransformer(vit, rngs=nnx.Rngs(0)),
-                             model_lib.GatedABMIL(vit.embed_dim, 2, hidden=8, attn_dim=4, rngs=nnx.Rngs(0)))
+                             model_lib.GatedABMIL(vit.embed_dim, 2, hidden=8, attn_dim=4, rngs=nnx.Rngs(0)),
+                             vit.embed_dim)
     _, trainable, frozen, _ = model_lib.split(e2e, keep)
     def top(state):
         return {(p[0], p[1], p[2] if p[1] == "blocks" else None) for p, _ in nnx.to_flat_state(state)}
@@ -148,6 +152,44 @@ def test_freeze_and_layer_groups():
     assert ("backbone", "blocks", 0) in top(frozen) and ("backbone", "patch_embed", None) in top(frozen)
     per_tile = [model_lib.activation_bytes_per_tile(models.get_arch("vit_b14").vit, 224, r) for r in (True, False)]
     assert per_tile[0] * 5 < per_tile[1]
+
+
+def test_standardised_features_that_barely_differ_are_fitted():
+    """A random student's features (measured on the synthetic slides): a common vector of norm 8, tiles vary
+    ~0.08 per dimension, the classes differ by 0.12 in all. On them the raw head ranks the training slides but
+    its probabilities stay near 0.5 (balanced accuracy 0.5, the symptom of issue 15); standardised, it fits."""
+    rng = np.random.default_rng(0)
+    common, offset = rng.normal(size=(2, 64))
+    common, offset = 8 * common / np.linalg.norm(common), 0.12 * offset / np.linalg.norm(offset)
+    y = np.array([0, 1] * 6)
+    bags = [(common + (c - 0.5) * offset + 0.08 * rng.normal(size=(int(rng.integers(20, 60)), 64))).astype(np.float32)
+            for c in y]
+    cfg = mil.MILConfig(epochs=10, learning_rate=1e-3, hidden=64, attn_dim=32, max_instances=32, seed=0)
+    raw, _ = mil.predict(mil.train(bags, y, 2, cfg), bags)
+    standardised = run.standardize(bags, run.input_stats(bags))
+    fitted, _ = mil.predict(mil.train(standardised, y, 2, cfg), standardised)
+    assert metrics.balanced_accuracy(y, raw) < 1
+    assert metrics.balanced_accuracy(y, fitted) == 1 and metrics.macro_auc(y, fitted) == 1
+
+
+def test_both_heads_see_the_initial_features_standardised_over_the_training_tiles(inputs, tmp_path):
+    d, labels = inputs  # a student with LayerScale 1.0: the registry's 1e-5 gives nearly constant features
+    checkpoint.save_model(tmp_path / "init", models.create_model("vit_test", rngs=nnx.Rngs(0), init_values=1.0),
+                          "vit_test")
+    setup = run.prepare(small_config(d, labels, **{"model.init": str(tmp_path / "init")}), str(tmp_path / "w"),
+                        jax.devices()[:1])
+    setup.workdir.mkdir(parents=True)
+    feats = run.frozen_features(setup)
+    train = [s for s, k in zip(setup.cohort.slide_ids, setup.cohort.fold) if k != 0]
+    stats = run.input_stats([feats[s] for s in train])
+    graphdef, trainable, frozen, rest = run._fold_model(setup, 0, stats)
+    fns = model_lib.make_functions(graphdef, setup.arch, optax.identity(), setup.mesh)
+    states = run._replicate((trainable, frozen, rest), fns)
+    head_input = np.concatenate([run.slide_features(setup, fns, states, s) for s in train])
+    np.testing.assert_allclose(head_input.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(head_input.std(0), 1, rtol=1e-3)
+    np.testing.assert_allclose(head_input, np.concatenate(run.standardize([feats[s] for s in train], stats)),
+                               atol=1e-4)
 
 
 def _losses(workdir, fold=0):

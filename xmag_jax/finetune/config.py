@@ -33,6 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.head.hidden = 512
     c.head.attn_dim = 256
     c.head.dropout = 0.25
+    # z-score the head's input per dimension with the initial student's feature mean/std over the fold's
+    # training tiles, fixed, in both arms; False: raw features as CLAM (a random or weak student's features vary
+    # ~1% across tiles around a large common vector, which a head at these learning rates cannot resolve)
+    c.head.standardize = True
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 20

@@ -30,11 +30,22 @@ from xmag_jax.models.registry import Arch
 GiB = 1 << 30
 
 
-class E2EModel(nnx.Module):
-    """`backbone` (the student ViT) and `head` (GatedABMIL over its embeddings)."""
+class InputStats(nnx.Variable):
+    """Fixed (never trained) per-dimension statistics of the head's input."""
 
-    def __init__(self, backbone: models.VisionTransformer, head: GatedABMIL):
+
+class E2EModel(nnx.Module):
+    """`backbone` (the student ViT) and `head` (GatedABMIL over its embeddings standardised as
+    `(embedding - input_mean) / input_scale`, both `[D]` fixed; identity unless `set_input_stats`)."""
+
+    def __init__(self, backbone: models.VisionTransformer, head: GatedABMIL, dim: int):
         self.backbone, self.head = backbone, head
+        self.input_mean = InputStats(jnp.zeros((dim,), jnp.float32))
+        self.input_scale = InputStats(jnp.ones((dim,), jnp.float32))
+
+    def set_input_stats(self, mean: Any, scale: Any) -> None:
+        self.input_mean.value = jnp.asarray(mean, jnp.float32)
+        self.input_scale.value = jnp.asarray(scale, jnp.float32)
 
 
 def read_init_arch(config: ml_collections.ConfigDict) -> Arch:
@@ -54,14 +65,14 @@ def build(config: ml_collections.ConfigDict, arch: Arch, num_classes: int, seed:
     backbone = nnx.merge(graphdef, checkpoint.load_params(config.model.init, params), rest)
     head = GatedABMIL(arch.embed_dim, num_classes, hidden=config.head.hidden, attn_dim=config.head.attn_dim,
                       dropout=config.head.dropout, rngs=nnx.Rngs(seed))
-    return E2EModel(backbone, head)
+    return E2EModel(backbone, head, arch.embed_dim)
 
 
 def random_model(config: ml_collections.ConfigDict, arch: Arch, num_classes: int, seed: int) -> E2EModel:
     """A randomly initialised student (`arch`) and head, for benchmarks and compile-only reports."""
     head = GatedABMIL(arch.embed_dim, num_classes, hidden=config.head.hidden, attn_dim=config.head.attn_dim,
                       dropout=config.head.dropout, rngs=nnx.Rngs(seed))
-    return E2EModel(models.VisionTransformer(arch.vit, rngs=nnx.Rngs(seed)), head)
+    return E2EModel(models.VisionTransformer(arch.vit, rngs=nnx.Rngs(seed)), head, arch.embed_dim)
 
 
 def layer_of(path: tuple, depth: int) -> int | None:
@@ -177,14 +188,15 @@ def split(model: E2EModel, keep: Callable) -> tuple[Any, nnx.State, nnx.State, n
 def make_functions(graphdef: Any, arch: Arch, tx: optax.GradientTransformation, mesh: Mesh) -> Functions:
     """`train_step(trainable, opt_state, frozen, rest, images, mask, labels, key) -> (trainable, opt_state,
     metrics)` over a `data.Batch` (`images [A, M*T, P, P, 3]` sharded over the tiles on the data axes) and
-    `embed(trainable, frozen, rest, tiles [C, P, P, 3]) -> [C, D]` float32 (eval mode, no augmentation)."""
+    `embed(trainable, frozen, rest, tiles [C, P, P, 3]) -> [C, D]` float32 head inputs (the standardised
+    embeddings; eval mode, no augmentation)."""
     rep = sharding.replicated(mesh)
     batch = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
     chunk = NamedSharding(mesh, P(sharding.BATCH_AXES))
 
     def features(model: E2EModel, images: jax.Array) -> jax.Array:
         out = model.backbone(models.normalize(arch, images))
-        return models.embed(arch, out).astype(jnp.float32)
+        return (models.embed(arch, out).astype(jnp.float32) - model.input_mean.value) / model.input_scale.value
 
     def micro_loss(trainable, frozen, rest, images, mask, labels, key):
         model = nnx.merge(graphdef, trainable, frozen, rest, copy=True)

@@ -4,10 +4,11 @@ Workdir layout:
   fold_K/checkpoints/STEP/   Orbax: trainable parameters + optimizer state (exact resume), meta JSON
   fold_K/metrics.jsonl, fold_K/tensorboard/   one line per step: loss, grad_norm
   fold_K/student/            the fine-tuned student (`models.checkpoint.save_model`: embed, convert export)
-  fold_K/head/, head.json    the GatedABMIL weights (Orbax) and its sizes and classes
+  fold_K/head/, head.json    the GatedABMIL weights (Orbax), its sizes, classes and input statistics
   fold_K/heatmaps/           attention over slide thumbnails of a few held-out slides
   fold_K/result.json         held-out probabilities of both methods (a finished fold is skipped on rerun)
-  frozen_features.npz        the initial student's features of every slide (computed once)
+  frozen_features.npz        the initial student's features of every slide (computed once; the frozen arm's
+                             input and, with head.standardize, the source of the head-input statistics)
   results.json               per-fold AUC / balanced accuracy of both, means, pooled bootstrap CIs
 
 Several JAX processes (multi-host): each reads and decodes only the tiles its devices hold (a step's and an
@@ -106,9 +107,27 @@ def slide_features(setup: Setup, fns: model_lib.Functions, states: tuple, slide_
     return np.concatenate(out)
 
 
-def _fold_model(setup: Setup, fold: int):
+InputStats = tuple[np.ndarray, np.ndarray]
+
+
+def input_stats(feats: list[np.ndarray]) -> InputStats:
+    """Per-dimension (mean, scale) `[D]` float32 of the tiles of `feats` (`[N_i, D]` per slide). The scale is
+    floored at 1e-2 of the features' root mean square: a near-constant dimension (or student) is amplified
+    at most 100x, not up to float32 noise."""
+    x = np.concatenate(feats).astype(np.float64)
+    floor = 1e-2 * np.sqrt(np.mean(x**2))
+    return x.mean(axis=0).astype(np.float32), np.maximum(x.std(axis=0), floor).astype(np.float32)
+
+
+def standardize(feats: list[np.ndarray], stats: InputStats | None) -> list[np.ndarray]:
+    return feats if stats is None else [(f - stats[0]) / stats[1] for f in feats]
+
+
+def _fold_model(setup: Setup, fold: int, stats: InputStats | None = None):
     cfg = setup.config
     e2e = model_lib.build(cfg, setup.arch, len(setup.cohort.classes), seed=cfg.seed + fold)
+    if stats is not None:
+        e2e.set_input_stats(*stats)
     keep = model_lib.trainable_filter(setup.arch.vit.depth, cfg.model.freeze_blocks)
     return model_lib.split(e2e, keep)
 
@@ -171,8 +190,10 @@ class _Checkpoints:
         self.manager.close()
 
 
-def train_fold(setup: Setup, fold: int) -> tuple[Any, model_lib.Functions, tuple]:
-    """Train (or resume) fold `fold` end to end; returns (graphdef, functions, final states)."""
+def train_fold(setup: Setup, fold: int, stats: InputStats | None = None
+               ) -> tuple[Any, model_lib.Functions, tuple]:
+    """Train (or resume) fold `fold` end to end, the head's input standardised with `stats` (None: raw);
+    returns (graphdef, functions, final states)."""
     cfg = setup.config
     fold_dir = setup.workdir / f"fold_{fold}"
     train = np.flatnonzero(setup.cohort.fold != fold)
@@ -182,7 +203,7 @@ def train_fold(setup: Setup, fold: int) -> tuple[Any, model_lib.Functions, tuple
                            options=augment.AugmentOptions.from_config(cfg.data.augment.to_dict()),
                            seed=cfg.seed, fold=fold)
     total = cfg.train.epochs * sampler.steps_per_epoch
-    graphdef, trainable, frozen, rest = _fold_model(setup, fold)
+    graphdef, trainable, frozen, rest = _fold_model(setup, fold, stats)
     tx = model_lib.optimizer(cfg, trainable, setup.arch.vit.depth, total)
     fns = model_lib.make_functions(graphdef, setup.arch, tx, setup.mesh)
     trainable, frozen, rest = _replicate((trainable, frozen, rest), fns)
@@ -223,8 +244,9 @@ def train_fold(setup: Setup, fold: int) -> tuple[Any, model_lib.Functions, tuple
     return graphdef, fns, (trainable, frozen, rest)
 
 
-def _save_outputs(setup: Setup, fold: int, e2e: model_lib.E2EModel) -> None:
-    """The fine-tuned student and the head, written by process 0 alone."""
+def _save_outputs(setup: Setup, fold: int, e2e: model_lib.E2EModel, stats: InputStats | None) -> None:
+    """The fine-tuned student and the head (with the statistics its input is standardised by), written by
+    process 0 alone."""
     if not _primary():
         return
     fold_dir = setup.workdir / f"fold_{fold}"
@@ -239,18 +261,24 @@ def _save_outputs(setup: Setup, fold: int, e2e: model_lib.E2EModel) -> None:
         ck.save(tmp / "params", nnx.to_pure_dict(nnx.state(e2e.head, nnx.Param)))
     _write_json(fold_dir / "head.json", {"in_dim": setup.arch.embed_dim, "classes": setup.cohort.classes,
                                          "hidden": setup.config.head.hidden, "attn_dim": setup.config.head.attn_dim,
-                                         "module": "xmag_jax.eval.mil.GatedABMIL"})
+                                         "module": "xmag_jax.eval.mil.GatedABMIL",
+                                         "input_mean": None if stats is None else stats[0].tolist(),
+                                         "input_scale": None if stats is None else stats[1].tolist()})
 
 
 def run_fold(setup: Setup, fold: int, frozen_feats: dict[str, np.ndarray]) -> dict:
-    """Both methods on fold `fold`; returns (and writes) the fold's held-out result."""
+    """Both methods on fold `fold`; returns (and writes) the fold's held-out result. With head.standardize
+    both heads see features standardised by the initial student's statistics over the fold's training tiles
+    (`frozen_feats`)."""
     cfg, cohort = setup.config, setup.cohort
     result_path = setup.workdir / f"fold_{fold}" / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
     train, test = np.flatnonzero(cohort.fold != fold), np.flatnonzero(cohort.fold == fold)
     test_ids = [cohort.slide_ids[i] for i in test]
-    graphdef, fns, states = train_fold(setup, fold)
+    train_ids = [cohort.slide_ids[i] for i in train]
+    stats = input_stats([frozen_feats[s] for s in train_ids]) if cfg.head.standardize else None
+    graphdef, fns, states = train_fold(setup, fold, stats)
     e2e = nnx.merge(graphdef, *_host(states))  # host copies: the head and saves are local
     e2e.head.eval()
     feats = [slide_features(setup, fns, states, s) for s in test_ids]
@@ -261,16 +289,16 @@ def run_fold(setup: Setup, fold: int, frozen_feats: dict[str, np.ndarray]) -> di
                        {"slide_path": entry.path, "level0_mpp": entry.level0_mpp,
                         "patch_size_level0": entry.field_level0})
         heatmap.write_heatmap(bag, att, setup.workdir / f"fold_{fold}" / "heatmaps")
-    _save_outputs(setup, fold, e2e)
+    _save_outputs(setup, fold, e2e, stats)
     result = {"fold": fold, "slides": test_ids, "y": cohort.y[test].tolist(),
               "end_to_end": e2e_proba.tolist()}
     if cfg.frozen.enabled:
         mil_cfg = mil.MILConfig(epochs=cfg.frozen.epochs, learning_rate=cfg.frozen.lr, hidden=cfg.head.hidden,
                                 attn_dim=cfg.head.attn_dim, dropout=cfg.head.dropout,
                                 max_instances=cfg.train.tiles_per_slide, seed=cfg.seed + fold)
-        head = mil.train([frozen_feats[cohort.slide_ids[i]] for i in train], cohort.y[train],
+        head = mil.train(standardize([frozen_feats[s] for s in train_ids], stats), cohort.y[train],
                          len(cohort.classes), mil_cfg)
-        result["frozen"], _ = mil.predict(head, [frozen_feats[s] for s in test_ids])
+        result["frozen"], _ = mil.predict(head, standardize([frozen_feats[s] for s in test_ids], stats))
         result["frozen"] = result["frozen"].tolist()
     for method in METHODS:
         if method in result:
@@ -309,7 +337,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices: list | None = 
     setup.workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with workdir_lock.hold(setup.workdir, job="finetune", process_index=jax.process_index()):
-        frozen_feats = frozen_features(setup) if config.frozen.enabled else {}
+        needed = config.frozen.enabled or config.head.standardize
+        frozen_feats = frozen_features(setup) if needed else {}
         results = [run_fold(setup, k, frozen_feats) for k in range(setup.cohort.num_folds)]
         summary = summarize(results, setup.cohort.classes, config.seed)
         summary["seconds"] = round(time.time() - start, 1)
