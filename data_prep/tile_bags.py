@@ -180,4 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    errors.run_cli(main, prog=PROG)
+    # Through the importable module: Beam's workers and the isolated slide reader unpickle `BagConfig` and
+    # `process_slide` by their module's name, which `__main__` is not.
+    from data_prep import tile_bags
+
+    errors.run_cli(tile_bags.main, prog=PROG)

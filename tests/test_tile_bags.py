@@ -88,12 +88,14 @@ def test_bad_flags_are_one_line(tmp_path):
 
 
 def test_the_command_line_reads_slides_in_a_child_process(slides, tmp_path):
-    manifest = tmp_path / "one.csv"  # isolation on (the default): process_slide is this __main__'s function
+    """Beam's default options and isolation on, as a user runs it: Beam's workers and the isolated reader unpickle
+    `BagConfig` and `process_slide`, which must not be looked up on `__main__`."""
+    manifest = tmp_path / "one.csv"
     manifest.write_text(f"path\n{slides / 'slide_001.tif'}\n")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run([sys.executable, "-m", "data_prep.tile_bags", "--slides", str(manifest), "--out",
-                           str(tmp_path / "o"), "--mpp", str(MPP), "--noprogress", "--direct_running_mode=in_memory",
-                           "--direct_num_workers=1"], capture_output=True, text=True, env=env, timeout=600)
+                           str(tmp_path / "o"), "--mpp", str(MPP), "--noprogress"],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert (summary["failed"], summary["slides_with_tiles"]) == (0, 1) and summary["tiles"] > 0
