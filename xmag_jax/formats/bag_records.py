@@ -16,12 +16,11 @@ import os
 from typing import Any
 
 import numpy as np
-from tensorflow_datasets.core import example_parser, example_serializer
 from tensorflow_datasets.core import features as tfds_features
 
 from xmag_jax import atomic
 from xmag_jax.errors import UserError
-from xmag_jax.formats import pair_records
+from xmag_jax.formats import pair_records, tf_example
 
 DATASET_NAME = "xmag_bags"
 SPLIT = "train"  # every slide: folds are drawn by the trainer, by slide
@@ -47,30 +46,22 @@ def features() -> tfds_features.FeaturesDict:
 
 
 @functools.cache
-def _serializer() -> example_serializer.ExampleSerializer:
-    return example_serializer.ExampleSerializer(features().get_serialized_info())
-
-
-@functools.cache
-def _parser() -> example_parser.ExampleParserNp:
-    return example_parser.ExampleParserNp(features().get_serialized_info())
+def _codec() -> tf_example.ExampleCodec:
+    return tf_example.ExampleCodec(features())
 
 
 def encode_tile(tile: dict[str, Any]) -> bytes:
     """Serialize one tile (a dict with exactly `FIELDS`; `image` as JPEG bytes)."""
     if sorted(tile) != sorted(FIELDS):
         raise ValueError(f"bag tile record: fields {sorted(tile)}; expected {sorted(FIELDS)}")
-    image = tile["image"]
-    if not isinstance(image, (bytes, bytearray)) or bytes(image[:3]) != b"\xff\xd8\xff":
-        raise ValueError(f"bag tile field 'image': expected JPEG bytes, got {type(image).__name__}")
-    example = {"image": bytes(image), "slide_id": str(tile["slide_id"]), "x": int(tile["x"]), "y": int(tile["y"]),
-               "mpp": float(tile["mpp"])}
-    return _serializer().serialize_example(features().encode_example(example))
+    example = {"image": tf_example.check_jpeg("bag tile field 'image'", tile["image"]),
+               "slide_id": str(tile["slide_id"]), "x": int(tile["x"]), "y": int(tile["y"]), "mpp": float(tile["mpp"])}
+    return _codec().encode(example)
 
 
 def decode_tile(data: bytes) -> dict[str, Any]:
     """Bytes written by `encode_tile` back to the dict (the image stays JPEG bytes)."""
-    raw = _parser().parse_example(data)
+    raw = _codec().decode(data)
     return {"image": bytes(raw["image"]), "slide_id": bytes(raw["slide_id"]).decode("utf-8"),
             "x": int(raw["x"]), "y": int(raw["y"]), "mpp": float(raw["mpp"])}
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 from array_record.python import array_record_module
-from tensorflow_datasets.core import example_parser, example_serializer
 from tensorflow_datasets.core import features as tfds_features
 
 from xmag_jax import geometry
 from xmag_jax.errors import UserError
+from xmag_jax.formats import tf_example
 
 DATASET_NAME = "xmag_pairs"
 FILE_FORMAT = "array_record"
@@ -64,19 +64,8 @@ def features() -> tfds_features.FeaturesDict:
 
 
 @functools.cache
-def _serializer() -> example_serializer.ExampleSerializer:
-    return example_serializer.ExampleSerializer(features().get_serialized_info())
-
-
-@functools.cache
-def _parser() -> example_parser.ExampleParserNp:
-    return example_parser.ExampleParserNp(features().get_serialized_info())
-
-
-def _check_jpeg(name: str, data: Any) -> bytes:
-    if not isinstance(data, (bytes, bytearray, memoryview)) or bytes(data[:3]) != b"\xff\xd8\xff":
-        raise ValueError(f"pair field {name!r}: expected JPEG bytes, got {type(data).__name__}")
-    return bytes(data)
+def _codec() -> tf_example.ExampleCodec:
+    return tf_example.ExampleCodec(features())
 
 
 def encode_pair(pair: dict[str, Any]) -> bytes:
@@ -86,8 +75,8 @@ def encode_pair(pair: dict[str, Any]) -> bytes:
     if missing or extra:
         raise ValueError(f"pair record: missing fields {missing}, unexpected fields {extra}; expected {FIELDS}")
     example = {
-        "image_5x": _check_jpeg("image_5x", pair["image_5x"]),
-        "image_20x": _check_jpeg("image_20x", pair["image_20x"]),
+        "image_5x": tf_example.check_jpeg("pair field 'image_5x'", pair["image_5x"]),
+        "image_20x": tf_example.check_jpeg("pair field 'image_20x'", pair["image_20x"]),
         "slide_id": str(pair["slide_id"]),
         "x": int(pair["x"]),
         "y": int(pair["y"]),
@@ -95,12 +84,12 @@ def encode_pair(pair: dict[str, Any]) -> bytes:
         "mpp_20x": float(pair["mpp_20x"]),
         "tissue_fraction": float(pair["tissue_fraction"]),
     }
-    return _serializer().serialize_example(features().encode_example(example))
+    return _codec().encode(example)
 
 
 def decode_pair(data: bytes) -> dict[str, Any]:
     """Parse bytes written by `encode_pair` back to the dict (images stay JPEG bytes; no image decode)."""
-    raw = _parser().parse_example(data)
+    raw = _codec().decode(data)
     return {
         "image_5x": bytes(raw["image_5x"]),
         "image_20x": bytes(raw["image_20x"]),

@@ -33,11 +33,10 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from tensorflow_datasets.core import example_parser, example_serializer
 from tensorflow_datasets.core import features as tfds_features
 
 from xmag_jax.errors import UserError
-from xmag_jax.formats import pair_records
+from xmag_jax.formats import pair_records, tf_example
 
 DATASET_NAME = "xmag_teacher_targets"
 FORMAT_VERSION = 1
@@ -81,9 +80,8 @@ def features(embed_dim: int, token_grid: int | None, token_dim: int | None, dtyp
 
 
 @functools.cache
-def _codec(embed_dim: int, token_grid: int | None, token_dim: int | None, dtype: str):
-    info = features(embed_dim, token_grid, token_dim, dtype).get_serialized_info()
-    return example_serializer.ExampleSerializer(info), example_parser.ExampleParserNp(info)
+def _codec(embed_dim: int, token_grid: int | None, token_dim: int | None, dtype: str) -> tf_example.ExampleCodec:
+    return tf_example.ExampleCodec(features(embed_dim, token_grid, token_dim, dtype))
 
 
 class RecordCodec:
@@ -104,13 +102,11 @@ class RecordCodec:
         example = {"record_index": int(record_index), "d4": int(d4), "error": error, "tiles": self._store(tiles)}
         if "tokens" in self.features:
             example["tokens"] = self._store(tokens)
-        serializer, _ = _codec(*self.key)
-        return serializer.serialize_example(self.features.encode_example(example))
+        return _codec(*self.key).encode(example)
 
     def decode(self, data: bytes) -> dict[str, Any]:
         """Bytes → {record_index, d4, error, tiles float32 [16, Et], tokens float32 [G, G, Dt] or None}."""
-        _, parser = _codec(*self.key)
-        raw = parser.parse_example(data)
+        raw = _codec(*self.key).decode(data)
 
         def load(name: str, shape: tuple[int, ...]) -> np.ndarray:
             stored = np.frombuffer(raw[name], _STORED[self.dtype])
