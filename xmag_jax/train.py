@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         fv, _ = COMMAND.parse(argv)
         cli.start_absl_logging()
         logging.get_absl_handler().addFilter(_DropOrbaxInfo())
-        distributed.initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
+        distributed.initialize_distributed(fv)
         train(fv.config, fv.workdir)
     except errors.UserError as error:  # a flag, ConfigError, WorkdirLocked
         errors.report(error, prog)

@@ -11,15 +11,16 @@ from absl import flags
 from xmag_jax import errors
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
-                           auto: bool) -> None:
-    """Join the multi-host job before anything touches the devices (no-op for a single process)."""
-    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
+def initialize_distributed(fv: flags.FlagValues) -> None:
+    """Join the multi-host job named by the `define_distributed` flags in `fv`, before anything touches the
+    devices (no-op for a single process)."""
+    address, count, index = fv.coordinator_address, fv.num_processes, fv.process_id
+    given = [address is not None, count is not None, index is not None]
     if any(given) and not all(given):
         raise errors.UserError("--coordinator_address, --num_processes and --process_id go together")
     if all(given):
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif auto:
+        jax.distributed.initialize(address, count, index)
+    elif fv.distributed:
         jax.distributed.initialize()
 
 

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 
+from xmag_jax import geometry
 from xmag_jax.wsi import inputs, slide_reader, tissue
 
 
@@ -15,7 +16,7 @@ class Tiling:
     """Tiles of `patch_px` px at `mpp` µm/px; fields kept with tissue fraction >= `min_tissue`."""
 
     mpp: float
-    patch_px: int = 224
+    patch_px: int = geometry.TILE_PX
     min_tissue: float = 0.25
 
 

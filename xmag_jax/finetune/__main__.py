@@ -39,7 +39,7 @@ COMMAND = cli.Command(PROG, _define, doc=__doc__, required=("config", "workdir")
 def main(argv: list[str] | None = None) -> int:
     fv, _ = COMMAND.parse(argv)
     cli.start_absl_logging()
-    distributed.initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
+    distributed.initialize_distributed(fv)
     from xmag_jax.finetune import run  # after flag parsing and the platform choice, before JAX starts a backend
 
     # Orbax logs every stage of every save at INFO: keep its warnings, and our progress lines.

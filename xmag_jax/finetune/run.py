@@ -206,8 +206,7 @@ def train_fold(setup: Setup, fold: int, stats: InputStats | None = None
     graphdef, trainable, frozen, rest = _fold_model(setup, fold, stats)
     tx = model_lib.optimizer(cfg, trainable, setup.arch.vit.depth, total)
     fns = model_lib.make_functions(graphdef, setup.arch, tx, setup.mesh)
-    trainable, frozen, rest = _replicate((trainable, frozen, rest), fns)
-    opt_state = _replicate(tx.init(trainable), fns)
+    trainable, frozen, rest, opt_state = _replicate((trainable, frozen, rest, tx.init(trainable)), fns)
     ckpt = _Checkpoints(fold_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep)
     writer = MetricWriter(fold_dir)
     try:
@@ -223,7 +222,8 @@ def train_fold(setup: Setup, fold: int, stats: InputStats | None = None
         rows = distributed.process_slice(fns.batch_sharding, shape, 1)
         shardings = {"images": fns.batch_sharding, "mask": fns.replicated, "labels": fns.replicated}
         for step in range(start + 1, total + 1):
-            batch = distributed.global_batch(dataclasses.asdict(sampler.batch(step, rows)), shardings)
+            b = sampler.batch(step, rows)  # not dataclasses.asdict: it deep-copies the image batch
+            batch = distributed.global_batch({"images": b.images, "mask": b.mask, "labels": b.labels}, shardings)
             trainable, opt_state, out = fns.train_step(
                 trainable, opt_state, frozen, rest, batch["images"], batch["mask"], batch["labels"],
                 jax.random.fold_in(base_key, step))

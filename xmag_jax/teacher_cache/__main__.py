@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from xmag_jax.teacher_cache import writer
 
     fv, _ = COMMAND.parse(argv)
-    distributed.initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id, fv.distributed)
+    distributed.initialize_distributed(fv)
     summary = writer.write(fv.config, fv.out, dtype=fv.dtype, batch=fv.batch, read_threads=fv.read_threads,
                            progress=fv.progress)
     print(json.dumps(summary))
