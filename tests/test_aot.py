@@ -224,3 +224,11 @@ def test_mesh_maps_onto_the_v6e_torus_splitting_an_axis_only_when_needed(fsdp):
     group = np.array([d.coords for d in mesh.devices[0]])  # one fsdp group: a line of neighbouring chips
     varying = [axis for axis in range(group.shape[1]) if len(set(group[:, axis])) > 1]
     assert len(varying) == 1 and len(set(group[:, varying[0]])) == fsdp
+
+
+def test_finetune_aot_unknown_topology_is_one_line():
+    """The finetune report names a bad topology like the train report does (a UserError, not a traceback)."""
+    from xmag_jax.finetune import aot as finetune_aot
+
+    with pytest.raises(errors.UserError, match="unknown TPU topology 'v9-8'"):
+        finetune_aot.main(["--config", "configs/mil_e2e_debug.py", "--model", "vit_test", "--topology", "v9-8"])

@@ -18,6 +18,8 @@ import os
 import re
 from typing import Any
 
+from xmag_jax import errors
+
 GiB = 1024**3
 
 
@@ -100,8 +102,8 @@ class Topology:
         }
 
 
-class UnknownTopologyError(ValueError):
-    pass
+class UnknownTopologyError(errors.UserError, ValueError):
+    """A topology name that is not a known TPU slice (the message lists the known ones)."""
 
 
 def known_names() -> list[str]:
